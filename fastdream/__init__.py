@@ -1,0 +1,18 @@
+"""fastdream: fast text-to-3D (DreamFusion) on hash-grid radiance fields with native kernels."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import FastDreamError, InputError  # noqa: E402
+
+
+def info(file=None) -> dict:
+    """Print and return the backend, compiled CUDA archs, torch/CUDA versions and optional accelerators."""
+    from .diagnostics import collect_info, format_info
+
+    data = collect_info()
+    print(format_info(data), file=file)
+    return data
+
+
+__all__ = ["__version__", "FastDreamError", "InputError", "info"]

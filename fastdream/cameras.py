@@ -1,0 +1,183 @@
+"""Cameras and lights: DreamFusion's random sampling, look-at geometry and pinhole rays.
+
+World is y-up (like glTF/OBJ). A camera at elevation e, azimuth a, distance d sits at
+d * (cos e sin a, sin e, cos e cos a) looking at the origin: azimuth 0 is the object's front (+z),
+elevation 90 is straight overhead. Camera frames follow the OpenGL convention (camera looks down -z,
++y up in the image), like NeRF-synthetic transforms.json.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .errors import check
+
+
+@dataclass
+class CameraBatch:
+    c2w: torch.Tensor            # (B, 4, 4) camera-to-world, OpenGL convention
+    fx: torch.Tensor             # (B,) focal lengths and principal point, in pixels
+    fy: torch.Tensor
+    cx: torch.Tensor
+    cy: torch.Tensor
+    width: int
+    height: int
+    elevation_deg: torch.Tensor  # (B,) where the camera is, for view-dependent prompts
+    azimuth_deg: torch.Tensor
+    distance: torch.Tensor
+    light_position: torch.Tensor   # (B, 3) point light, world space
+    light_intensity: torch.Tensor  # (B,)
+    ambient: torch.Tensor          # (B,)
+
+    def __len__(self) -> int:
+        return self.c2w.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.c2w.device
+
+    @property
+    def position(self) -> torch.Tensor:
+        return self.c2w[:, :3, 3]
+
+    def to(self, device) -> "CameraBatch":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return CameraBatch(**moved)
+
+    def __getitem__(self, index) -> "CameraBatch":
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        picked = {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return CameraBatch(**picked)
+
+    def with_resolution(self, width: int, height: int) -> "CameraBatch":
+        """The same cameras rendered at another image size (intrinsics scaled)."""
+        sx, sy = width / self.width, height / self.height
+        return replace(self, fx=self.fx * sx, fy=self.fy * sy, cx=self.cx * sx, cy=self.cy * sy, width=width, height=height)
+
+
+@dataclass
+class CameraSamplerConfig:
+    elevation_range: Tuple[float, float] = (-10.0, 90.0)
+    azimuth_range: Tuple[float, float] = (0.0, 360.0)
+    distance_range: Tuple[float, float] = (1.0, 1.5)       # times the scene radius
+    focal_range: Tuple[float, float] = (0.7, 1.35)          # focal length = multiplier * image height
+    light_distance_range: Tuple[float, float] = (0.8, 1.5)  # times the scene radius
+    light_position_perturb: float = 1.0                      # std of the jitter of the light around the camera direction
+    light_intensity_range: Tuple[float, float] = (0.7, 1.0)
+    ambient_range: Tuple[float, float] = (0.1, 0.4)
+
+
+def spherical_position(elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    e, a = torch.deg2rad(elevation_deg), torch.deg2rad(azimuth_deg)
+    return torch.stack([torch.cos(e) * torch.sin(a), torch.sin(e), torch.cos(e) * torch.cos(a)], dim=-1) * distance[..., None]
+
+
+def orbit_c2w(elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    """Cameras on a sphere looking at the origin. The image x-axis is the horizontal tangent of the orbit,
+    so the frame stays well defined straight overhead (where a look-at with a fixed up vector degenerates)."""
+    position = spherical_position(elevation_deg, azimuth_deg, distance)
+    a = torch.deg2rad(azimuth_deg)
+    right = torch.stack([torch.cos(a), torch.zeros_like(a), -torch.sin(a)], dim=-1)
+    forward = -position / distance[..., None]
+    up = torch.cross(right, forward, dim=-1)
+    c2w = torch.zeros(position.shape[:-1] + (4, 4), dtype=position.dtype, device=position.device)
+    c2w[..., :3, 0] = right
+    c2w[..., :3, 1] = up
+    c2w[..., :3, 2] = -forward
+    c2w[..., :3, 3] = position
+    c2w[..., 3, 3] = 1.0
+    return c2w
+
+
+def look_at(position: torch.Tensor, target: torch.Tensor, up: Sequence[float] = (0.0, 1.0, 0.0)) -> torch.Tensor:
+    """(B,3) positions looking at (B,3) targets -> (B,4,4) OpenGL camera-to-world."""
+    forward = torch.nn.functional.normalize(target - position, dim=-1)
+    up_t = torch.tensor(up, dtype=position.dtype, device=position.device).expand_as(forward)
+    right = torch.cross(forward, up_t, dim=-1)
+    degenerate = torch.linalg.vector_norm(right, dim=-1, keepdim=True) < 1e-6
+    alt = torch.tensor((0.0, 0.0, -1.0), dtype=position.dtype, device=position.device).expand_as(forward)
+    right = torch.where(degenerate, torch.cross(forward, alt, dim=-1), right)
+    right = torch.nn.functional.normalize(right, dim=-1)
+    true_up = torch.cross(right, forward, dim=-1)
+    c2w = torch.zeros(position.shape[:-1] + (4, 4), dtype=position.dtype, device=position.device)
+    c2w[..., :3, 0], c2w[..., :3, 1], c2w[..., :3, 2], c2w[..., :3, 3] = right, true_up, -forward, position
+    c2w[..., 3, 3] = 1.0
+    return c2w
+
+
+def _uniform(lo_hi, n, generator, device) -> torch.Tensor:
+    lo, hi = float(lo_hi[0]), float(lo_hi[1])
+    return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
+
+
+def sample_cameras(batch_size: int, width: int, height: int, scene_radius: float = 1.0,
+                   config: Optional[CameraSamplerConfig] = None, generator: Optional[torch.Generator] = None,
+                   device="cpu") -> CameraBatch:
+    """DreamFusion's random training cameras and point lights."""
+    cfg = config or CameraSamplerConfig()
+    check(batch_size >= 1 and width >= 1 and height >= 1, "sample_cameras: batch size and image size must be positive")
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    draw = lambda rng: _uniform(rng, batch_size, generator, gen_device)  # noqa: E731
+    elevation, azimuth = draw(cfg.elevation_range), draw(cfg.azimuth_range) % 360.0
+    distance = draw(cfg.distance_range) * scene_radius
+    focal = draw(cfg.focal_range) * height
+    c2w = orbit_c2w(elevation, azimuth, distance)
+    direction = c2w[:, :3, 3] / distance[:, None]
+    jitter = torch.randn(batch_size, 3, generator=generator, device=gen_device) * cfg.light_position_perturb
+    light_dir = torch.nn.functional.normalize(direction + jitter, dim=-1)
+    light_position = light_dir * (draw(cfg.light_distance_range) * scene_radius)[:, None]
+    cams = CameraBatch(
+        c2w=c2w, fx=focal, fy=focal.clone(), cx=torch.full_like(focal, width / 2), cy=torch.full_like(focal, height / 2),
+        width=width, height=height, elevation_deg=elevation, azimuth_deg=azimuth, distance=distance,
+        light_position=light_position, light_intensity=draw(cfg.light_intensity_range), ambient=draw(cfg.ambient_range),
+    )
+    return cams.to(device)
+
+
+def orbit_cameras(n_views: int, width: int, height: int, elevation_deg: float = 15.0, distance: float = 1.5,
+                  fov_y_deg: float = 50.0, start_azimuth_deg: float = 0.0, light_intensity: float = 0.8,
+                  ambient: float = 0.2, device="cpu") -> CameraBatch:
+    """Evenly spaced azimuths at a fixed elevation (turntables, previews, evaluation); the light follows the camera."""
+    azimuth = (start_azimuth_deg + torch.arange(n_views, dtype=torch.float32) * 360.0 / n_views) % 360.0
+    elevation = torch.full((n_views,), float(elevation_deg))
+    dist = torch.full((n_views,), float(distance))
+    c2w = orbit_c2w(elevation, azimuth, dist)
+    focal = torch.full((n_views,), 0.5 * height / math.tan(math.radians(fov_y_deg) / 2))
+    cams = CameraBatch(
+        c2w=c2w, fx=focal, fy=focal.clone(), cx=torch.full_like(focal, width / 2), cy=torch.full_like(focal, height / 2),
+        width=width, height=height, elevation_deg=elevation, azimuth_deg=azimuth, distance=dist,
+        light_position=c2w[:, :3, 3] * 1.2, light_intensity=torch.full((n_views,), light_intensity),
+        ambient=torch.full((n_views,), ambient),
+    )
+    return cams.to(device)
+
+
+def generate_rays(cameras: CameraBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pinhole rays through pixel centres -> origins, unit directions, each (B, H, W, 3)."""
+    H, W, device = cameras.height, cameras.width, cameras.device
+    dtype = cameras.c2w.dtype
+    j, i = torch.meshgrid(torch.arange(H, device=device, dtype=dtype), torch.arange(W, device=device, dtype=dtype), indexing="ij")
+    u = (i[None] + 0.5 - cameras.cx[:, None, None]) / cameras.fx[:, None, None]
+    v = (j[None] + 0.5 - cameras.cy[:, None, None]) / cameras.fy[:, None, None]
+    dirs_cam = torch.stack([u, -v, -torch.ones_like(u)], dim=-1)  # (B,H,W,3), OpenGL: -z forward, +y up
+    rot = cameras.c2w[:, None, None, :3, :3]
+    dirs = torch.nn.functional.normalize((rot @ dirs_cam[..., None])[..., 0], dim=-1)
+    origins = cameras.c2w[:, None, None, :3, 3].expand_as(dirs)
+    return origins, dirs
+
+
+def cameras_from_poses(c2w: torch.Tensor, fx, fy, cx, cy, width: int, height: int) -> CameraBatch:
+    """Cameras from given poses (posed-image data); angles are derived from the camera positions."""
+    B = c2w.shape[0]
+    as_vec = lambda v: torch.as_tensor(v, dtype=c2w.dtype).reshape(-1).expand(B).clone()  # noqa: E731
+    pos = c2w[:, :3, 3]
+    distance = torch.linalg.vector_norm(pos, dim=-1)
+    elevation = torch.rad2deg(torch.asin((pos[:, 1] / distance.clamp_min(1e-8)).clamp(-1, 1)))
+    azimuth = torch.rad2deg(torch.atan2(pos[:, 0], pos[:, 2])) % 360.0
+    return CameraBatch(c2w=c2w, fx=as_vec(fx), fy=as_vec(fy), cx=as_vec(cx), cy=as_vec(cy), width=width, height=height,
+                       elevation_deg=elevation, azimuth_deg=azimuth, distance=distance, light_position=pos * 1.2,
+                       light_intensity=torch.full((B,), 0.8, dtype=c2w.dtype), ambient=torch.full((B,), 0.2, dtype=c2w.dtype))

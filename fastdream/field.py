@@ -1,0 +1,155 @@
+"""The radiance field: hash-grid encoding -> tiny MLP -> density and albedo; plus a background model.
+
+DreamFusion's field is view-independent: it outputs density and an albedo, shading is done by the
+renderer from normals = -grad(density)/|grad(density)|. A Gaussian "blob" of density is added around
+the centre so that optimisation starts from an object rather than empty space.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .errors import check
+
+
+@dataclass
+class FieldConfig:
+    n_levels: int = 16
+    n_features_per_level: int = 2
+    log2_hashmap_size: int = 19
+    base_resolution: int = 16
+    max_resolution: int = 2048          # finest level, sets tcnn's per_level_scale
+    hidden_dim: int = 64
+    n_hidden_layers: int = 2
+    density_activation: str = "exp"     # "exp" (truncated exp, as instant-ngp) or "softplus"
+    blob_density: float = 10.0          # pre-activation density added at the centre (0 disables)
+    blob_radius: float = 0.5            # in units of the scene radius
+    normals: str = "finite_difference"  # or "analytic" (autograd through the encoding)
+    normal_epsilon: float = 0.01        # finite-difference step, in units of the scene radius
+    init_scale: float = 1e-4            # hash table initialised uniformly in [-s, s], as tiny-cuda-nn
+
+    @property
+    def per_level_scale(self) -> float:
+        return ops.default_per_level_scale(self.n_levels, self.base_resolution, self.max_resolution)
+
+
+class TruncExp(torch.autograd.Function):
+    """exp whose gradient is clamped, so large pre-activations do not explode (instant-ngp's trick)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.exp(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * torch.exp(x.clamp(-15, 15))
+
+
+def _mlp(in_dim: int, hidden: int, n_hidden: int, out_dim: int) -> nn.Sequential:
+    layers, dim = [], in_dim
+    for _ in range(n_hidden):
+        layers += [nn.Linear(dim, hidden), nn.ReLU(inplace=True)]
+        dim = hidden
+    layers.append(nn.Linear(dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+class HashGridField(nn.Module):
+    def __init__(self, aabb=(-1.0, -1.0, -1.0, 1.0, 1.0, 1.0), config: Optional[FieldConfig] = None):
+        super().__init__()
+        self.config = cfg = config or FieldConfig()
+        check(cfg.density_activation in ("exp", "softplus"), f"density_activation must be 'exp' or 'softplus', got {cfg.density_activation!r}")
+        check(cfg.normals in ("finite_difference", "analytic"), f"normals must be 'finite_difference' or 'analytic', got {cfg.normals!r}")
+        aabb = torch.as_tensor(aabb, dtype=torch.float32).reshape(-1)
+        check(aabb.shape == (6,) and bool((aabb[3:] > aabb[:3]).all()), f"field aabb must be (xmin, ymin, zmin, xmax, ymax, zmax), got {aabb.tolist()}")
+        self.register_buffer("aabb", aabb)
+        self.encoding_kwargs = dict(n_levels=cfg.n_levels, n_features_per_level=cfg.n_features_per_level,
+                                    log2_hashmap_size=cfg.log2_hashmap_size, base_resolution=cfg.base_resolution,
+                                    per_level_scale=cfg.per_level_scale)
+        n_params = ops.hash_grid_n_params(**self.encoding_kwargs)
+        self.encoding_params = nn.Parameter(torch.empty(n_params).uniform_(-cfg.init_scale, cfg.init_scale))
+        self.mlp = _mlp(cfg.n_levels * cfg.n_features_per_level, cfg.hidden_dim, cfg.n_hidden_layers, 4)
+
+    @property
+    def scene_radius(self) -> float:
+        return float((self.aabb[3:] - self.aabb[:3]).max()) / 2
+
+    @property
+    def centre(self) -> torch.Tensor:
+        return (self.aabb[:3] + self.aabb[3:]) / 2
+
+    def mlp_parameters(self):
+        return self.mlp.parameters()
+
+    def _raw(self, x: torch.Tensor) -> torch.Tensor:
+        unit = ((x - self.aabb[:3]) / (self.aabb[3:] - self.aabb[:3])).clamp(0.0, 1.0)
+        features = ops.hash_encode(unit, self.encoding_params, check_range=False, **self.encoding_kwargs)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+    def _density_from_raw(self, x: torch.Tensor, raw_density: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        pre = raw_density
+        if cfg.blob_density > 0:
+            r2 = ((x - self.centre) ** 2).sum(-1)
+            radius = cfg.blob_radius * self.scene_radius
+            pre = pre + cfg.blob_density * torch.exp(-r2 / (2 * radius * radius))
+        if cfg.density_activation == "exp":
+            return TruncExp.apply(pre.clamp_max(15.0))
+        return F.softplus(pre)
+
+    def density(self, x: torch.Tensor) -> torch.Tensor:
+        """Volumetric density sigma >= 0 at world points x (N, 3) -> (N,)."""
+        return self._density_from_raw(x, self._raw(x)[:, 0])
+
+    def query(self, x: torch.Tensor, need_normals: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Density (N,), albedo (N,3) in [0,1] and, if asked, unit normals (N,3) pointing out of the surface."""
+        if need_normals and self.config.normals == "analytic":
+            with torch.enable_grad():
+                xg = x.detach().requires_grad_(True)
+                raw = self._raw(xg)
+                sigma = self._density_from_raw(xg, raw[:, 0])
+                grad = torch.autograd.grad(sigma.sum(), xg, create_graph=torch.is_grad_enabled() and self.training)[0]
+            normals = F.normalize(-grad, dim=-1, eps=1e-12)
+            if not (torch.is_grad_enabled() and self.training):
+                sigma, raw = sigma.detach(), raw.detach()
+            return sigma, torch.sigmoid(raw[:, 1:]), normals
+        raw = self._raw(x)
+        sigma = self._density_from_raw(x, raw[:, 0])
+        normals = self.finite_difference_normals(x) if need_normals else None
+        return sigma, torch.sigmoid(raw[:, 1:]), normals
+
+    def finite_difference_normals(self, x: torch.Tensor) -> torch.Tensor:
+        eps = self.config.normal_epsilon * self.scene_radius
+        offsets = torch.eye(3, device=x.device, dtype=x.dtype) * eps
+        probes = torch.cat([x[:, None, :] + offsets, x[:, None, :] - offsets], dim=1).reshape(-1, 3)
+        sig = self.density(probes).reshape(-1, 2, 3)
+        grad = (sig[:, 0] - sig[:, 1]) / (2 * eps)
+        return F.normalize(-grad, dim=-1, eps=1e-12)
+
+
+class BackgroundModel(nn.Module):
+    """Colour seen where rays leave the scene: a small MLP on the ray direction, or a fixed colour."""
+
+    def __init__(self, kind: str = "mlp", color=(1.0, 1.0, 1.0), n_frequencies: int = 4, hidden_dim: int = 32):
+        super().__init__()
+        check(kind in ("mlp", "fixed"), f"background must be 'mlp' or 'fixed', got {kind!r}")
+        self.kind = kind
+        self.n_frequencies = n_frequencies
+        self.register_buffer("color", torch.as_tensor(color, dtype=torch.float32).reshape(3))
+        self.mlp = _mlp(3 + 6 * n_frequencies, hidden_dim, 1, 3) if kind == "mlp" else None
+
+    def forward(self, directions: torch.Tensor) -> torch.Tensor:
+        if self.mlp is None:
+            return self.color.to(directions.dtype).expand(directions.shape[0], 3)
+        freqs = 2.0 ** torch.arange(self.n_frequencies, device=directions.device, dtype=directions.dtype) * math.pi
+        angles = directions[..., None] * freqs  # (N,3,F)
+        enc = torch.cat([directions, torch.sin(angles).flatten(1), torch.cos(angles).flatten(1)], dim=-1)
+        return torch.sigmoid(self.mlp(enc))

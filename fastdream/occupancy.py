@@ -1,0 +1,76 @@
+"""Occupancy grid over the scene box: which cells may hold density, so marching skips empty space.
+
+Follows nerfacc's OccGridEstimator: every few steps each visited cell gets
+occupancy = max(occupancy * ema_decay, new estimate), where the estimate is the field's density at a
+jittered point in the cell times the render step size (an opacity scale); a cell is occupied when its
+value exceeds min(threshold, mean). During warm-up every cell is visited; afterwards a random quarter
+of all cells plus a quarter chosen among the occupied ones.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from .errors import check
+
+
+class OccupancyGrid(nn.Module):
+    def __init__(self, aabb, resolution: int = 64, ema_decay: float = 0.95, threshold: float = 0.01,
+                 warmup_steps: int = 256, chunk: int = 2**18):
+        super().__init__()
+        aabb = torch.as_tensor(aabb, dtype=torch.float32).reshape(-1)
+        check(aabb.shape == (6,) and bool((aabb[3:] > aabb[:3]).all()), f"OccupancyGrid: aabb must be (xmin, ymin, zmin, xmax, ymax, zmax) with max > min, got {aabb.tolist()}")
+        check(resolution >= 1, f"OccupancyGrid: resolution must be >= 1, got {resolution}")
+        self.resolution = int(resolution)
+        self.ema_decay = float(ema_decay)
+        self.threshold = float(threshold)
+        self.warmup_steps = int(warmup_steps)
+        self.chunk = int(chunk)
+        self.register_buffer("aabb", aabb)
+        self.register_buffer("occupancy", torch.zeros(resolution**3))
+        # Everything starts occupied so the first renders see the whole box.
+        self.register_buffer("binary", torch.ones((resolution,) * 3, dtype=torch.bool))
+        r = torch.arange(resolution)
+        cells = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), dim=-1).reshape(-1, 3)
+        self.register_buffer("cells", cells, persistent=False)
+
+    def cell_centres(self, indices: torch.Tensor, generator: Optional[torch.Generator] = None, jitter: bool = True) -> torch.Tensor:
+        offset = torch.rand(indices.shape[0], 3, device=self.aabb.device, generator=generator) if jitter else torch.full((indices.shape[0], 3), 0.5, device=self.aabb.device)
+        unit = (self.cells[indices].float() + offset) / self.resolution
+        return self.aabb[:3] + unit * (self.aabb[3:] - self.aabb[:3])
+
+    @torch.no_grad()
+    def update(self, step: int, opacity_fn: Callable[[torch.Tensor], torch.Tensor], generator: Optional[torch.Generator] = None) -> None:
+        """opacity_fn maps world points (N,3) to density * step_size (N,)."""
+        n_cells = self.occupancy.numel()
+        device = self.occupancy.device
+        if step < self.warmup_steps:
+            indices = torch.arange(n_cells, device=device)
+        else:
+            quarter = max(n_cells // 4, 1)
+            uniform = torch.randint(0, n_cells, (quarter,), device=device, generator=generator)
+            occupied = torch.nonzero(self.binary.reshape(-1)).reshape(-1)
+            if occupied.numel() > 0:
+                pick = torch.randint(0, occupied.numel(), (quarter,), device=device, generator=generator)
+                indices = torch.cat([uniform, occupied[pick]])
+            else:
+                indices = uniform
+        estimates = torch.cat([opacity_fn(self.cell_centres(part, generator)).reshape(-1).float()
+                               for part in indices.split(self.chunk)])
+        decayed = self.occupancy * self.ema_decay
+        # scatter_reduce amax handles cells drawn twice in one update.
+        updated = decayed.scatter_reduce(0, indices, estimates, reduce="amax", include_self=True)
+        self.occupancy.copy_(torch.where(torch.isfinite(updated), updated, decayed))
+        threshold = min(self.threshold, float(self.occupancy.mean()))
+        self.binary.copy_((self.occupancy > threshold).reshape(self.binary.shape))
+
+    def march(self, origins: torch.Tensor, directions: torch.Tensor, near: float, far: float, step_size: float,
+              cone_angle: float = 0.0, max_step_size: float = 1e10):
+        """Packed samples (ray_indices, t_starts, t_ends) in occupied cells."""
+        return ops.march_rays(origins, directions, self.aabb, self.binary, near, far, step_size, cone_angle, max_step_size)
+
+    def occupied_fraction(self) -> float:
+        return float(self.binary.float().mean())
