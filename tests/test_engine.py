@@ -1,0 +1,160 @@
+"""Cameras, field, occupancy grid and renderer."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastdream.cameras import CameraSamplerConfig, generate_rays, look_at, orbit_cameras, orbit_c2w, sample_cameras
+from fastdream.field import BackgroundModel, FieldConfig, HashGridField
+from fastdream.occupancy import OccupancyGrid
+from fastdream.renderer import RenderConfig, Renderer, build_renderer
+
+TINY_FIELD = FieldConfig(n_levels=4, log2_hashmap_size=12, base_resolution=8, max_resolution=64, hidden_dim=16, n_hidden_layers=1)
+
+
+def test_sampled_cameras_respect_ranges():
+    cfg = CameraSamplerConfig(elevation_range=(-10, 90), distance_range=(1.0, 1.5), focal_range=(0.7, 1.35))
+    cams = sample_cameras(512, 64, 64, scene_radius=2.0, config=cfg, generator=torch.Generator().manual_seed(0))
+    assert cams.elevation_deg.min() >= -10 and cams.elevation_deg.max() <= 90
+    assert cams.azimuth_deg.min() >= 0 and cams.azimuth_deg.max() < 360
+    assert cams.distance.min() >= 2.0 and cams.distance.max() <= 3.0
+    assert cams.fx.min() >= 0.7 * 64 - 1e-4 and cams.fx.max() <= 1.35 * 64 + 1e-4
+    assert torch.allclose(torch.linalg.vector_norm(cams.position, dim=-1), cams.distance, atol=1e-5)
+    # the light sits around the camera: on the camera's side of the object most of the time
+    assert (torch.nn.functional.cosine_similarity(cams.light_position, cams.position) > 0).float().mean() > 0.8
+    assert cams.ambient.min() >= 0.1 and cams.light_intensity.max() <= 1.0
+    # elevation/azimuth describe where the camera actually is
+    pos = cams.position / cams.distance[:, None]
+    assert torch.allclose(torch.rad2deg(torch.asin(pos[:, 1].clamp(-1, 1))), cams.elevation_deg, atol=0.1)
+
+
+def test_orbit_frames_are_orthonormal_and_look_at_origin_even_overhead():
+    el = torch.tensor([0.0, 45.0, 90.0, -10.0])
+    az = torch.tensor([0.0, 90.0, 200.0, 359.0])
+    c2w = orbit_c2w(el, az, torch.full((4,), 2.0))
+    rot = c2w[:, :3, :3]
+    assert torch.allclose(rot.transpose(1, 2) @ rot, torch.eye(3).expand(4, 3, 3), atol=1e-5)
+    assert torch.allclose(torch.det(rot), torch.ones(4), atol=1e-5)
+    forward = -rot[:, :, 2]
+    assert torch.allclose(forward, -c2w[:, :3, 3] / 2.0, atol=1e-5)
+    # azimuth 0 is the front (+z), elevation 90 is overhead (+y)
+    assert torch.allclose(c2w[0, :3, 3], torch.tensor([0.0, 0.0, 2.0]), atol=1e-5)
+    assert torch.allclose(c2w[2, :3, 3], torch.tensor([0.0, 2.0, 0.0]), atol=1e-5)
+    # image "up" points towards world +y for a camera at the horizon
+    assert c2w[0, 1, 1] > 0.99
+    # generic look_at agrees with the orbit frame
+    assert torch.allclose(look_at(c2w[:2, :3, 3], torch.zeros(2, 3)), c2w[:2], atol=1e-5)
+
+
+def test_rays_through_centre_pixel_hit_target():
+    cams = orbit_cameras(4, 33, 33, elevation_deg=20.0, distance=2.0)
+    origins, dirs = generate_rays(cams)
+    assert torch.allclose(torch.linalg.vector_norm(dirs, dim=-1), torch.ones(4, 33, 33), atol=1e-5)
+    centre = dirs[:, 16, 16]
+    assert torch.allclose(centre, -cams.position / 2.0, atol=1e-5)
+    # pixel row 0 is the top of the image: its rays point higher than the centre ray
+    assert bool((dirs[:, 0, 16, 1] > centre[:, 1]).all())
+
+
+def test_blob_normals_point_outwards_analytic_and_finite_difference():
+    points = torch.nn.functional.normalize(torch.randn(32, 3, generator=torch.Generator().manual_seed(0)), dim=-1) * 0.4
+    for mode in ("analytic", "finite_difference"):
+        cfg = FieldConfig(**{**TINY_FIELD.__dict__, "normals": mode, "init_scale": 0.0})
+        field = HashGridField(config=cfg)
+        for p in field.mlp.parameters():
+            torch.nn.init.zeros_(p)  # density is the blob alone: radially symmetric
+        _, _, normals = field.query(points, need_normals=True)
+        cos = torch.nn.functional.cosine_similarity(normals, points, dim=-1)
+        assert bool((cos > 0.999).all()), (mode, cos.min())
+
+
+def test_analytic_and_fd_normals_agree_on_trained_like_field():
+    torch.manual_seed(0)
+    field = HashGridField(config=FieldConfig(**{**TINY_FIELD.__dict__, "init_scale": 0.5, "normal_epsilon": 1e-3}))
+    x = torch.rand(64, 3) * 1.2 - 0.6
+    field.config.normals = "analytic"
+    n_a = field.query(x, need_normals=True)[2]
+    n_fd = field.finite_difference_normals(x)
+    cos = torch.nn.functional.cosine_similarity(n_a, n_fd, dim=-1)
+    assert cos.median() > 0.9
+
+
+def test_analytic_normals_are_differentiable_for_training():
+    field = HashGridField(config=FieldConfig(**{**TINY_FIELD.__dict__, "normals": "analytic"}))
+    x = torch.rand(16, 3) - 0.5
+    _, _, normals = field.query(x, need_normals=True)
+    normals[:, 0].sum().backward()
+    assert field.encoding_params.grad is not None and field.encoding_params.grad.abs().sum() > 0
+
+
+def test_occupancy_grid_marks_dense_region_only():
+    grid = OccupancyGrid([-1, -1, -1, 1, 1, 1], resolution=16, warmup_steps=10)
+    ball = lambda x: (torch.linalg.vector_norm(x, dim=-1) < 0.5).float() * 10.0  # noqa: E731
+    grid.update(0, ball)
+    centres = grid.cell_centres(torch.arange(16 ** 3), jitter=False)
+    inside = torch.linalg.vector_norm(centres, dim=-1) < 0.4
+    outside = torch.linalg.vector_norm(centres, dim=-1) > 0.7
+    occ = grid.binary.reshape(-1)
+    assert bool(occ[inside].all()) and not bool(occ[outside].any())
+    # after warm-up the EMA lets space the object left fade out of the grid
+    small_ball = lambda x: (torch.linalg.vector_norm(x, dim=-1) < 0.25).float() * 10.0  # noqa: E731
+    for step in range(10, 250):
+        grid.update(step, small_ball)
+    occ = grid.binary.reshape(-1)
+    radius = torch.linalg.vector_norm(centres, dim=-1)
+    assert bool(occ[radius < 0.15].all()) and not bool(occ[radius > 0.45].any())
+
+
+def _ball_renderer(shading_radius=0.5):
+    renderer = build_renderer(field_config=TINY_FIELD, render_config=RenderConfig(samples_per_ray=96),
+                              background="fixed", background_color=(0.0, 0.0, 0.0), grid_resolution=16)
+
+    class Ball(torch.nn.Module):
+        aabb = renderer.field.aabb
+
+        def density(self, x):
+            return (torch.linalg.vector_norm(x, dim=-1) < shading_radius).float() * 50.0
+
+        def query(self, x, need_normals=False):
+            n = torch.nn.functional.normalize(x, dim=-1) if need_normals else None
+            albedo = torch.tensor([0.8, 0.4, 0.2]).expand(x.shape[0], 3)
+            return self.density(x), albedo, n
+
+    renderer.field = Ball()
+    return renderer
+
+
+def test_render_ball_silhouette_depth_and_shading():
+    renderer = _ball_renderer()
+    cams = orbit_cameras(2, 24, 24, elevation_deg=0.0, distance=2.0, fov_y_deg=60.0)
+    with torch.no_grad():
+        out = renderer.render(cams, shading="albedo")
+    # centre pixel: opaque, albedo colour, depth = distance - radius (to within a step)
+    assert out.opacity[0, 12, 12, 0] > 0.99
+    assert torch.allclose(out.rgb[0, 12, 12], torch.tensor([0.8, 0.4, 0.2]), atol=1e-2)
+    assert abs(float(out.depth[0, 12, 12, 0]) - 1.5) < 0.05
+    # corner pixel misses the ball: transparent, background black
+    assert out.opacity[0, 0, 0, 0] < 1e-3 and out.rgb[0, 0, 0].abs().max() < 1e-3
+    # projected disc area matches the ball's silhouette: radius r/sqrt(d^2-r^2) in tan units
+    focal = float(cams.fy[0])
+    expected_radius_px = focal * 0.5 / math.sqrt(2.0 ** 2 - 0.5 ** 2)
+    area = float((out.opacity[0, :, :, 0] > 0.5).sum())
+    assert abs(area - math.pi * expected_radius_px ** 2) / area < 0.15
+    # textureless, lit from the camera: the centre faces the light, the rim is darker
+    with torch.no_grad():
+        shaded = renderer.render(cams, shading="textureless")
+    assert shaded.rgb[0, 12, 12, 0] > shaded.rgb[0, 12, 12 + int(expected_radius_px) - 1, 0]
+    assert torch.allclose(shaded.rgb[0, 12, 12], shaded.rgb[0, 12, 12, :1].expand(3))  # grey: no albedo
+
+
+def test_render_with_gradients_reaches_field_and_background():
+    torch.manual_seed(0)
+    renderer = build_renderer(field_config=TINY_FIELD, render_config=RenderConfig(samples_per_ray=64), grid_resolution=16)
+    cams = sample_cameras(1, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = renderer.render(cams, shading="lambertian", need_normals=True)
+    assert out.rgb.shape == (1, 16, 16, 3) and out.n_samples > 0
+    assert out.rays.sample_normals is not None and out.rays.weights.shape[0] == out.n_samples
+    (out.rgb.mean() + out.opacity.mean()).backward()
+    assert renderer.field.encoding_params.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in renderer.background.parameters())
