@@ -1,0 +1,359 @@
+"""Score Distillation Sampling (SDS), model-independent part.
+
+DreamFusion's SDS gradient for a render x = g(theta) is
+
+    grad_theta L_SDS = E_{t, eps} [ w(t) * (eps_hat(z_t; y, t) - eps) * dz/dtheta ]
+
+where z is the diffusion model's input (SD: VAE latents of the render; IF: the render's pixels),
+z_t = sqrt(alpha_bar_t) z + sqrt(1 - alpha_bar_t) eps, and eps_hat is the classifier-free-guided
+noise prediction  eps_u + s * (eps_c - eps_u)  (s = ``guidance_scale``, 100 by default). The UNet
+Jacobian is skipped: the UNet runs under ``torch.no_grad``.
+
+Gradient application. ``SDSOutput.loss`` is a surrogate whose gradient w.r.t. z is *exactly*
+g = w(t) * (eps_hat - eps) (after zeroing non-finite entries and optional clipping): it is built as
+``sum(z * g) - sum(z.detach() * g) + 0.5 * sum(g**2)``, so autograd hands back g bit-for-bit and the
+value equals 0.5 * ||g||^2 (handy for logging). The batch is summed, not averaged (as in
+stable-dreamfusion's SpecifyGradient): each image receives its own SDS gradient.
+
+Weightings w(t) (``GuidanceOptions.weighting``), with alpha_bar the cumulative product of alphas
+and sigma^2 = 1 - alpha_bar:
+  "sds"               sigma^2 = 1 - alpha_bar(t)            DreamFusion's choice (default)
+  "uniform"           1
+  "sqrt_alpha_sigma"  sqrt(alpha_bar(t)) * sigma(t)          down-weights both ends of the schedule
+
+Timesteps are integers t ~ U{round(t_min*T), ..., round(t_max*T)} (T = number of training steps,
+1000), one per image. With ``t_max_end`` set, t_max anneals from ``t_max`` to ``t_max_end`` over
+training: linearly in ``progress`` ("linear") or in sqrt(progress) ("sqrt").
+
+Non-finite gradient entries are zeroed. ``SDSOutput.n_nonfinite`` is a 0-dim int64 *tensor* on the
+guidance device (``int(out.n_nonfinite)`` reads it; that synchronizes) so the step itself never
+waits for the GPU. A ``RuntimeWarning`` with the count is issued every ``nonfinite_check_every``
+calls (one host sync per that many steps) and on every call when running on the CPU (free there).
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import FastDreamError
+from . import prompts as _prompts
+
+WEIGHTINGS = ("sds", "uniform", "sqrt_alpha_sigma")
+ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
+LATENT_MODES = ("vae", "linear")
+ANNEALS = ("linear", "sqrt")
+SHADINGS = ("albedo", "lambertian", "textureless")
+
+
+@dataclass
+class GuidanceOptions:
+    """Flat options of SDS guidance (embedded as-is in the training config)."""
+
+    guidance_scale: float = 100.0  # classifier-free guidance scale s
+    t_min: float = 0.02  # lowest timestep, as a fraction of the schedule
+    t_max: float = 0.98  # highest timestep at the start of training
+    t_max_end: Optional[float] = None  # anneal t_max towards this value by the end (None: no annealing)
+    t_anneal: str = "linear"  # "linear" | "sqrt": schedule of the annealing in progress
+    weighting: str = "sds"  # "sds" (sigma^2 = 1 - alpha_bar, DreamFusion) | "uniform" | "sqrt_alpha_sigma"
+    grad_clip: Optional[float] = None  # clamp each gradient entry to [-grad_clip, grad_clip] (None: off)
+    attention: str = "auto"  # "auto" (xformers if installed and on CUDA, else sdpa) | "xformers" | "sdpa" | "math"
+    channels_last: bool = True  # channels_last memory format for UNet/VAE (CUDA only)
+    compile_unet: bool = False  # torch.compile the UNet (first steps slow, later ones faster)
+    latent_mode: str = "vae"  # SD only: "vae" (exact, VAE encoder) | "linear" (RGB->latent 1x1 map at latent res)
+    view_dependent: bool = True  # append ", front view" etc. to the prompt per camera
+    interpolate_views: bool = False  # blend view embeddings instead of picking one
+    view_front_deg: float = 45.0  # |azimuth| <= this: front
+    view_back_deg: float = 45.0  # |azimuth| >= 180 - this: back
+    view_overhead_deg: float = 60.0  # elevation > this: overhead
+    negative_prompt: str = ""  # unconditional branch text (set_prompt's argument wins when non-empty)
+    nonfinite_check_every: int = 100  # warn about zeroed non-finite gradients every N calls (one sync)
+    seed: Optional[int] = None  # seed of the guidance's own generator for t and noise (None: global RNG)
+
+    def validate(self) -> "GuidanceOptions":
+        def bad(msg: str):
+            raise FastDreamError(f"Invalid guidance option: {msg}")
+
+        if not (0.0 <= self.t_min < 1.0 and 0.0 < self.t_max <= 1.0 and self.t_min <= self.t_max):
+            bad(f"need 0 <= t_min <= t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}.")
+        if self.t_max_end is not None and not (self.t_min <= self.t_max_end <= 1.0):
+            bad(f"t_max_end must lie in [t_min, 1], got {self.t_max_end}.")
+        if self.t_anneal not in ANNEALS:
+            bad(f"t_anneal={self.t_anneal!r}; choose one of {ANNEALS}.")
+        if self.weighting not in WEIGHTINGS:
+            bad(f"weighting={self.weighting!r}; choose one of {WEIGHTINGS}.")
+        if self.attention not in ATTENTION_BACKENDS:
+            bad(f"attention={self.attention!r}; choose one of {ATTENTION_BACKENDS}.")
+        if self.latent_mode not in LATENT_MODES:
+            bad(f"latent_mode={self.latent_mode!r}; choose one of {LATENT_MODES}.")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            bad(f"grad_clip must be positive or None, got {self.grad_clip}.")
+        if not self.guidance_scale >= 0:
+            bad(f"guidance_scale must be >= 0, got {self.guidance_scale}.")
+        if not (0 <= self.view_overhead_deg < 90):
+            bad(f"view_overhead_deg must lie in [0, 90), got {self.view_overhead_deg}.")
+        if self.nonfinite_check_every < 1:
+            bad(f"nonfinite_check_every must be >= 1, got {self.nonfinite_check_every}.")
+        return self
+
+    @classmethod
+    def from_kwargs(cls, options: Optional["GuidanceOptions"] = None, **overrides: Any) -> "GuidanceOptions":
+        """``options`` (or the defaults) with ``overrides`` applied; unknown names raise FastDreamError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise FastDreamError(f"Unknown guidance option(s) {unknown}; valid options are {sorted(names)}.")
+        base = options if options is not None else cls()
+        return dataclasses.replace(base, **overrides).validate()
+
+
+@dataclass
+class SDSOutput:
+    loss: torch.Tensor  # scalar surrogate; d(loss)/d(images) is exactly the SDS gradient
+    t: torch.Tensor  # (B,) sampled integer timesteps
+    grad_norm: torch.Tensor  # L2 norm of the applied gradient over the batch (detached)
+    n_nonfinite: Union[int, torch.Tensor]  # 0-dim int64 tensor: non-finite entries zeroed this call
+
+
+OOM_HELP = (
+    "Reduce memory with: a smaller batch size (images per step); a lower render resolution; half "
+    "precision (dtype float16/bfloat16, the default on CUDA); attention='xformers' or 'sdpa' instead of "
+    "'math'; latent_mode='linear' (skips the VAE encoder at 512x512, the largest activation memory of "
+    "an SD step); compile_unet=False; or a smaller model."
+)
+
+
+def out_of_memory_error(exc: BaseException, what: str = "SDS guidance") -> FastDreamError:
+    """A FastDreamError explaining a GPU out-of-memory in ``what`` and the knobs that reduce memory."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return FastDreamError(f"The GPU ran out of memory during {what} ({first}). {OOM_HELP}")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom_type is not None and isinstance(exc, oom_type)) or "out of memory" in str(exc).lower()
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize to size x size (antialiased when shrinking); identity when already that size."""
+    h, w = images.shape[-2:]
+    if h == size and w == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=(h > size or w > size))
+
+
+class Guidance(abc.ABC):
+    """Frozen 2D diffusion prior scoring renders with SDS. Subclasses provide text encoding,
+    the image -> model-input map and the noise prediction; everything else lives here."""
+
+    #: model input resolution (renders are resized to this before encoding)
+    resolution: int
+
+    def __init__(self, *, options: GuidanceOptions, device: torch.device, dtype: torch.dtype,
+                 alphas_cumprod: torch.Tensor):
+        self.options = options.validate()
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.alphas_cumprod = alphas_cumprod.detach().to(self.device, torch.float32)  # once, on device
+        self.num_train_timesteps = int(self.alphas_cumprod.shape[0])
+        self.generator: Optional[torch.Generator] = None
+        if options.seed is not None:
+            self.generator = torch.Generator(device=self.device).manual_seed(int(options.seed))
+        self._text_cache: dict = {}  # text -> (L, D) embedding on device
+        self.prompt: Optional[str] = None
+        self.negative_prompt: str = ""
+        self._cond: Optional[torch.Tensor] = None  # (V, L, D): V = 4 views or 1
+        self._uncond: Optional[torch.Tensor] = None  # (L, D)
+        self._calls = 0
+        self._nonfinite_total = torch.zeros((), dtype=torch.long, device=self.device)
+        self._nonfinite_reported = 0
+
+    # ------------------------------------------------------------------ subclass hooks
+    @abc.abstractmethod
+    def _encode_text(self, texts: List[str]) -> torch.Tensor:
+        """(N, L, D) text embeddings for N strings, on self.device in self.dtype (no grad)."""
+
+    @abc.abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Differentiable map from renders (B,3,H,W) in [0,1] to the diffusion model's clean input z."""
+
+    @abc.abstractmethod
+    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """The UNet's epsilon prediction for z_t (N, C, h, w) at timesteps t (N,) (no grad needed)."""
+
+    # ------------------------------------------------------------------ prompts
+    def set_prompt(self, prompt: str, negative_prompt: str = "") -> None:
+        """Validate the prompt and cache the per-view (and negative) text embeddings.
+
+        The negative prompt is ``negative_prompt`` when non-empty, else ``options.negative_prompt``.
+        The text encoder runs once per distinct string; later calls with seen strings are free.
+        """
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise FastDreamError(
+                "The text prompt is empty: SDS guidance needs a description of the object to create, "
+                "e.g. prompt='a DSLR photo of a hamburger'.")
+        if negative_prompt is None:
+            negative_prompt = ""
+        if not isinstance(negative_prompt, str):
+            raise FastDreamError(f"The negative prompt must be a string, got {type(negative_prompt).__name__}.")
+        prompt = prompt.strip()
+        negative = negative_prompt.strip() or self.options.negative_prompt.strip()
+        texts = _prompts.view_prompts(prompt) if self.options.view_dependent else [prompt]
+        self._cond = self.embed_texts(texts)
+        self._uncond = self.embed_texts([negative])[0]
+        self.prompt, self.negative_prompt = prompt, negative
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, L, D) embeddings of ``texts``, computed in one text-encoder call for the unseen ones."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
+        if missing:
+            with torch.no_grad():
+                emb = self._encode_text(missing)
+            for text, e in zip(missing, emb):
+                self._text_cache[text] = e
+        return torch.stack([self._text_cache[t] for t in texts])
+
+    def text_embeddings(self, cameras: Any, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond), each (B, L, D), for the cameras (None: the plain prompt / first view)."""
+        if self._cond is None:
+            raise FastDreamError("No prompt set: call guidance.set_prompt('a description') before the first step.")
+        o = self.options
+        cond = self._cond
+        if cond.shape[0] == 1 or cameras is None:
+            if cond.shape[0] > 1:  # no cameras: front view prompt
+                cond = cond[:1]
+            c = cond.expand(batch_size, -1, -1)
+        else:
+            elev = torch.as_tensor(cameras.elevation_deg).to(self.device, torch.float32, non_blocking=True).reshape(-1)
+            azim = torch.as_tensor(cameras.azimuth_deg).to(self.device, torch.float32, non_blocking=True).reshape(-1)
+            if elev.shape[0] != batch_size:
+                raise FastDreamError(f"Got {batch_size} images but {elev.shape[0]} cameras; they must match.")
+            if o.interpolate_views:
+                w = _prompts.view_weights(elev, azim, overhead_deg=o.view_overhead_deg).to(cond.dtype)
+                c = torch.einsum("bv,vld->bld", w, cond)
+            else:
+                idx = _prompts.view_index(elev, azim, front_deg=o.view_front_deg, back_deg=o.view_back_deg,
+                                          overhead_deg=o.view_overhead_deg)
+                c = cond[idx]
+        return c, self._uncond.unsqueeze(0).expand(batch_size, -1, -1)
+
+    # ------------------------------------------------------------------ schedule
+    def t_max_at(self, progress: float) -> float:
+        o = self.options
+        if o.t_max_end is None:
+            return o.t_max
+        p = min(max(float(progress), 0.0), 1.0)
+        if o.t_anneal == "sqrt":
+            p = math.sqrt(p)
+        return o.t_max + (o.t_max_end - o.t_max) * p
+
+    def timestep_range(self, progress: float) -> Tuple[int, int]:
+        """Inclusive integer range [lo, hi] of timesteps at this training progress."""
+        T = self.num_train_timesteps
+        lo = min(max(int(round(self.options.t_min * T)), 0), T - 1)
+        hi = min(max(int(round(self.t_max_at(progress) * T)), lo), T - 1)
+        return lo, hi
+
+    def sample_timesteps(self, batch_size: int, progress: float) -> torch.Tensor:
+        lo, hi = self.timestep_range(progress)
+        return torch.randint(lo, hi + 1, (batch_size,), device=self.device, generator=self.generator)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """w(t), (B,) float32."""
+        ab = self.alphas_cumprod[t]
+        if self.options.weighting == "sds":
+            return 1.0 - ab
+        if self.options.weighting == "uniform":
+            return torch.ones_like(ab)
+        return ab.sqrt() * (1.0 - ab).sqrt()
+
+    # ------------------------------------------------------------------ SDS
+    def guided_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                     uncond: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One UNet call on [uncond; cond]; returns (eps_hat, eps_cond, eps_uncond), float32."""
+        n = z_t.shape[0]
+        with torch.no_grad(), self._autocast():
+            eps = self.predict_noise(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
+        eps = eps.float()
+        eps_u, eps_c = eps[:n], eps[n:]
+        eps_hat = eps_u + self.options.guidance_scale * (eps_c - eps_u)
+        return eps_hat, eps_c, eps_u
+
+    def sds_from_latents(self, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                         progress: float = 0.0, *, t: Optional[torch.Tensor] = None,
+                         noise: Optional[torch.Tensor] = None) -> SDSOutput:
+        """SDS on the model input z (B,C,h,w) (latents for SD, pixels in [-1,1] for IF)."""
+        b = z.shape[0]
+        if t is None:
+            t = self.sample_timesteps(b, progress)
+        t = t.to(self.device, torch.long)
+        z32 = z.detach().float()
+        if noise is None:
+            noise = torch.randn(z32.shape, device=self.device, dtype=torch.float32, generator=self.generator)
+        noise = noise.to(self.device, torch.float32)
+        ab = self.alphas_cumprod[t].view(b, 1, 1, 1)
+        z_t = ab.sqrt() * z32 + (1.0 - ab).sqrt() * noise
+        eps_hat, _, _ = self.guided_noise(z_t.to(self.dtype), t, cond, uncond)
+        grad = self.weight(t).view(b, 1, 1, 1) * (eps_hat - noise)
+        finite = torch.isfinite(grad)
+        n_nonfinite = (~finite).sum()
+        grad = torch.where(finite, grad, torch.zeros_like(grad))
+        if self.options.grad_clip is not None:
+            grad = grad.clamp(-self.options.grad_clip, self.options.grad_clip)
+        # d/dz of the first term is exactly grad (cast to z's dtype by autograd); the other two terms
+        # carry no gradient and only make the value 0.5*||grad||^2 (the first two cancel exactly).
+        loss = (z.float() * grad).sum() - (z32 * grad).sum() + 0.5 * grad.pow(2).sum()
+        self._account_nonfinite(n_nonfinite)
+        return SDSOutput(loss=loss, t=t, grad_norm=grad.norm().detach(), n_nonfinite=n_nonfinite)
+
+    def __call__(self, images: torch.Tensor, cameras: Any, shading: str = "albedo", progress: float = 0.0,
+                 *, t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> SDSOutput:
+        """SDS on renders ``images`` (B,3,H,W) in [0,1]. ``t``/``noise`` override the random draws (tests)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise FastDreamError(f"SDS guidance expects images of shape (B, 3, H, W), got {tuple(images.shape)}.")
+        b = images.shape[0]
+        try:
+            cond, uncond = self.text_embeddings(cameras, b)
+            with self._autocast():
+                z = self.encode_images(images.to(self.device))
+            return self.sds_from_latents(z, cond, uncond, progress, t=t, noise=noise)
+        except RuntimeError as exc:
+            if _is_oom(exc):
+                raise out_of_memory_error(exc) from None
+            raise
+
+    # ------------------------------------------------------------------ internals
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast("cuda", dtype=self.dtype)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _account_nonfinite(self, n: torch.Tensor) -> None:
+        self._calls += 1
+        self._nonfinite_total += n
+        if self.device.type == "cpu" or self._calls % self.options.nonfinite_check_every == 0:
+            self.report_nonfinite()
+
+    def report_nonfinite(self) -> int:
+        """Total zeroed non-finite gradient entries so far; warns if it grew since the last report (syncs)."""
+        total = int(self._nonfinite_total)
+        if total > self._nonfinite_reported:
+            warnings.warn(
+                f"SDS guidance zeroed {total - self._nonfinite_reported} non-finite gradient entries "
+                f"({total} in total over {self._calls} steps). Occasional ones are harmless; many mean the "
+                "renders or the model overflow (try float32/bfloat16, a lower learning rate or grad_clip).",
+                RuntimeWarning, stacklevel=3)
+            self._nonfinite_reported = total
+        return total
+
+    def describe(self) -> dict:
+        """Small JSON-able summary (model kind, resolution, dtype, options)."""
+        return {"class": type(self).__name__, "resolution": self.resolution, "device": str(self.device),
+                "dtype": str(self.dtype).replace("torch.", ""), "options": dataclasses.asdict(self.options)}

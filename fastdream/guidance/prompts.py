@@ -1,0 +1,86 @@
+"""View-dependent prompts (DreamFusion section 3.2).
+
+Each sampled camera gets its prompt suffixed with ", front view", ", side view", ", back view" or
+", overhead view" depending on where it looks from. Angle conventions follow ``fastdream.cameras``:
+azimuth in degrees, 0 = front of the object, increasing around the up axis (any value is wrapped);
+elevation in degrees, 90 = looking straight down.
+
+Hard selection (default), in priority order (later rules win):
+  side      otherwise
+  front     |azimuth| <= front_deg               (azimuth wrapped to (-180, 180])
+  back      |azimuth| >= 180 - back_deg
+  overhead  elevation > overhead_deg
+Defaults front_deg = back_deg = 45 and overhead_deg = 60 are the values threestudio uses for
+DreamFusion (stable-dreamfusion uses a narrower +-30 degree front sector and the same overhead cut).
+
+Interpolated selection (``interpolate_views=True``) blends the four view embeddings instead:
+around the object front -> side -> back linearly in |azimuth| (0, 90, 180 degrees), then towards
+"overhead" linearly in elevation from overhead_deg (weight 0) to 90 degrees (weight 1).
+All functions are pure tensor ops (no host sync), so they can run every step on the GPU.
+"""
+from __future__ import annotations
+
+from typing import List, Union
+
+import torch
+
+VIEWS = ("front", "side", "back", "overhead")
+FRONT, SIDE, BACK, OVERHEAD = range(4)
+
+Angle = Union[float, torch.Tensor]
+
+
+def view_prompt(prompt: str, view: str) -> str:
+    """The prompt for one view: ``"a chair" , "side" -> "a chair, side view"``."""
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
+    return f"{prompt}, {view} view"
+
+
+def view_prompts(prompt: str) -> List[str]:
+    """The four view prompts in ``VIEWS`` order."""
+    return [view_prompt(prompt, v) for v in VIEWS]
+
+
+def _as_tensor(x: Angle, like: torch.Tensor = None) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.float()
+    device = like.device if like is not None else None
+    return torch.as_tensor(x, dtype=torch.float32, device=device)
+
+
+def wrap_azimuth(azimuth_deg: torch.Tensor) -> torch.Tensor:
+    """Wrap azimuths to (-180, 180]."""
+    a = torch.remainder(azimuth_deg, 360.0)
+    return torch.where(a > 180.0, a - 360.0, a)
+
+
+def view_index(elevation_deg: Angle, azimuth_deg: Angle, front_deg: float = 45.0, back_deg: float = 45.0,
+               overhead_deg: float = 60.0) -> torch.Tensor:
+    """Index into ``VIEWS`` (long tensor, same shape as the angles) for each camera."""
+    azimuth_deg = _as_tensor(azimuth_deg)
+    elevation_deg = _as_tensor(elevation_deg, azimuth_deg)
+    a = wrap_azimuth(azimuth_deg).abs()
+    idx = torch.full_like(a, SIDE, dtype=torch.long)
+    idx = torch.where(a <= front_deg, torch.full_like(idx, FRONT), idx)
+    idx = torch.where(a >= 180.0 - back_deg, torch.full_like(idx, BACK), idx)
+    idx = torch.where(elevation_deg > overhead_deg, torch.full_like(idx, OVERHEAD), idx)
+    return idx
+
+
+def view_name(elevation_deg: float, azimuth_deg: float, **thresholds) -> str:
+    """Convenience for one camera: the view name ("front", "side", ...)."""
+    return VIEWS[int(view_index(float(elevation_deg), float(azimuth_deg), **thresholds))]
+
+
+def view_weights(elevation_deg: Angle, azimuth_deg: Angle, overhead_deg: float = 60.0) -> torch.Tensor:
+    """Blend weights (..., 4) over ``VIEWS`` for interpolated view embeddings; rows sum to 1."""
+    azimuth_deg = _as_tensor(azimuth_deg)
+    elevation_deg = _as_tensor(elevation_deg, azimuth_deg)
+    r = wrap_azimuth(azimuth_deg).abs() / 90.0  # 0 front, 1 side, 2 back
+    w_front = (1.0 - r).clamp(0.0, 1.0)
+    w_side = (1.0 - (r - 1.0).abs()).clamp(0.0, 1.0)
+    w_back = (r - 1.0).clamp(0.0, 1.0)
+    span = max(90.0 - overhead_deg, 1e-6)
+    o = ((elevation_deg - overhead_deg) / span).clamp(0.0, 1.0)
+    return torch.stack([(1 - o) * w_front, (1 - o) * w_side, (1 - o) * w_back, o], dim=-1)
