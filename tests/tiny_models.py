@@ -8,8 +8,8 @@ loads it through exactly the path users run (``fastdream.guidance.load_guidance(
     folder = make_tiny_sd_pipeline(tmp_path / "tiny-sd")   # -> folder (pathlib.Path)
     folder = make_tiny_if_pipeline(tmp_path / "tiny-if")
 
-Sizes (CPU, fp32): SD-like -- UNet 32x32-latent-free, 8x8 latents, 64x64 model resolution; a few
-hundred thousand parameters in all; one SDS step takes a few milliseconds.
+Sizes (CPU, fp32): SD-like -- UNet on 8x8x4 latents, VAE factor 4 (32x32 model resolution); IF-like --
+pixel UNet at 16x16. A few hundred thousand parameters each; one SDS step takes milliseconds.
 """
 from __future__ import annotations
 
@@ -93,8 +93,31 @@ def tiny_unet_config(in_channels: int = 4, out_channels: int = 4, sample_size: i
     )
 
 
+def tiny_if_unet_config(sample_size: int = 16, text_dim: int = TEXT_DIM) -> dict:
+    """IF stage-I-like UNet: pixel space, noise + variance output, text added-KV attention blocks."""
+    return dict(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=6,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_head_dim=8,
+        cross_attention_dim=64,
+        encoder_hid_dim=text_dim,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=2,
+        cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift",
+        act_fn="gelu",
+        norm_num_groups=8,
+    )
+
+
 def tiny_vae_config() -> dict:
-    # two blocks -> downsampling factor 2**(2-1) = 2... use three for a factor of 4? keep 2 blocks, factor 2.
+    """Three encoder blocks -> downsampling factor 4: 8x8 latents <-> 32x32 images."""
     return dict(
         in_channels=3,
         out_channels=3,
@@ -138,7 +161,7 @@ def make_tiny_sd_pipeline(folder: PathLike, seed: int = 0) -> Path:
     unet = UNet2DConditionModel(**tiny_unet_config())
     vae = AutoencoderKL(**tiny_vae_config())
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, clip_sample=False)
+                              num_train_timesteps=1000, clip_sample=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -168,7 +191,7 @@ def make_tiny_if_pipeline(folder: PathLike, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=0,
     ))
-    unet = UNet2DConditionModel(**tiny_unet_config(in_channels=3, out_channels=6, sample_size=16))
+    unet = UNet2DConditionModel(**tiny_if_unet_config())
     scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000,
                               variance_type="learned_range", clip_sample=True)
     pipe = IFPipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, scheduler=scheduler,

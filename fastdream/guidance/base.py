@@ -206,8 +206,8 @@ class Guidance(abc.ABC):
         prompt = prompt.strip()
         negative = negative_prompt.strip() or self.options.negative_prompt.strip()
         texts = _prompts.view_prompts(prompt) if self.options.view_dependent else [prompt]
-        self._cond = self.embed_texts(texts)
-        self._uncond = self.embed_texts([negative])[0]
+        emb = self.embed_texts(texts + [negative])  # one text-encoder call for all unseen strings
+        self._cond, self._uncond = emb[:-1], emb[-1]
         self.prompt, self.negative_prompt = prompt, negative
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:

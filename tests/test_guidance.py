@@ -1,0 +1,404 @@
+"""SDS guidance on tiny random diffusers pipelines: offline, CPU, seconds."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # never touch the hub from tests
+
+import dataclasses
+import subprocess
+import sys
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from fastdream.errors import FastDreamError  # noqa: E402
+from fastdream.guidance import (DeepFloydIFGuidance, GuidanceOptions, StableDiffusionGuidance,  # noqa: E402
+                                load_guidance, view_index, view_name, view_prompt, view_weights)
+
+from tiny_models import make_tiny_if_pipeline, make_tiny_sd_pipeline  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cams(elev, azim):
+    return SimpleNamespace(elevation_deg=torch.tensor(elev, dtype=torch.float32),
+                           azimuth_deg=torch.tensor(azim, dtype=torch.float32))
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory):
+    return make_tiny_sd_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def if_folder(tmp_path_factory):
+    return make_tiny_if_pipeline(tmp_path_factory.mktemp("models") / "tiny-if")
+
+
+@pytest.fixture(scope="module")
+def sd(sd_folder):
+    g = load_guidance(str(sd_folder), "cpu", seed=0)
+    g.set_prompt("a chair")
+    return g
+
+
+@pytest.fixture(scope="module")
+def deepfloyd(if_folder):
+    g = load_guidance(if_folder, "cpu", seed=0)
+    g.set_prompt("a chair")
+    return g
+
+
+def manual_eps(g, z_t, t, cond, uncond):
+    with torch.no_grad():
+        eps_c = g.predict_noise(z_t, t, cond).float()
+        eps_u = g.predict_noise(z_t, t, uncond).float()
+    return eps_c, eps_u
+
+
+# ---------------------------------------------------------------------------- package hygiene
+def test_import_fastdream_does_not_import_diffusers():
+    code = ("import sys, fastdream, fastdream.guidance; "
+            "bad = [m for m in ('diffusers', 'transformers', 'huggingface_hub') if m in sys.modules]; "
+            "assert not bad, bad")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
+
+
+def test_options_validation():
+    assert GuidanceOptions().guidance_scale == 100 and GuidanceOptions().weighting == "sds"
+    with pytest.raises(FastDreamError, match="Unknown guidance option"):
+        GuidanceOptions.from_kwargs(guidance_scal=3)
+    with pytest.raises(FastDreamError, match="weighting"):
+        GuidanceOptions.from_kwargs(weighting="nope")
+    with pytest.raises(FastDreamError, match="t_min"):
+        GuidanceOptions.from_kwargs(t_min=0.9, t_max=0.5)
+    o = GuidanceOptions.from_kwargs(GuidanceOptions(guidance_scale=7.5), t_max_end=0.5)
+    assert o.guidance_scale == 7.5 and o.t_max_end == 0.5
+    # flat, simple types only (embedded in the training config)
+    for f in dataclasses.fields(GuidanceOptions):
+        assert isinstance(getattr(GuidanceOptions(), f.name), (int, float, str, bool, type(None)))
+
+
+# ---------------------------------------------------------------------------- views
+@pytest.mark.parametrize("elev,azim,view", [
+    (0, 0, "front"), (10, 30, "front"), (0, 45, "front"), (0, 315, "front"), (0, -20, "front"),
+    (0, 46, "side"), (0, 90, "side"), (30, 270, "side"), (0, 134, "side"),
+    (0, 135, "back"), (0, 180, "back"), (-10, 200, "back"), (0, 540, "back"),
+    (61, 0, "overhead"), (89, 180, "overhead"), (60, 0, "front"),
+])
+def test_view_selection(elev, azim, view):
+    assert view_name(elev, azim) == view
+
+
+def test_view_thresholds_configurable_and_batched():
+    idx = view_index(torch.tensor([0.0, 0.0, 50.0]), torch.tensor([40.0, 170.0, 90.0]),
+                     front_deg=30, back_deg=5, overhead_deg=45)
+    assert idx.tolist() == [1, 1, 3]
+    assert view_prompt("a chair", "back") == "a chair, back view"
+
+
+def test_view_weights():
+    w = view_weights(torch.tensor([0.0, 0.0, 0.0, 0.0, 75.0, 90.0]),
+                     torch.tensor([0.0, 45.0, 90.0, 180.0, 0.0, 123.0]))
+    torch.testing.assert_close(w.sum(-1), torch.ones(6))
+    torch.testing.assert_close(w[0], torch.tensor([1.0, 0, 0, 0]))
+    torch.testing.assert_close(w[1], torch.tensor([0.5, 0.5, 0, 0]))
+    torch.testing.assert_close(w[2], torch.tensor([0.0, 1, 0, 0]))
+    torch.testing.assert_close(w[3], torch.tensor([0.0, 0, 1, 0]))
+    torch.testing.assert_close(w[4], torch.tensor([0.5, 0, 0, 0.5]))
+    assert w[5, 3] == 1
+
+
+def test_per_camera_embeddings(sd):
+    cond, uncond = sd.text_embeddings(cams([0.0, 0.0, 0.0, 80.0], [10.0, 90.0, 180.0, 0.0]), 4)
+    expected = sd.embed_texts(["a chair, front view", "a chair, side view", "a chair, back view",
+                               "a chair, overhead view"])
+    torch.testing.assert_close(cond, expected, rtol=0, atol=0)
+    torch.testing.assert_close(uncond, sd.embed_texts([""]).expand(4, -1, -1), rtol=0, atol=0)
+    assert not torch.equal(cond[0], cond[1])
+
+
+def test_interpolated_embeddings(sd):
+    old = sd.options
+    try:
+        sd.options = dataclasses.replace(old, interpolate_views=True)
+        cond, _ = sd.text_embeddings(cams([0.0], [45.0]), 1)
+        front, side = sd.embed_texts(["a chair, front view", "a chair, side view"])
+        torch.testing.assert_close(cond[0], 0.5 * front + 0.5 * side)
+    finally:
+        sd.options = old
+
+
+def test_embeddings_cached_text_encoder_runs_once_per_text(sd_folder):
+    g = load_guidance(sd_folder, "cpu", seed=0)
+    encoded = []
+    g.text_encoder.register_forward_hook(lambda m, args, out: encoded.append(args[0].shape[0]))
+    g.set_prompt("a chair")
+    assert encoded == [5]  # 4 view prompts + empty negative prompt, one batched call
+    g.set_prompt("a chair")
+    assert encoded == [5]
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    for _ in range(3):
+        g(x, cams([0.0, 70.0], [0.0, 100.0]), "albedo", 0.5)
+    assert encoded == [5]  # steps never run the text encoder
+    g.set_prompt("a table", negative_prompt="blurry")
+    assert encoded == [5, 5]
+    g.set_prompt("a chair", negative_prompt="blurry")
+    assert encoded == [5, 5]
+    assert g.negative_prompt == "blurry"
+
+
+def test_view_independent_prompt(sd_folder):
+    g = load_guidance(sd_folder, "cpu", view_dependent=False, seed=0)
+    g.set_prompt("a chair")
+    cond, _ = g.text_embeddings(cams([0.0, 80.0], [0.0, 180.0]), 2)
+    torch.testing.assert_close(cond, g.embed_texts(["a chair", "a chair"]), rtol=0, atol=0)
+
+
+def test_prompt_errors(sd_folder):
+    g = load_guidance(sd_folder, "cpu")
+    with pytest.raises(FastDreamError, match="No prompt set"):
+        g(torch.rand(1, 3, 32, 32), None, "albedo", 0.0)
+    for bad in ("", "   ", None):
+        with pytest.raises(FastDreamError, match="prompt is empty"):
+            g.set_prompt(bad)
+
+
+# ---------------------------------------------------------------------------- SDS maths
+def test_timesteps_and_annealing(sd):
+    assert sd.timestep_range(0.0) == (20, 980)
+    t = sd.sample_timesteps(4096, 0.3)
+    assert t.dtype == torch.long and t.shape == (4096,)
+    assert int(t.min()) >= 20 and int(t.max()) <= 980 and int(t.max()) > 900
+    old = sd.options
+    try:
+        sd.options = dataclasses.replace(old, t_max_end=0.5)
+        assert sd.timestep_range(0.0) == (20, 980)
+        assert sd.timestep_range(0.5) == (20, 740)
+        assert sd.timestep_range(1.0) == (20, 500)
+        sd.options = dataclasses.replace(old, t_max_end=0.5, t_anneal="sqrt")
+        assert sd.timestep_range(0.25) == (20, 740)
+    finally:
+        sd.options = old
+
+
+@pytest.mark.parametrize("weighting", ["sds", "uniform", "sqrt_alpha_sigma"])
+def test_sds_gradient_on_latents_equals_w_times_eps_difference(sd, weighting):
+    old = sd.options
+    sd.options = dataclasses.replace(old, weighting=weighting, guidance_scale=7.5)
+    try:
+        torch.manual_seed(1)
+        images = torch.rand(3, 3, 40, 24)
+        c = cams([0.0, 20.0, 75.0], [0.0, 180.0, 90.0])
+        z = sd.encode_images(images).detach().requires_grad_(True)
+        assert z.shape == (3, 4, 8, 8)
+        t = torch.tensor([20, 500, 980])
+        noise = torch.randn(z.shape)
+        cond, uncond = sd.text_embeddings(c, 3)
+        out = sd.sds_from_latents(z, cond, uncond, t=t, noise=noise)
+        out.loss.backward()
+
+        ab = sd.alphas_cumprod[t].view(3, 1, 1, 1)
+        z_t = ab.sqrt() * z.detach() + (1 - ab).sqrt() * noise
+        eps_c, eps_u = manual_eps(sd, z_t, t, cond, uncond)
+        eps_hat = eps_u + 7.5 * (eps_c - eps_u)
+        w = {"sds": 1 - ab, "uniform": torch.ones_like(ab), "sqrt_alpha_sigma": ab.sqrt() * (1 - ab).sqrt()}[weighting]
+        expected = w * (eps_hat - noise)
+        torch.testing.assert_close(z.grad, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.loss.detach(), 0.5 * expected.pow(2).sum(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.grad_norm, expected.norm(), rtol=1e-5, atol=1e-5)
+        assert out.t.tolist() == [20, 500, 980] and int(out.n_nonfinite) == 0
+    finally:
+        sd.options = old
+
+
+def test_sds_gradient_flows_through_vae_encoder_to_images(sd):
+    torch.manual_seed(2)
+    images = torch.rand(2, 3, 64, 64, requires_grad=True)
+    c = cams([0.0, 0.0], [0.0, 90.0])
+    t = torch.tensor([100, 700])
+    noise = torch.randn(2, 4, 8, 8)
+    out = sd(images, c, "lambertian", 0.1, t=t, noise=noise)
+    out.loss.backward()
+    # the same step on latents, then the encoder's vector-Jacobian product by hand
+    x = images.detach().requires_grad_(True)
+    z = sd.encode_images(x)
+    zl = z.detach().requires_grad_(True)
+    sd.sds_from_latents(zl, *sd.text_embeddings(c, 2), t=t, noise=noise).loss.backward()
+    (expected,) = torch.autograd.grad(z, x, zl.grad)
+    torch.testing.assert_close(images.grad, expected, rtol=1e-5, atol=1e-7)
+    assert images.grad.abs().sum() > 0
+
+
+def test_cfg_mixes_cond_and_uncond_with_scale(sd):
+    torch.manual_seed(3)
+    z_t = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([300, 600])
+    cond, uncond = sd.text_embeddings(cams([0.0, 0.0], [0.0, 180.0]), 2)
+    eps_c, eps_u = manual_eps(sd, z_t, t, cond, uncond)
+    assert not torch.allclose(eps_c, eps_u)
+    old = sd.options
+    try:
+        for s in (0.0, 1.0, 100.0):
+            sd.options = dataclasses.replace(old, guidance_scale=s)
+            eps_hat, c_out, u_out = sd.guided_noise(z_t, t, cond, uncond)
+            torch.testing.assert_close(c_out, eps_c, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(u_out, eps_u, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(eps_hat, eps_u + s * (eps_c - eps_u), rtol=1e-4, atol=2e-5 * max(1.0, s))
+    finally:
+        sd.options = old
+
+
+def test_nonfinite_gradient_zeroed_and_counted(sd_folder):
+    g = load_guidance(sd_folder, "cpu", seed=0)
+    g.set_prompt("a chair")
+    real = g.predict_noise
+
+    def poisoned(z_t, t, emb):
+        eps = real(z_t, t, emb).clone()
+        eps[0, 0, 0, :3] = float("nan")  # first (uncond) half: 3 entries of image 0
+        eps[0, 1, 2, 2] = float("inf")
+        return eps
+
+    g.predict_noise = poisoned
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        out = g(x, cams([0.0, 0.0], [0.0, 0.0]), "albedo", 0.5)
+    out.loss.backward()
+    assert int(out.n_nonfinite) == 4
+    assert torch.isfinite(x.grad).all() and torch.isfinite(out.grad_norm)
+    assert g.report_nonfinite() == 4
+
+
+def test_grad_clip(sd_folder):
+    g = load_guidance(sd_folder, "cpu", seed=0, grad_clip=0.01, weighting="uniform")
+    g.set_prompt("a chair")
+    z = torch.randn(1, 4, 8, 8, requires_grad=True)
+    g.sds_from_latents(z, *g.text_embeddings(None, 1), t=torch.tensor([500])).loss.backward()
+    assert z.grad.abs().max() <= 0.01 + 1e-7
+
+
+def test_oom_becomes_clear_error(sd, monkeypatch):
+    def boom(images):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(sd, "encode_images", boom)
+    with pytest.raises(FastDreamError) as info:
+        sd(torch.rand(1, 3, 64, 64), None, "albedo", 0.0)
+    msg = str(info.value)
+    assert "out of memory" in msg and "batch size" in msg and "latent_mode='linear'" in msg
+    assert "float16" in msg and "attention" in msg
+
+
+# ---------------------------------------------------------------------------- optimisation
+@pytest.mark.parametrize("which", ["sd", "sd-linear", "if"])
+def test_sds_steps_change_a_learnable_image(which, sd_folder, if_folder):
+    folder = if_folder if which == "if" else sd_folder
+    extra = {"latent_mode": "linear"} if which == "sd-linear" else {}
+    g = load_guidance(folder, "cpu", seed=0, **extra)
+    g.set_prompt("a red chair")
+    torch.manual_seed(0)
+    gen = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 3, 1))
+    base = torch.nn.Parameter(torch.zeros(1, 3, 64, 64))
+    params = [base, *gen.parameters()]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    for step in range(4):
+        images = torch.sigmoid(base + gen(base + 0.1)).expand(2, -1, -1, -1)
+        out = g(images, cams([15.0, 70.0], [step * 90.0, 30.0]), "albedo", step / 4)
+        opt.zero_grad()
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and int(out.n_nonfinite) == 0
+        assert all(torch.isfinite(p.grad).all() for p in params)
+        opt.step()
+    assert all(not torch.equal(a, p.detach()) for a, p in zip(before, params))
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+# ---------------------------------------------------------------------------- loading
+def test_factory_chooses_model_family(sd, deepfloyd):
+    assert isinstance(sd, StableDiffusionGuidance) and sd.resolution == 32 and sd.dtype == torch.float32
+    assert isinstance(deepfloyd, DeepFloydIFGuidance) and deepfloyd.resolution == 16
+    assert sd.attention == "sdpa"  # auto on CPU
+    assert all(not p.requires_grad for p in sd.unet.parameters())
+
+
+def test_deepfloyd_sds_uses_noise_half_of_unet_output(deepfloyd):
+    g = deepfloyd
+    torch.manual_seed(4)
+    z = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    t = torch.tensor([50, 900])
+    noise = torch.randn(z.shape)
+    cond, uncond = g.text_embeddings(cams([0.0, 0.0], [0.0, 90.0]), 2)
+    g.sds_from_latents(z, cond, uncond, t=t, noise=noise).loss.backward()
+    ab = g.alphas_cumprod[t].view(2, 1, 1, 1)
+    z_t = ab.sqrt() * z.detach() + (1 - ab).sqrt() * noise
+    with torch.no_grad():
+        full_c = g.unet(z_t, t, encoder_hidden_states=cond).sample
+        full_u = g.unet(z_t, t, encoder_hidden_states=uncond).sample
+    assert full_c.shape[1] == 6
+    eps_hat = full_u[:, :3] + 100 * (full_c[:, :3] - full_u[:, :3])
+    torch.testing.assert_close(z.grad, (1 - ab) * (eps_hat - noise), rtol=1e-4, atol=2e-3)  # scale 100
+
+
+def test_attention_backends_agree(sd_folder):
+    x = torch.rand(1, 3, 32, 32)
+    outs = []
+    for backend in ("sdpa", "math"):
+        g = load_guidance(sd_folder, "cpu", attention=backend, seed=0)
+        assert g.attention == backend
+        g.set_prompt("a chair")
+        outs.append(g(x, None, "albedo", 0.0, t=torch.tensor([400]), noise=torch.ones(1, 4, 8, 8)).grad_norm)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(FastDreamError, match="xformers"):
+        load_guidance(sd_folder, "cpu", attention="xformers")
+
+
+def test_offline_hub_id_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FastDreamError) as info:
+        load_guidance("fastdream-tests/no-such-model", "cpu")
+    msg = str(info.value)
+    assert "fastdream-tests/no-such-model" in msg and "HF_HUB_OFFLINE" in msg
+    assert "local" in msg and "Download" in msg
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_missing_folder_error(tmp_path):
+    for missing in (str(tmp_path / "no" / "such-folder"), "./not-here-sd"):
+        with pytest.raises(FastDreamError, match="does not exist") as info:
+            load_guidance(missing, "cpu")
+        assert info.value.__suppress_context__ or info.value.__cause__ is None
+
+
+def test_not_a_pipeline_folder_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FastDreamError, match="not a diffusers pipeline"):
+        load_guidance(tmp_path / "empty", "cpu")
+
+
+def test_incomplete_folder_error(sd_folder, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sd_folder, broken)
+    shutil.rmtree(broken / "unet")
+    (broken / "unet").mkdir()
+    with pytest.raises(FastDreamError, match="Could not load the UNet"):
+        load_guidance(broken, "cpu")
+
+
+def test_bad_device_and_dtype(sd_folder):
+    with pytest.raises(FastDreamError, match="float16"):
+        load_guidance(sd_folder, "cpu", dtype="fp16")
+    with pytest.raises(FastDreamError, match="dtype"):
+        load_guidance(sd_folder, "cpu", dtype="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(FastDreamError, match="CUDA"):
+            load_guidance(sd_folder, "cuda")
