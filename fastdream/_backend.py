@@ -28,6 +28,8 @@ def _load():
     if not _state["loaded"]:
         _state["loaded"] = True
         try:
+            import torch  # noqa: F401  (the extension links against libtorch/libc10: load them first)
+
             from . import _C  # noqa: F401  (registers torch.ops.fastdream.*)
             _state["module"] = _C
         except Exception as exc:  # ImportError, or an undefined symbol from a stale build

@@ -1,0 +1,426 @@
+// CPU launchers: OpenMP (through at::parallel_for) over points / levels / rays around the shared
+// per-element logic in csrc/kernels/*_impl.h. No atomics: the hash-grid parameter gradient is
+// partitioned by level, so each thread owns a disjoint slice of the gradient buffer.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "fastdream/torch_glue.h"
+#include "../kernels/compositing_impl.h"
+#include "../kernels/marching_impl.h"
+
+namespace fastdream {
+namespace {
+
+using hashgrid::GridMeta;
+
+constexpr int64_t kPointGrain = 512;
+constexpr int64_t kRayGrain = 64;
+
+template <typename S>
+struct PlainAcc {
+    S* buf;
+    inline void operator()(int64_t i, S w, const S* gy, int F) const {
+        for (int f = 0; f < F; ++f) buf[i + f] += w * gy[f];
+    }
+};
+
+// ------------------------------------------------------------------ hash encoding
+at::Tensor hash_encode_fwd_cpu(const at::Tensor& x_, const at::Tensor& params_, c10::ArrayRef<double> scales,
+                               c10::IntArrayRef resolutions, c10::IntArrayRef offsets, c10::IntArrayRef hashed,
+                               int64_t n_features) {
+    check_hash_inputs(x_, params_, offsets, n_features);
+    const GridMeta m = make_grid_meta(scales, resolutions, offsets, hashed, n_features);
+    auto x = x_.contiguous();
+    auto params = params_.contiguous();
+    const int64_t N = x.size(0), L = m.n_levels, F = m.n_features;
+    auto y = at::empty({N, L * F}, x.options());
+    AT_DISPATCH_FLOATING_TYPES_AND_HALF(params.scalar_type(), "hash_encode_fwd_cpu", [&] {
+        using P = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_fwd_cpu_x", [&] {
+            using S = scalar_t;
+            const S* xp = x.data_ptr<S>();
+            const P* pp = params.data_ptr<P>();
+            S* yp = y.data_ptr<S>();
+            at::parallel_for(0, N, kPointGrain, [&](int64_t b, int64_t e) {
+                for (int64_t n = b; n < e; ++n) {
+                    for (int l = 0; l < L; ++l) hashgrid::encode_level(m, l, xp + 3 * n, pp, yp + n * L * F + l * F);
+                }
+            });
+        });
+    });
+    return y;
+}
+
+// Accumulates the params gradient race-free: each thread takes whole levels.
+template <typename S, typename Fn>
+void for_levels_points(const GridMeta& m, int64_t N, Fn&& fn) {
+    at::parallel_for(0, m.n_levels, 1, [&](int64_t lb, int64_t le) {
+        for (int64_t l = lb; l < le; ++l)
+            for (int64_t n = 0; n < N; ++n) fn(static_cast<int>(l), n);
+    });
+}
+
+at::Tensor finish_params_grad(const at::Tensor& acc, const at::Tensor& params) {
+    return acc.scalar_type() == params.scalar_type() ? acc : acc.to(params.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> hash_encode_bwd_cpu(const at::Tensor& grad_y_, const at::Tensor& x_,
+                                                       const at::Tensor& params_, c10::ArrayRef<double> scales,
+                                                       c10::IntArrayRef resolutions, c10::IntArrayRef offsets,
+                                                       c10::IntArrayRef hashed, int64_t n_features,
+                                                       bool need_params_grad, bool need_x_grad) {
+    check_hash_inputs(x_, params_, offsets, n_features);
+    const GridMeta m = make_grid_meta(scales, resolutions, offsets, hashed, n_features);
+    auto x = x_.contiguous();
+    auto params = params_.contiguous();
+    auto gy = grad_y_.to(x.scalar_type()).contiguous();
+    const int64_t N = x.size(0), L = m.n_levels, F = m.n_features;
+    TORCH_CHECK(gy.dim() == 2 && gy.size(0) == N && gy.size(1) == L * F, "hash_encode_bwd: grad_y must be (N, L*F)");
+    at::Tensor gparams = need_params_grad ? at::zeros({params.numel()}, x.options()) : at::empty({0}, params.options());
+    at::Tensor gx = need_x_grad ? at::zeros({N, 3}, x.options()) : at::empty({0}, x.options());
+    AT_DISPATCH_FLOATING_TYPES_AND_HALF(params.scalar_type(), "hash_encode_bwd_cpu", [&] {
+        using P = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_bwd_cpu_x", [&] {
+            using S = scalar_t;
+            const S* xp = x.data_ptr<S>();
+            const S* gyp = gy.data_ptr<S>();
+            const P* pp = params.data_ptr<P>();
+            if (need_params_grad && N > 0) {
+                PlainAcc<S> acc{gparams.data_ptr<S>()};
+                for_levels_points<S>(m, N, [&](int l, int64_t n) {
+                    hashgrid::encode_level_backward_params(m, l, xp + 3 * n, gyp + n * L * F + l * F, acc);
+                });
+            }
+            if (need_x_grad && N > 0) {
+                S* gxp = gx.data_ptr<S>();
+                at::parallel_for(0, N, kPointGrain, [&](int64_t b, int64_t e) {
+                    for (int64_t n = b; n < e; ++n)
+                        for (int l = 0; l < L; ++l)
+                            hashgrid::encode_level_backward_x(m, l, xp + 3 * n, gyp + n * L * F + l * F, pp, gxp + 3 * n);
+                });
+            }
+        });
+    });
+    if (need_params_grad) gparams = finish_params_grad(gparams, params);
+    return {gparams, gx};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_encode_bwd_bwd_cpu(
+    const at::Tensor& ggx_, const at::Tensor& grad_y_, const at::Tensor& x_, const at::Tensor& params_,
+    c10::ArrayRef<double> scales, c10::IntArrayRef resolutions, c10::IntArrayRef offsets, c10::IntArrayRef hashed,
+    int64_t n_features, bool need_params_grad, bool need_x_grad) {
+    check_hash_inputs(x_, params_, offsets, n_features);
+    const GridMeta m = make_grid_meta(scales, resolutions, offsets, hashed, n_features);
+    auto x = x_.contiguous();
+    auto params = params_.contiguous();
+    auto gy = grad_y_.to(x.scalar_type()).contiguous();
+    auto ggx = ggx_.to(x.scalar_type()).contiguous();
+    const int64_t N = x.size(0), L = m.n_levels, F = m.n_features;
+    TORCH_CHECK(gy.dim() == 2 && gy.size(0) == N && gy.size(1) == L * F, "hash_encode_bwd_bwd: grad_y must be (N, L*F)");
+    TORCH_CHECK(ggx.dim() == 2 && ggx.size(0) == N && ggx.size(1) == 3, "hash_encode_bwd_bwd: ggx must be (N, 3)");
+    at::Tensor ggy = at::empty({N, L * F}, x.options());
+    at::Tensor gparams = need_params_grad ? at::zeros({params.numel()}, x.options()) : at::empty({0}, params.options());
+    at::Tensor gx = need_x_grad ? at::zeros({N, 3}, x.options()) : at::empty({0}, x.options());
+    AT_DISPATCH_FLOATING_TYPES_AND_HALF(params.scalar_type(), "hash_encode_bwd_bwd_cpu", [&] {
+        using P = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_bwd_bwd_cpu_x", [&] {
+            using S = scalar_t;
+            const S* xp = x.data_ptr<S>();
+            const S* gyp = gy.data_ptr<S>();
+            const S* ggxp = ggx.data_ptr<S>();
+            const P* pp = params.data_ptr<P>();
+            S* ggyp = ggy.data_ptr<S>();
+            // pass 1 (points in parallel): ggy and the second-order x term
+            at::parallel_for(0, N, kPointGrain, [&](int64_t b, int64_t e) {
+                S scratch[3];
+                for (int64_t n = b; n < e; ++n) {
+                    S* gx2 = need_x_grad ? gx.data_ptr<S>() + 3 * n : scratch;
+                    for (int l = 0; l < L; ++l)
+                        hashgrid::encode_level_backward_backward<S, P, PlainAcc<S>>(
+                            m, l, xp + 3 * n, gyp + n * L * F + l * F, ggxp + 3 * n, pp, ggyp + n * L * F + l * F, gx2,
+                            nullptr);
+                }
+            });
+            // pass 2 (levels in parallel): params gradient
+            if (need_params_grad && N > 0) {
+                PlainAcc<S> acc{gparams.data_ptr<S>()};
+                for_levels_points<S>(m, N, [&](int l, int64_t n) {
+                    S tmp_ggy[8], tmp_gx[3] = {S(0), S(0), S(0)};
+                    hashgrid::encode_level_backward_backward<S, P, PlainAcc<S>>(
+                        m, l, xp + 3 * n, gyp + n * L * F + l * F, ggxp + 3 * n, pp, tmp_ggy, tmp_gx, &acc);
+                });
+            }
+        });
+    });
+    if (need_params_grad) gparams = finish_params_grad(gparams, params);
+    return {ggy, gparams, gx};
+}
+
+// ------------------------------------------------------------------ marching
+std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays_cpu(const at::Tensor& origins_, const at::Tensor& directions_,
+                                                              const at::Tensor& box_, const at::Tensor& binary_,
+                                                              double near, double far, double step_size,
+                                                              double cone_angle, double max_step_size) {
+    TORCH_CHECK(origins_.dim() == 2 && origins_.size(1) == 3, "march_rays: origins must be (N, 3)");
+    TORCH_CHECK(directions_.sizes() == origins_.sizes(), "march_rays: directions must match origins");
+    TORCH_CHECK(binary_.dim() == 3 && binary_.scalar_type() == at::kBool, "march_rays: binary must be a 3-D bool grid");
+    TORCH_CHECK(box_.numel() == 9, "march_rays: box must hold lo, hi, size (9 values)");
+    auto origins = origins_.contiguous();
+    auto directions = directions_.to(origins.scalar_type()).contiguous();
+    auto box = box_.to(origins.scalar_type()).contiguous();
+    auto binary = binary_.contiguous();
+    const int64_t R = origins.size(0);
+    const int64_t res[3] = {binary.size(0), binary.size(1), binary.size(2)};
+    const march::MarchParams p{near, far, step_size, cone_angle, max_step_size};
+    const uint8_t* grid = reinterpret_cast<const uint8_t*>(binary.data_ptr<bool>());
+    at::Tensor counts = at::zeros({R}, origins.options().dtype(at::kLong));
+    at::Tensor ray_indices, t_starts, t_ends;
+    AT_DISPATCH_FLOATING_TYPES(origins.scalar_type(), "march_rays_cpu", [&] {
+        using S = scalar_t;
+        const S* o = origins.data_ptr<S>();
+        const S* d = directions.data_ptr<S>();
+        const S* bx = box.data_ptr<S>();
+        int64_t* cnt = counts.data_ptr<int64_t>();
+        at::parallel_for(0, R, kRayGrain, [&](int64_t b, int64_t e) {
+            march::CountOnly emit;
+            for (int64_t r = b; r < e; ++r) cnt[r] = march::march_ray(o + 3 * r, d + 3 * r, bx, grid, res, p, emit);
+        });
+        at::Tensor starts = at::cumsum(counts, 0) - counts;
+        const int64_t total = R > 0 ? (starts[R - 1].item<int64_t>() + cnt[R - 1]) : 0;
+        ray_indices = at::empty({total}, counts.options());
+        t_starts = at::empty({total}, origins.options());
+        t_ends = at::empty({total}, origins.options());
+        const int64_t* st = starts.data_ptr<int64_t>();
+        int64_t* ri = ray_indices.data_ptr<int64_t>();
+        S* ts = t_starts.data_ptr<S>();
+        S* te = t_ends.data_ptr<S>();
+        at::parallel_for(0, R, kRayGrain, [&](int64_t b, int64_t e) {
+            for (int64_t r = b; r < e; ++r) {
+                if (cnt[r] == 0) continue;
+                march::WritePacked<S> emit{r, st[r], ri, ts, te};
+                march::march_ray(o + 3 * r, d + 3 * r, bx, grid, res, p, emit);
+            }
+        });
+    });
+    return {ray_indices, t_starts, t_ends};
+}
+
+std::tuple<at::Tensor, at::Tensor> occupancy_update_cpu(const at::Tensor& density_, const at::Tensor& fresh_,
+                                                        double decay, double threshold) {
+    TORCH_CHECK(density_.sizes() == fresh_.sizes(), "occupancy_update: density and new_density must match");
+    auto density = density_.contiguous();
+    auto fresh = fresh_.to(density.scalar_type()).contiguous();
+    auto out = at::empty_like(density);
+    auto binary = at::empty(density.sizes(), density.options().dtype(at::kBool));
+    const int64_t n = density.numel();
+    AT_DISPATCH_FLOATING_TYPES(density.scalar_type(), "occupancy_update_cpu", [&] {
+        using S = scalar_t;
+        const S* dp = density.data_ptr<S>();
+        const S* fp = fresh.data_ptr<S>();
+        S* op = out.data_ptr<S>();
+        bool* bp = binary.data_ptr<bool>();
+        const S dec = static_cast<S>(decay), thr = static_cast<S>(threshold);
+        at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
+            for (int64_t i = b; i < e; ++i) {
+                S v = march::ema_max(dp[i], dec, fp[i]);
+                op[i] = v;
+                bp[i] = v > thr;
+            }
+        });
+    });
+    return {out, binary};
+}
+
+// ------------------------------------------------------------------ volume rendering
+void check_packed(const at::Tensor& t_starts, const at::Tensor& t_ends, const at::Tensor& sigmas,
+                  const at::Tensor& ray_offsets) {
+    TORCH_CHECK(t_starts.dim() == 1 && t_ends.sizes() == t_starts.sizes() && sigmas.sizes() == t_starts.sizes(),
+                "t_starts, t_ends and sigmas must be 1-D of the same length");
+    TORCH_CHECK(ray_offsets.dim() == 1 && ray_offsets.numel() >= 1 && ray_offsets.scalar_type() == at::kLong,
+                "ray_offsets must be a 1-D int64 tensor of n_rays + 1 offsets");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> render_weights_fwd_cpu(const at::Tensor& t_starts_,
+                                                                      const at::Tensor& t_ends_,
+                                                                      const at::Tensor& sigmas_,
+                                                                      const at::Tensor& ray_offsets_) {
+    check_packed(t_starts_, t_ends_, sigmas_, ray_offsets_);
+    auto sigmas = sigmas_.contiguous();
+    auto t_starts = t_starts_.to(sigmas.scalar_type()).contiguous();
+    auto t_ends = t_ends_.to(sigmas.scalar_type()).contiguous();
+    auto off = ray_offsets_.contiguous();
+    const int64_t R = off.numel() - 1;
+    auto w = at::empty_like(sigmas), T = at::empty_like(sigmas), a = at::empty_like(sigmas);
+    AT_DISPATCH_FLOATING_TYPES(sigmas.scalar_type(), "render_weights_fwd_cpu", [&] {
+        using S = scalar_t;
+        const int64_t* o = off.data_ptr<int64_t>();
+        at::parallel_for(0, R, kRayGrain, [&](int64_t b, int64_t e) {
+            for (int64_t r = b; r < e; ++r)
+                render::weights_forward_ray(o[r], o[r + 1], t_starts.data_ptr<S>(), t_ends.data_ptr<S>(),
+                                            sigmas.data_ptr<S>(), w.data_ptr<S>(), T.data_ptr<S>(), a.data_ptr<S>());
+        });
+    });
+    return {w, T, a};
+}
+
+template <typename S>
+const S* opt_ptr(const c10::optional<at::Tensor>& t, at::Tensor& keep, at::ScalarType dtype) {
+    if (!t.has_value() || !t->defined()) return nullptr;
+    keep = t->to(dtype).contiguous();
+    return keep.data_ptr<S>();
+}
+
+at::Tensor render_weights_bwd_cpu(const c10::optional<at::Tensor>& gw_, const c10::optional<at::Tensor>& gt_,
+                                  const c10::optional<at::Tensor>& ga_, const at::Tensor& t_starts_,
+                                  const at::Tensor& t_ends_, const at::Tensor& sigmas_, const at::Tensor& ray_offsets_,
+                                  const at::Tensor& trans_, const at::Tensor& alphas_) {
+    check_packed(t_starts_, t_ends_, sigmas_, ray_offsets_);
+    auto sigmas = sigmas_.contiguous();
+    const auto dt = sigmas.scalar_type();
+    auto t_starts = t_starts_.to(dt).contiguous(), t_ends = t_ends_.to(dt).contiguous();
+    auto trans = trans_.to(dt).contiguous(), alphas = alphas_.to(dt).contiguous();
+    auto off = ray_offsets_.contiguous();
+    const int64_t R = off.numel() - 1;
+    auto grad_s = at::empty_like(sigmas);
+    AT_DISPATCH_FLOATING_TYPES(dt, "render_weights_bwd_cpu", [&] {
+        using S = scalar_t;
+        at::Tensor k1, k2, k3;
+        const S* gw = opt_ptr<S>(gw_, k1, dt);
+        const S* gt = opt_ptr<S>(gt_, k2, dt);
+        const S* ga = opt_ptr<S>(ga_, k3, dt);
+        const int64_t* o = off.data_ptr<int64_t>();
+        at::parallel_for(0, R, kRayGrain, [&](int64_t b, int64_t e) {
+            for (int64_t r = b; r < e; ++r)
+                render::weights_backward_ray(o[r], o[r + 1], t_starts.data_ptr<S>(), t_ends.data_ptr<S>(),
+                                             sigmas.data_ptr<S>(), trans.data_ptr<S>(), alphas.data_ptr<S>(), gw, gt,
+                                             ga, grad_s.data_ptr<S>());
+        });
+    });
+    return grad_s;
+}
+
+struct CompositeArgs {
+    at::Tensor t_starts, t_ends, off, sigmas, albedo, normals, origins, directions, lights, intensity, ambient;
+};
+
+CompositeArgs prepare_composite(const at::Tensor& t_starts, const at::Tensor& t_ends, const at::Tensor& ray_offsets,
+                                const at::Tensor& sigmas, const at::Tensor& albedo,
+                                const c10::optional<at::Tensor>& normals, const at::Tensor& origins,
+                                const at::Tensor& directions, const at::Tensor& light_positions,
+                                const at::Tensor& light_intensity, const at::Tensor& ambient, int64_t mode) {
+    check_packed(t_starts, t_ends, sigmas, ray_offsets);
+    TORCH_CHECK(mode >= 0 && mode <= 2, "composite: mode must be 0 (albedo), 1 (lambertian) or 2 (textureless)");
+    const int64_t N = sigmas.numel(), R = ray_offsets.numel() - 1;
+    TORCH_CHECK(albedo.dim() == 2 && albedo.size(0) == N && albedo.size(1) == 3, "composite: albedo must be (N, 3)");
+    bool has_n = normals.has_value() && normals->defined();
+    TORCH_CHECK(has_n || mode == 0, "composite: normals are required for lambertian/textureless shading");
+    if (has_n) TORCH_CHECK(normals->sizes() == albedo.sizes(), "composite: normals must be (N, 3)");
+    for (const at::Tensor* t : {&origins, &directions, &light_positions})
+        TORCH_CHECK(t->dim() == 2 && t->size(0) == R && t->size(1) == 3, "composite: per-ray vectors must be (R, 3)");
+    TORCH_CHECK(light_intensity.numel() == R && ambient.numel() == R, "composite: intensity/ambient must be (R,)");
+    const auto dt = sigmas.scalar_type();
+    CompositeArgs a;
+    a.t_starts = t_starts.to(dt).contiguous();
+    a.t_ends = t_ends.to(dt).contiguous();
+    a.off = ray_offsets.contiguous();
+    a.sigmas = sigmas.contiguous();
+    a.albedo = albedo.to(dt).contiguous();
+    if (has_n) a.normals = normals->to(dt).contiguous();
+    a.origins = origins.to(dt).contiguous();
+    a.directions = directions.to(dt).contiguous();
+    a.lights = light_positions.to(dt).contiguous();
+    a.intensity = light_intensity.to(dt).reshape({R}).contiguous();
+    a.ambient = ambient.to(dt).reshape({R}).contiguous();
+    return a;
+}
+
+template <typename S>
+render::ShadeInputs<S> shade_inputs(const CompositeArgs& a, int64_t r) {
+    return {a.origins.data_ptr<S>() + 3 * r, a.directions.data_ptr<S>() + 3 * r, a.lights.data_ptr<S>() + 3 * r,
+            a.intensity.data_ptr<S>()[r], a.ambient.data_ptr<S>()[r]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_fwd_cpu(
+    const at::Tensor& t_starts, const at::Tensor& t_ends, const at::Tensor& ray_offsets, const at::Tensor& sigmas,
+    const at::Tensor& albedo, const c10::optional<at::Tensor>& normals, const at::Tensor& origins,
+    const at::Tensor& directions, const at::Tensor& light_positions, const at::Tensor& light_intensity,
+    const at::Tensor& ambient, int64_t mode) {
+    CompositeArgs a = prepare_composite(t_starts, t_ends, ray_offsets, sigmas, albedo, normals, origins, directions,
+                                        light_positions, light_intensity, ambient, mode);
+    const int64_t R = a.off.numel() - 1;
+    auto opts = a.sigmas.options();
+    auto rgb = at::empty({R, 3}, opts), op = at::empty({R, 1}, opts), depth = at::empty({R, 1}, opts);
+    auto normal = at::empty({R, 3}, opts), weights = at::empty_like(a.sigmas);
+    AT_DISPATCH_FLOATING_TYPES(a.sigmas.scalar_type(), "composite_fwd_cpu", [&] {
+        using S = scalar_t;
+        const int64_t* o = a.off.data_ptr<int64_t>();
+        const S* np = a.normals.defined() ? a.normals.data_ptr<S>() : nullptr;
+        at::parallel_for(0, R, kRayGrain, [&](int64_t b, int64_t e) {
+            for (int64_t r = b; r < e; ++r)
+                render::composite_forward_ray(o[r], o[r + 1], static_cast<int>(mode), a.t_starts.data_ptr<S>(),
+                                              a.t_ends.data_ptr<S>(), a.sigmas.data_ptr<S>(), a.albedo.data_ptr<S>(),
+                                              np, shade_inputs<S>(a, r), rgb.data_ptr<S>() + 3 * r,
+                                              op.data_ptr<S>() + r, depth.data_ptr<S>() + r,
+                                              normal.data_ptr<S>() + 3 * r, weights.data_ptr<S>());
+        });
+    });
+    return {rgb, op, depth, normal, weights};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> composite_bwd_cpu(
+    const at::Tensor& g_rgb_, const at::Tensor& g_op_, const at::Tensor& g_depth_, const at::Tensor& g_normal_,
+    const c10::optional<at::Tensor>& g_weights_, const at::Tensor& t_starts, const at::Tensor& t_ends,
+    const at::Tensor& ray_offsets, const at::Tensor& sigmas, const at::Tensor& albedo,
+    const c10::optional<at::Tensor>& normals, const at::Tensor& origins, const at::Tensor& directions,
+    const at::Tensor& light_positions, const at::Tensor& light_intensity, const at::Tensor& ambient,
+    const at::Tensor& rgb_, const at::Tensor& op_, const at::Tensor& depth_, const at::Tensor& normal_,
+    const at::Tensor& weights_, int64_t mode, bool need_normals_grad) {
+    CompositeArgs a = prepare_composite(t_starts, t_ends, ray_offsets, sigmas, albedo, normals, origins, directions,
+                                        light_positions, light_intensity, ambient, mode);
+    const int64_t R = a.off.numel() - 1;
+    const auto dt = a.sigmas.scalar_type();
+    auto g_rgb = g_rgb_.to(dt).contiguous(), g_op = g_op_.to(dt).contiguous();
+    auto g_depth = g_depth_.to(dt).contiguous(), g_normal = g_normal_.to(dt).contiguous();
+    auto rgb = rgb_.to(dt).contiguous(), op = op_.to(dt).contiguous(), depth = depth_.to(dt).contiguous();
+    auto normal = normal_.to(dt).contiguous(), weights = weights_.to(dt).contiguous();
+    auto grad_sigmas = at::empty_like(a.sigmas);
+    auto grad_albedo = at::empty_like(a.albedo);
+    const bool want_n = need_normals_grad && a.normals.defined();
+    auto grad_normals = want_n ? at::empty_like(a.normals) : at::empty({0}, a.sigmas.options());
+    AT_DISPATCH_FLOATING_TYPES(dt, "composite_bwd_cpu", [&] {
+        using S = scalar_t;
+        at::Tensor keep;
+        const S* gw = opt_ptr<S>(g_weights_, keep, dt);
+        const int64_t* o = a.off.data_ptr<int64_t>();
+        const S* np = a.normals.defined() ? a.normals.data_ptr<S>() : nullptr;
+        S* gnp = want_n ? grad_normals.data_ptr<S>() : nullptr;
+        at::parallel_for(0, R, kRayGrain, [&](int64_t b, int64_t e) {
+            for (int64_t r = b; r < e; ++r)
+                render::composite_backward_ray(
+                    o[r], o[r + 1], static_cast<int>(mode), a.t_starts.data_ptr<S>(), a.t_ends.data_ptr<S>(),
+                    a.sigmas.data_ptr<S>(), a.albedo.data_ptr<S>(), np, shade_inputs<S>(a, r),
+                    rgb.data_ptr<S>() + 3 * r, op.data_ptr<S>()[r], depth.data_ptr<S>()[r],
+                    normal.data_ptr<S>() + 3 * r, weights.data_ptr<S>(), g_rgb.data_ptr<S>() + 3 * r,
+                    g_op.data_ptr<S>()[r], g_depth.data_ptr<S>()[r], g_normal.data_ptr<S>() + 3 * r, gw,
+                    grad_sigmas.data_ptr<S>(), grad_albedo.data_ptr<S>(), gnp);
+        });
+    });
+    return {grad_sigmas, grad_albedo, grad_normals};
+}
+
+}  // namespace
+}  // namespace fastdream
+
+TORCH_LIBRARY_IMPL(fastdream, CPU, m) {
+    using namespace fastdream;
+    m.impl("hash_encode_fwd", &hash_encode_fwd_cpu);
+    m.impl("hash_encode_bwd", &hash_encode_bwd_cpu);
+    m.impl("hash_encode_bwd_bwd", &hash_encode_bwd_bwd_cpu);
+    m.impl("march_rays", &march_rays_cpu);
+    m.impl("occupancy_update", &occupancy_update_cpu);
+    m.impl("render_weights_fwd", &render_weights_fwd_cpu);
+    m.impl("render_weights_bwd", &render_weights_bwd_cpu);
+    m.impl("composite_fwd", &composite_fwd_cpu);
+    m.impl("composite_bwd", &composite_bwd_cpu);
+}
