@@ -6,7 +6,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # never touch the hub from tests
 import dataclasses
 import subprocess
 import sys
-import warnings
 from types import SimpleNamespace
 
 import pytest
