@@ -174,7 +174,7 @@ def _prompt_file(tmp_path, prompts):
     return f
 
 
-def test_eval_command_end_to_end(tiny_runs, tiny_clip_config, tiny_clip_weights, tmp_path, capsys):
+def test_eval_command_end_to_end(tiny_clip_config, tiny_clip_weights, tiny_runs, tmp_path, capsys):
     """The CLI renders both runs from 3 cameras in colour and textureless, embeds them and the 3 candidate
     prompts with the tiny CLIP, and reports R-Precision equal to a direct recomputation."""
     from fastdream.evaluate import load_clip, load_run, render_run
@@ -212,7 +212,7 @@ def test_eval_command_end_to_end(tiny_runs, tiny_clip_config, tiny_clip_weights,
     assert not torch.equal(renders[0]["color"], renders[0]["textureless"])
 
 
-def test_eval_random_weights_and_prompt_not_in_set(tiny_runs, tiny_clip_config, tmp_path, capsys):
+def test_eval_random_weights_and_prompt_not_in_set(tiny_clip_config, tiny_runs, tmp_path, capsys):
     pfile = _prompt_file(tmp_path, PROMPTS)
     rc = cli.main(["eval", str(tiny_runs[0]), "--prompts", str(pfile), "--clip", str(tiny_clip_config),
                    "--pretrained", "none", "--views", "1", "--resolution", "32", "--device", "cpu"])
