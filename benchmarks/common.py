@@ -151,6 +151,7 @@ def environment(device: str = "cpu") -> Dict[str, Any]:
         "cpu_name": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average": (list(os.getloadavg()) if hasattr(os, "getloadavg") else None),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
