@@ -35,19 +35,20 @@ at::Tensor hash_encode_fwd_cpu(const at::Tensor& x_, const at::Tensor& params_, 
     auto params = params_.contiguous();
     const int64_t N = x.size(0), L = m.n_levels, F = m.n_features;
     auto y = at::empty({N, L * F}, x.options());
-    AT_DISPATCH_FLOATING_TYPES_AND_HALF(params.scalar_type(), "hash_encode_fwd_cpu", [&] {
-        using P = scalar_t;
-        AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_fwd_cpu_x", [&] {
-            using S = scalar_t;
+    FD_DISPATCH_HASH_TYPES(x, params, at::Half, [&] {
+        {
             const S* xp = x.data_ptr<S>();
             const P* pp = params.data_ptr<P>();
             S* yp = y.data_ptr<S>();
-            at::parallel_for(0, N, kPointGrain, [&](int64_t b, int64_t e) {
-                for (int64_t n = b; n < e; ++n) {
-                    for (int l = 0; l < L; ++l) hashgrid::encode_level(m, l, xp + 3 * n, pp, yp + n * L * F + l * F);
-                }
+            FD_DISPATCH_N_FEATURES(F, [&] {
+                at::parallel_for(0, N, kPointGrain, [&](int64_t b, int64_t e) {
+                    for (int64_t n = b; n < e; ++n) {
+                        for (int l = 0; l < L; ++l)
+                            hashgrid::encode_level<kF>(m, l, xp + 3 * n, pp, yp + n * L * F + l * F);
+                    }
+                });
             });
-        });
+        }
     });
     return y;
 }
@@ -79,28 +80,31 @@ std::tuple<at::Tensor, at::Tensor> hash_encode_bwd_cpu(const at::Tensor& grad_y_
     TORCH_CHECK(gy.dim() == 2 && gy.size(0) == N && gy.size(1) == L * F, "hash_encode_bwd: grad_y must be (N, L*F)");
     at::Tensor gparams = need_params_grad ? at::zeros({params.numel()}, x.options()) : at::empty({0}, params.options());
     at::Tensor gx = need_x_grad ? at::zeros({N, 3}, x.options()) : at::empty({0}, x.options());
-    AT_DISPATCH_FLOATING_TYPES_AND_HALF(params.scalar_type(), "hash_encode_bwd_cpu", [&] {
-        using P = scalar_t;
-        AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_bwd_cpu_x", [&] {
-            using S = scalar_t;
+    FD_DISPATCH_HASH_TYPES(x, params, at::Half, [&] {
+        {
             const S* xp = x.data_ptr<S>();
             const S* gyp = gy.data_ptr<S>();
             const P* pp = params.data_ptr<P>();
             if (need_params_grad && N > 0) {
                 PlainAcc<S> acc{gparams.data_ptr<S>()};
-                for_levels_points<S>(m, N, [&](int l, int64_t n) {
-                    hashgrid::encode_level_backward_params(m, l, xp + 3 * n, gyp + n * L * F + l * F, acc);
+                FD_DISPATCH_N_FEATURES(F, [&] {
+                    for_levels_points<S>(m, N, [&](int l, int64_t n) {
+                        hashgrid::encode_level_backward_params<kF>(m, l, xp + 3 * n, gyp + n * L * F + l * F, acc);
+                    });
                 });
             }
             if (need_x_grad && N > 0) {
                 S* gxp = gx.data_ptr<S>();
-                at::parallel_for(0, N, kPointGrain, [&](int64_t b, int64_t e) {
-                    for (int64_t n = b; n < e; ++n)
-                        for (int l = 0; l < L; ++l)
-                            hashgrid::encode_level_backward_x(m, l, xp + 3 * n, gyp + n * L * F + l * F, pp, gxp + 3 * n);
+                FD_DISPATCH_N_FEATURES(F, [&] {
+                    at::parallel_for(0, N, kPointGrain, [&](int64_t b, int64_t e) {
+                        for (int64_t n = b; n < e; ++n)
+                            for (int l = 0; l < L; ++l)
+                                hashgrid::encode_level_backward_x<kF>(m, l, xp + 3 * n, gyp + n * L * F + l * F, pp,
+                                                                      gxp + 3 * n);
+                    });
                 });
             }
-        });
+        }
     });
     if (need_params_grad) gparams = finish_params_grad(gparams, params);
     return {gparams, gx};
@@ -122,10 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_encode_bwd_bwd_cpu(
     at::Tensor ggy = at::empty({N, L * F}, x.options());
     at::Tensor gparams = need_params_grad ? at::zeros({params.numel()}, x.options()) : at::empty({0}, params.options());
     at::Tensor gx = need_x_grad ? at::zeros({N, 3}, x.options()) : at::empty({0}, x.options());
-    AT_DISPATCH_FLOATING_TYPES_AND_HALF(params.scalar_type(), "hash_encode_bwd_bwd_cpu", [&] {
-        using P = scalar_t;
-        AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_bwd_bwd_cpu_x", [&] {
-            using S = scalar_t;
+    FD_DISPATCH_HASH_TYPES(x, params, at::Half, [&] {
+        {
             const S* xp = x.data_ptr<S>();
             const S* gyp = gy.data_ptr<S>();
             const S* ggxp = ggx.data_ptr<S>();
@@ -137,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_encode_bwd_bwd_cpu(
                 for (int64_t n = b; n < e; ++n) {
                     S* gx2 = need_x_grad ? gx.data_ptr<S>() + 3 * n : scratch;
                     for (int l = 0; l < L; ++l)
-                        hashgrid::encode_level_backward_backward<S, P, PlainAcc<S>>(
+                        hashgrid::encode_level_backward_backward<0, S, P, PlainAcc<S>>(
                             m, l, xp + 3 * n, gyp + n * L * F + l * F, ggxp + 3 * n, pp, ggyp + n * L * F + l * F, gx2,
                             nullptr);
                 }
@@ -147,11 +149,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_encode_bwd_bwd_cpu(
                 PlainAcc<S> acc{gparams.data_ptr<S>()};
                 for_levels_points<S>(m, N, [&](int l, int64_t n) {
                     S tmp_ggy[8], tmp_gx[3] = {S(0), S(0), S(0)};
-                    hashgrid::encode_level_backward_backward<S, P, PlainAcc<S>>(
+                    hashgrid::encode_level_backward_backward<0, S, P, PlainAcc<S>>(
                         m, l, xp + 3 * n, gyp + n * L * F + l * F, ggxp + 3 * n, pp, tmp_ggy, tmp_gx, &acc);
                 });
             }
-        });
+        }
     });
     if (need_params_grad) gparams = finish_params_grad(gparams, params);
     return {ggy, gparams, gx};
@@ -233,14 +235,6 @@ std::tuple<at::Tensor, at::Tensor> occupancy_update_cpu(const at::Tensor& densit
 }
 
 // ------------------------------------------------------------------ volume rendering
-void check_packed(const at::Tensor& t_starts, const at::Tensor& t_ends, const at::Tensor& sigmas,
-                  const at::Tensor& ray_offsets) {
-    TORCH_CHECK(t_starts.dim() == 1 && t_ends.sizes() == t_starts.sizes() && sigmas.sizes() == t_starts.sizes(),
-                "t_starts, t_ends and sigmas must be 1-D of the same length");
-    TORCH_CHECK(ray_offsets.dim() == 1 && ray_offsets.numel() >= 1 && ray_offsets.scalar_type() == at::kLong,
-                "ray_offsets must be a 1-D int64 tensor of n_rays + 1 offsets");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> render_weights_fwd_cpu(const at::Tensor& t_starts_,
                                                                       const at::Tensor& t_ends_,
                                                                       const at::Tensor& sigmas_,
@@ -262,13 +256,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> render_weights_fwd_cpu(const at::
         });
     });
     return {w, T, a};
-}
-
-template <typename S>
-const S* opt_ptr(const c10::optional<at::Tensor>& t, at::Tensor& keep, at::ScalarType dtype) {
-    if (!t.has_value() || !t->defined()) return nullptr;
-    keep = t->to(dtype).contiguous();
-    return keep.data_ptr<S>();
 }
 
 at::Tensor render_weights_bwd_cpu(const c10::optional<at::Tensor>& gw_, const c10::optional<at::Tensor>& gt_,
@@ -298,47 +285,6 @@ at::Tensor render_weights_bwd_cpu(const c10::optional<at::Tensor>& gw_, const c1
         });
     });
     return grad_s;
-}
-
-struct CompositeArgs {
-    at::Tensor t_starts, t_ends, off, sigmas, albedo, normals, origins, directions, lights, intensity, ambient;
-};
-
-CompositeArgs prepare_composite(const at::Tensor& t_starts, const at::Tensor& t_ends, const at::Tensor& ray_offsets,
-                                const at::Tensor& sigmas, const at::Tensor& albedo,
-                                const c10::optional<at::Tensor>& normals, const at::Tensor& origins,
-                                const at::Tensor& directions, const at::Tensor& light_positions,
-                                const at::Tensor& light_intensity, const at::Tensor& ambient, int64_t mode) {
-    check_packed(t_starts, t_ends, sigmas, ray_offsets);
-    TORCH_CHECK(mode >= 0 && mode <= 2, "composite: mode must be 0 (albedo), 1 (lambertian) or 2 (textureless)");
-    const int64_t N = sigmas.numel(), R = ray_offsets.numel() - 1;
-    TORCH_CHECK(albedo.dim() == 2 && albedo.size(0) == N && albedo.size(1) == 3, "composite: albedo must be (N, 3)");
-    bool has_n = normals.has_value() && normals->defined();
-    TORCH_CHECK(has_n || mode == 0, "composite: normals are required for lambertian/textureless shading");
-    if (has_n) TORCH_CHECK(normals->sizes() == albedo.sizes(), "composite: normals must be (N, 3)");
-    for (const at::Tensor* t : {&origins, &directions, &light_positions})
-        TORCH_CHECK(t->dim() == 2 && t->size(0) == R && t->size(1) == 3, "composite: per-ray vectors must be (R, 3)");
-    TORCH_CHECK(light_intensity.numel() == R && ambient.numel() == R, "composite: intensity/ambient must be (R,)");
-    const auto dt = sigmas.scalar_type();
-    CompositeArgs a;
-    a.t_starts = t_starts.to(dt).contiguous();
-    a.t_ends = t_ends.to(dt).contiguous();
-    a.off = ray_offsets.contiguous();
-    a.sigmas = sigmas.contiguous();
-    a.albedo = albedo.to(dt).contiguous();
-    if (has_n) a.normals = normals->to(dt).contiguous();
-    a.origins = origins.to(dt).contiguous();
-    a.directions = directions.to(dt).contiguous();
-    a.lights = light_positions.to(dt).contiguous();
-    a.intensity = light_intensity.to(dt).reshape({R}).contiguous();
-    a.ambient = ambient.to(dt).reshape({R}).contiguous();
-    return a;
-}
-
-template <typename S>
-render::ShadeInputs<S> shade_inputs(const CompositeArgs& a, int64_t r) {
-    return {a.origins.data_ptr<S>() + 3 * r, a.directions.data_ptr<S>() + 3 * r, a.lights.data_ptr<S>() + 3 * r,
-            a.intensity.data_ptr<S>()[r], a.ambient.data_ptr<S>()[r]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_fwd_cpu(

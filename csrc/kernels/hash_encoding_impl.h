@@ -104,9 +104,9 @@ FD_HOST_DEVICE FD_INLINE uint32_t corner_index(const GridMeta& m, int level, con
 }
 
 // Forward for one (point, level): out[f] = sum_c w_c * table[idx_c, f].
-template <typename S, typename P>
+template <int NF = 0, typename S, typename P>
 FD_HOST_DEVICE FD_INLINE void encode_level(const GridMeta& m, int level, const S* x, const P* params, S* out) {
-    const int F = m.n_features;
+    const int F = NF > 0 ? NF : m.n_features;
     for (int f = 0; f < F; ++f) out[f] = S(0);
     LevelPos<S> p = level_pos(x, m.scale[level]);
     const P* table = params + m.offset[level] * F;
@@ -120,10 +120,10 @@ FD_UNROLL
 
 // Params gradient for one (point, level): grad_table[idx_c, f] += w_c * gy[f]. `acc(index, value)`
 // adds into the gradient buffer (plain add on CPU with a race-free partition, atomics on CUDA).
-template <typename S, typename Acc>
+template <int NF = 0, typename S, typename Acc>
 FD_HOST_DEVICE FD_INLINE void encode_level_backward_params(const GridMeta& m, int level, const S* x, const S* gy,
                                                           Acc& acc) {
-    const int F = m.n_features;
+    const int F = NF > 0 ? NF : m.n_features;
     LevelPos<S> p = level_pos(x, m.scale[level]);
     const int64_t base = m.offset[level] * F;
 FD_UNROLL
@@ -135,10 +135,10 @@ FD_UNROLL
 }
 
 // Input gradient contribution of one level: gx[d] += scale * sum_c dw_c/dfrac_d * <gy, table[idx_c]>.
-template <typename S, typename P>
+template <int NF = 0, typename S, typename P>
 FD_HOST_DEVICE FD_INLINE void encode_level_backward_x(const GridMeta& m, int level, const S* x, const S* gy,
                                                      const P* params, S* gx) {
-    const int F = m.n_features;
+    const int F = NF > 0 ? NF : m.n_features;
     LevelPos<S> p = level_pos(x, m.scale[level]);
     const P* table = params + m.offset[level] * F;
     S g[3] = {S(0), S(0), S(0)};
@@ -164,11 +164,11 @@ FD_UNROLL
 //   ggy[f]            = scale * sum_c (ggx . dw_c) * table[idx_c, f]           (written, per level)
 //   grad_table[idx_c] += scale * (ggx . dw_c) * gy                              (via acc, if given)
 //   gx2[e]           += scale^2 * sum_c sum_{d!=e} ggx_d * d2w_c/(dd de) * <gy, table[idx_c]>
-template <typename S, typename P, typename Acc>
+template <int NF = 0, typename S, typename P, typename Acc>
 FD_HOST_DEVICE FD_INLINE void encode_level_backward_backward(const GridMeta& m, int level, const S* x, const S* gy,
                                                             const S* ggx, const P* params, S* ggy, S* gx2,
                                                             Acc* acc) {
-    const int F = m.n_features;
+    const int F = NF > 0 ? NF : m.n_features;
     LevelPos<S> p = level_pos(x, m.scale[level]);
     const P* table = params + m.offset[level] * F;
     const S scale = static_cast<S>(m.scale[level]);
@@ -199,6 +199,18 @@ FD_UNROLL
     gx2[1] += s2 * g2[1];
     gx2[2] += s2 * g2[2];
 }
+
+// Calls body with a compile-time constant kF equal to n_features (1, 2, 4 or 8) so the per-feature
+// loops unroll and the feature buffers stay in registers on the GPU.
+#define FD_DISPATCH_N_FEATURES(n_features, ...)                      \
+    [&] {                                                            \
+        switch (n_features) {                                        \
+            case 1: { constexpr int kF = 1; return __VA_ARGS__(); }  \
+            case 2: { constexpr int kF = 2; return __VA_ARGS__(); }  \
+            case 4: { constexpr int kF = 4; return __VA_ARGS__(); }  \
+            default: { constexpr int kF = 8; return __VA_ARGS__(); } \
+        }                                                            \
+    }()
 
 }  // namespace hashgrid
 }  // namespace fastdream

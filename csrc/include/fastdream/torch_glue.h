@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/ArrayRef.h>
 
+#include "../../kernels/compositing_impl.h"
 #include "../../kernels/hash_encoding_impl.h"
 
 namespace fastdream {
@@ -18,7 +19,8 @@ inline hashgrid::GridMeta make_grid_meta(c10::ArrayRef<double> scales, c10::IntA
     TORCH_CHECK(static_cast<int64_t>(resolutions.size()) == L && static_cast<int64_t>(hashed.size()) == L &&
                     static_cast<int64_t>(offsets.size()) == L + 1,
                 "hash_encode: scales/resolutions/hashed need n_levels entries and offsets n_levels + 1");
-    TORCH_CHECK(n_features >= 1 && n_features <= 8, "hash_encode: n_features must be in [1, 8]");
+    TORCH_CHECK(n_features == 1 || n_features == 2 || n_features == 4 || n_features == 8,
+                "hash_encode: n_features must be 1, 2, 4 or 8");
     hashgrid::GridMeta m{};
     m.n_levels = static_cast<int>(L);
     m.n_features = static_cast<int>(n_features);
@@ -54,7 +56,83 @@ inline void check_hash_inputs(const at::Tensor& x, const at::Tensor& params, c10
     TORCH_CHECK(x.device() == params.device(), "hash_encode: x and params must be on the same device");
 }
 
+// The three (x, params) dtype combinations the hash-grid kernels accept (checked by check_hash_inputs):
+// S = compute/x dtype, P = params dtype (HalfT: at::Half on CPU, __half on CUDA).
+#define FD_DISPATCH_HASH_TYPES(x, params, HalfT, ...)                      \
+    [&] {                                                                 \
+        if ((x).scalar_type() == at::kDouble) {                           \
+            using S = double;                                             \
+            using P = double;                                             \
+            return __VA_ARGS__();                                         \
+        } else if ((params).scalar_type() == at::kHalf) {                 \
+            using S = float;                                              \
+            using P = HalfT;                                              \
+            return __VA_ARGS__();                                         \
+        } else {                                                          \
+            using S = float;                                              \
+            using P = float;                                              \
+            return __VA_ARGS__();                                         \
+        }                                                                 \
+    }()
+
 // Parameter-gradient accumulation buffer dtype: the compute dtype (float for float/half params).
 inline at::ScalarType grad_accum_dtype(const at::Tensor& x) { return x.scalar_type(); }
+
+// ---------------------------------------------------------------- volume rendering argument prep
+inline void check_packed(const at::Tensor& t_starts, const at::Tensor& t_ends, const at::Tensor& sigmas,
+                  const at::Tensor& ray_offsets) {
+    TORCH_CHECK(t_starts.dim() == 1 && t_ends.sizes() == t_starts.sizes() && sigmas.sizes() == t_starts.sizes(),
+                "t_starts, t_ends and sigmas must be 1-D of the same length");
+    TORCH_CHECK(ray_offsets.dim() == 1 && ray_offsets.numel() >= 1 && ray_offsets.scalar_type() == at::kLong,
+                "ray_offsets must be a 1-D int64 tensor of n_rays + 1 offsets");
+}
+
+template <typename S>
+inline const S* opt_ptr(const c10::optional<at::Tensor>& t, at::Tensor& keep, at::ScalarType dtype) {
+    if (!t.has_value() || !t->defined()) return nullptr;
+    keep = t->to(dtype).contiguous();
+    return keep.data_ptr<S>();
+}
+
+struct CompositeArgs {
+    at::Tensor t_starts, t_ends, off, sigmas, albedo, normals, origins, directions, lights, intensity, ambient;
+};
+
+inline CompositeArgs prepare_composite(const at::Tensor& t_starts, const at::Tensor& t_ends, const at::Tensor& ray_offsets,
+                                const at::Tensor& sigmas, const at::Tensor& albedo,
+                                const c10::optional<at::Tensor>& normals, const at::Tensor& origins,
+                                const at::Tensor& directions, const at::Tensor& light_positions,
+                                const at::Tensor& light_intensity, const at::Tensor& ambient, int64_t mode) {
+    check_packed(t_starts, t_ends, sigmas, ray_offsets);
+    TORCH_CHECK(mode >= 0 && mode <= 2, "composite: mode must be 0 (albedo), 1 (lambertian) or 2 (textureless)");
+    const int64_t N = sigmas.numel(), R = ray_offsets.numel() - 1;
+    TORCH_CHECK(albedo.dim() == 2 && albedo.size(0) == N && albedo.size(1) == 3, "composite: albedo must be (N, 3)");
+    bool has_n = normals.has_value() && normals->defined();
+    TORCH_CHECK(has_n || mode == 0, "composite: normals are required for lambertian/textureless shading");
+    if (has_n) TORCH_CHECK(normals->sizes() == albedo.sizes(), "composite: normals must be (N, 3)");
+    for (const at::Tensor* t : {&origins, &directions, &light_positions})
+        TORCH_CHECK(t->dim() == 2 && t->size(0) == R && t->size(1) == 3, "composite: per-ray vectors must be (R, 3)");
+    TORCH_CHECK(light_intensity.numel() == R && ambient.numel() == R, "composite: intensity/ambient must be (R,)");
+    const auto dt = sigmas.scalar_type();
+    CompositeArgs a;
+    a.t_starts = t_starts.to(dt).contiguous();
+    a.t_ends = t_ends.to(dt).contiguous();
+    a.off = ray_offsets.contiguous();
+    a.sigmas = sigmas.contiguous();
+    a.albedo = albedo.to(dt).contiguous();
+    if (has_n) a.normals = normals->to(dt).contiguous();
+    a.origins = origins.to(dt).contiguous();
+    a.directions = directions.to(dt).contiguous();
+    a.lights = light_positions.to(dt).contiguous();
+    a.intensity = light_intensity.to(dt).reshape({R}).contiguous();
+    a.ambient = ambient.to(dt).reshape({R}).contiguous();
+    return a;
+}
+
+template <typename S>
+inline render::ShadeInputs<S> shade_inputs(const CompositeArgs& a, int64_t r) {
+    return {a.origins.data_ptr<S>() + 3 * r, a.directions.data_ptr<S>() + 3 * r, a.lights.data_ptr<S>() + 3 * r,
+            a.intensity.data_ptr<S>()[r], a.ambient.data_ptr<S>()[r]};
+}
 
 }  // namespace fastdream

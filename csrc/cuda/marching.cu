@@ -1,0 +1,123 @@
+// CUDA launchers of occupancy-grid marching (count pass, exclusive scan, fill pass; one thread per
+// ray) and of the occupancy-grid update (one thread per cell).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "fastdream/cuda_glue.cuh"
+#include "fastdream/torch_glue.h"
+#include "../kernels/marching_impl.h"
+
+namespace fastdream {
+namespace {
+
+struct GridRes {
+    int64_t r[3];
+};
+
+template <typename S>
+__global__ void march_count_kernel(int64_t R, const S* __restrict__ o, const S* __restrict__ d,
+                                   const S* __restrict__ box, const uint8_t* __restrict__ grid, const GridRes res,
+                                   const march::MarchParams p, int64_t* __restrict__ counts) {
+    const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (r >= R) return;
+    S b[9];
+#pragma unroll
+    for (int i = 0; i < 9; ++i) b[i] = box[i];
+    march::CountOnly emit;
+    counts[r] = march::march_ray(o + 3 * r, d + 3 * r, b, grid, res.r, p, emit);
+}
+
+template <typename S>
+__global__ void march_fill_kernel(int64_t R, const S* __restrict__ o, const S* __restrict__ d,
+                                  const S* __restrict__ box, const uint8_t* __restrict__ grid, const GridRes res,
+                                  const march::MarchParams p, const int64_t* __restrict__ counts,
+                                  const int64_t* __restrict__ ends, int64_t* ray_indices, S* t_starts, S* t_ends) {
+    const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (r >= R || counts[r] == 0) return;
+    S b[9];
+#pragma unroll
+    for (int i = 0; i < 9; ++i) b[i] = box[i];
+    march::WritePacked<S> emit{r, ends[r] - counts[r], ray_indices, t_starts, t_ends};
+    march::march_ray(o + 3 * r, d + 3 * r, b, grid, res.r, p, emit);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays_cuda(const at::Tensor& origins_, const at::Tensor& directions_,
+                                                               const at::Tensor& box_, const at::Tensor& binary_,
+                                                               double near, double far, double step_size,
+                                                               double cone_angle, double max_step_size) {
+    TORCH_CHECK(origins_.dim() == 2 && origins_.size(1) == 3, "march_rays: origins must be (N, 3)");
+    TORCH_CHECK(directions_.sizes() == origins_.sizes(), "march_rays: directions must match origins");
+    TORCH_CHECK(binary_.dim() == 3 && binary_.scalar_type() == at::kBool, "march_rays: binary must be a 3-D bool grid");
+    TORCH_CHECK(box_.numel() == 9, "march_rays: box must hold lo, hi, size (9 values)");
+    c10::cuda::CUDAGuard guard(origins_.device());
+    auto origins = origins_.contiguous();
+    auto directions = directions_.to(origins.scalar_type()).contiguous();
+    auto box = box_.to(origins.device(), origins.scalar_type()).contiguous();
+    auto binary = binary_.to(origins.device()).contiguous();
+    const int64_t R = origins.size(0);
+    const GridRes res{{binary.size(0), binary.size(1), binary.size(2)}};
+    const march::MarchParams p{near, far, step_size, cone_angle, max_step_size};
+    const uint8_t* grid = reinterpret_cast<const uint8_t*>(binary.data_ptr<bool>());
+    auto counts = at::empty({R}, origins.options().dtype(at::kLong));
+    at::Tensor ray_indices, t_starts, t_ends;
+    AT_DISPATCH_FLOATING_TYPES(origins.scalar_type(), "march_rays_cuda", [&] {
+        using S = scalar_t;
+        if (R > 0) {
+            march_count_kernel<S><<<cuda::blocks_for(R), cuda::kThreads, 0, cuda::stream()>>>(
+                R, origins.data_ptr<S>(), directions.data_ptr<S>(), box.data_ptr<S>(), grid, res, p,
+                counts.data_ptr<int64_t>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        at::Tensor ends = at::cumsum(counts, 0);
+        const int64_t total = R > 0 ? ends[R - 1].item<int64_t>() : 0;  // one sync, to size the outputs
+        ray_indices = at::empty({total}, counts.options());
+        t_starts = at::empty({total}, origins.options());
+        t_ends = at::empty({total}, origins.options());
+        if (total > 0) {
+            march_fill_kernel<S><<<cuda::blocks_for(R), cuda::kThreads, 0, cuda::stream()>>>(
+                R, origins.data_ptr<S>(), directions.data_ptr<S>(), box.data_ptr<S>(), grid, res, p,
+                counts.data_ptr<int64_t>(), ends.data_ptr<int64_t>(), ray_indices.data_ptr<int64_t>(),
+                t_starts.data_ptr<S>(), t_ends.data_ptr<S>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+    });
+    return {ray_indices, t_starts, t_ends};
+}
+
+template <typename S>
+__global__ void occupancy_update_kernel(int64_t n, const S* __restrict__ density, const S* __restrict__ fresh, S decay,
+                                        S threshold, S* __restrict__ out, bool* __restrict__ binary) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    S v = march::ema_max(density[i], decay, fresh[i]);
+    out[i] = v;
+    binary[i] = v > threshold;
+}
+
+std::tuple<at::Tensor, at::Tensor> occupancy_update_cuda(const at::Tensor& density_, const at::Tensor& fresh_,
+                                                         double decay, double threshold) {
+    TORCH_CHECK(density_.sizes() == fresh_.sizes(), "occupancy_update: density and new_density must match");
+    c10::cuda::CUDAGuard guard(density_.device());
+    auto density = density_.contiguous();
+    auto fresh = fresh_.to(density.scalar_type()).contiguous();
+    auto out = at::empty_like(density);
+    auto binary = at::empty(density.sizes(), density.options().dtype(at::kBool));
+    const int64_t n = density.numel();
+    if (n == 0) return {out, binary};
+    AT_DISPATCH_FLOATING_TYPES(density.scalar_type(), "occupancy_update_cuda", [&] {
+        using S = scalar_t;
+        occupancy_update_kernel<S><<<cuda::blocks_for(n, 256), 256, 0, cuda::stream()>>>(
+            n, density.data_ptr<S>(), fresh.data_ptr<S>(), static_cast<S>(decay), static_cast<S>(threshold),
+            out.data_ptr<S>(), binary.data_ptr<bool>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return {out, binary};
+}
+
+}  // namespace
+}  // namespace fastdream
+
+TORCH_LIBRARY_IMPL(fastdream, CUDA, m) {
+    m.impl("march_rays", &fastdream::march_rays_cuda);
+    m.impl("occupancy_update", &fastdream::occupancy_update_cuda);
+}
