@@ -569,3 +569,13 @@ def test_cuda_render_weights_and_composite_match_reference(mode):
     w1 = nat.render_weights(sc["t_starts"], sc["t_ends"], sc["sigmas"], sc["ray_indices"], sc["n_rays"])
     for a, b in zip(w0, w1):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_info_reports_backend_and_accelerators():
+    from fastdream.diagnostics import collect_info, format_info
+
+    data = collect_info()
+    assert set(data["optional"]) == {"xformers", "tinycudann", "nerfacc", "open_clip", "ray"}
+    assert "native extension" in format_info(data) and data["torch"] == torch.__version__
+    if data["native"]["built"]:
+        assert "cpu" in data["native"]["devices"]
