@@ -1,0 +1,99 @@
+"""The benchmark suite runs (--quick, CPU), its JSON validates against benchmarks/schema.json, and the
+report renders a table (and a plot when matplotlib is present) from sample JSON."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import common, report, run_all
+
+jsonschema = pytest.importorskip("jsonschema")
+
+
+def _sample(benchmark="ops", device="cpu"):
+    class Args:
+        quick = True
+
+    Args.device = device
+    results = []
+    for backend, scale in (("native", 1.0), ("torch", 6.0)):
+        for size in (2**14, 2**16, 2**18):
+            timing = common.summarize([scale * size / 1e4, scale * size / 1e4 * 1.1, scale * size / 1e4 * 0.9])
+            results.append(common.result_entry("hash_fwd_bwd", backend, size, "points", timing, work=size, work_unit="points"))
+    results.append(common.result_entry("hash_fwd_bwd", "tinycudann", 2**14, "points", skipped="tinycudann not installed"))
+    ratios = [common.ratio("hash fwd+bwd 2^18: native vs reference", results, "hash_fwd_bwd", "native", "torch", size=2**18)]
+    targets = [common.target("cpu_hash", "CPU: native >= 5x reference on hash fwd+bwd", ratios[0]["value"], 5.0),
+               common.target("gpu_hash_tcnn", "GPU: hash >= tcnn", None, 1.0, applies=False)]
+    return common.make_result(benchmark, Args, {"sizes": [2**14, 2**16, 2**18]}, results, ratios, targets, notes=["sample"])
+
+
+def test_timing_helper_and_sample_validate():
+    t = common.time_fn(lambda: sum(range(1000)), "cpu", warmup=1, repeats=5)
+    assert t["spread"]["repeats"] == 5 and t["spread"]["min_ms"] <= t["median_ms"] <= t["spread"]["max_ms"]
+    assert t["memory_kind"] in ("cpu_rss_peak", "ru_maxrss")
+    data = _sample()
+    assert common.validate(data) == []
+    assert data["ratios"][0]["value"] == pytest.approx(6.0)
+    assert data["targets"][0]["met"] is True and data["targets"][1]["met"] is None
+    env = data["env"]
+    assert env["torch"] and env["cpu_count"] >= 1 and "active" in env["backend"]
+
+
+def test_schema_rejects_broken_results():
+    data = _sample()
+    bad = copy.deepcopy(data)
+    del bad["env"]
+    assert common.validate(bad)
+    bad = copy.deepcopy(data)
+    bad["results"][0]["median_ms"] = None  # a missing time needs a reason
+    bad["results"][0]["skipped"] = None
+    assert common.validate(bad)
+    bad = copy.deepcopy(data)
+    bad["targets"][0]["met"] = "yes"
+    assert common.validate(bad)
+
+
+def test_report_renders_table_and_plot(tmp_path):
+    common.write_json(_sample("ops"), tmp_path / "ops_cpu.json")
+    (tmp_path / "notes.json").write_text("[1, 2]")  # not a result file: ignored
+    assert report.main([str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "## Headline" in text and "hash fwd+bwd 2^18: native vs reference" in text
+    assert "6.00x" in text and "| met |" in text and "n/a" in text
+    assert "tinycudann not installed" in text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in text
+    else:
+        pngs = list(tmp_path.glob("*.png"))
+        assert pngs and pngs[0].stat().st_size > 1000
+        assert f"![{pngs[0].stem}]({pngs[0].name})" in text
+
+
+def test_suite_quick_cpu(tmp_path):
+    """python -m benchmarks --quick --device cpu on the cheapest scripts; every file validates."""
+    argv = ["--device", "cpu", "--quick", "--out", str(tmp_path), "--only", "render,e2e", "--repeats", "1",
+            "--warmup", "0"]
+    rc = run_all.main(argv)
+    files = sorted(tmp_path.glob("*_cpu.json"))
+    assert {f.name for f in files} == {"render_cpu.json", "e2e_cpu.json"}
+    for f in files:
+        data = json.loads(f.read_text())
+        assert common.validate(data) == [], f.name
+        assert not data.get("error"), data.get("error")
+        assert any(r["median_ms"] is not None for r in data["results"]), f.name
+    render = json.loads((tmp_path / "render_cpu.json").read_text())
+    measured = [r for r in render["results"] if r["median_ms"] is not None]
+    assert all(r["extra"]["samples_per_ray"] > 1 for r in measured)  # a dense field, not an empty box
+    assert (tmp_path / "README.md").is_file()
+    assert rc == 0
+
+
+def test_script_missing_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_all, "SCRIPTS", run_all.SCRIPTS + ("nonexistent",))
+    args = run_all.build_parser().parse_args(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+    assert run_all.run_one("nonexistent", args) is None
