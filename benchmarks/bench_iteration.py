@@ -72,7 +72,7 @@ def run(args) -> Dict:
     status = common.available_backends(device)
     backends = _csv(args.backends, ["native", "torch"] if (cuda or quick) else ["native"])
     res = args.resolution or (16 if quick else 64)
-    repeats = common.repeats_for(args, full=20 if cuda else 3, quick=2)
+    repeats = common.repeats_for(args, full=20 if cuda else 2, quick=2)
     warmup = common.warmup_for(args, full=3 if cuda else 1, quick=1)
 
     renderer, field_info = bench_render.synthetic_renderer(device, seed=args.seed,

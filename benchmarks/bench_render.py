@@ -219,7 +219,7 @@ def run(args) -> Dict:
                     out = render_step(renderer, cameras, args.shading)
                     n_samples = int(out.n_samples)
                     # bigger images on the slow reference: keep the suite bounded
-                    reps = repeats
+                    reps = repeats if (dev == "cuda" or backend != "torch" or args.repeats) else max(1, repeats - 1)
                     timing = common.time_fn(lambda: render_step(renderer, cameras, args.shading), device=device,
                                             warmup=max(0, warmup - 1), repeats=reps, setup=zero)
                 except Exception as exc:
