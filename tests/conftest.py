@@ -6,8 +6,20 @@ import math
 from pathlib import Path
 from typing import Optional
 
+import os
+
 import numpy as np
 import pytest
+
+
+def pytest_configure(config):
+    # Under pytest-xdist each worker gets its share of the cores: torch's default of one thread per
+    # core in every worker oversubscribes a small machine and slows everything down several-fold.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def write_nerf_dataset(folder, n_frames: int = 4, width: int = 8, height: int = 6, intrinsics: str = "angle",
