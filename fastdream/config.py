@@ -1,0 +1,391 @@
+"""The training configuration of `fastdream run`: one typed dataclass tree holding every knob.
+
+Defaults follow DreamFusion (64x64 renders, batch 1, 10,000 steps, guidance scale 100, Adam with the
+hash table at a 10x higher learning rate than the MLPs, random camera/light sampling, orientation
+loss and an opacity regulariser, occupancy-grid updates every 16 steps).
+
+Sources, later ones winning: the defaults here < a YAML file (``--config FILE.yaml``, nested
+sections as mappings) < ``--set key=value`` overrides (dotted keys for nested sections, e.g.
+``--set field.log2_hashmap_size=16 --set camera.distance_range=1.5,2.0``) < the dedicated command
+line flags (``--steps``, ``--seed``, ``--model`` ...). Values are coerced to the declared field types
+(ints, floats such as ``1e-3``, booleans ``true/false/1/0/yes/no``, tuples written ``a,b`` or
+``[a, b]``, ``none`` for optional fields). Unknown keys are rejected with the closest valid names.
+The resolved configuration is written to ``DIR/config.yaml`` and stored in every checkpoint.
+
+Shading schedule (DreamFusion renders albedo-only early on, then random shading): for the first
+``shading.albedo_only_fraction`` of the steps every render is albedo; afterwards a mode is drawn per
+step with probabilities ``shading.albedo`` / ``shading.lambertian`` / ``shading.textureless``
+(defaults 0.2 / 0.4 / 0.4: geometry gets most of its signal from the shaded and textureless
+renders, albedo keeps the colours honest). The probabilities are normalised, so they need not sum to 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass
+from dataclasses import field as _field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .cameras import CameraSamplerConfig
+from .errors import FastDreamError
+from .field import FieldConfig
+from .renderer import RenderConfig
+
+GUIDANCE_KINDS = ("sd", "if", "reference")
+DEFAULT_MODELS = {"sd": "stabilityai/stable-diffusion-2-1-base", "if": "DeepFloyd/IF-I-XL-v1.0", "reference": ""}
+
+
+@dataclass
+class GridConfig:
+    resolution: int = 64            # occupancy cells per axis
+    update_every: int = 16          # steps between occupancy-grid updates
+    ema_decay: float = 0.95
+    threshold: float = 0.01         # opacity (density * step size) above which a cell is occupied
+    warmup_steps: int = 256         # until then every cell is re-evaluated at each update
+
+
+@dataclass
+class OptimConfig:
+    lr_hash: float = 1e-2           # the hash table (instant-ngp / stable-dreamfusion: 10x the MLP rate)
+    lr_mlp: float = 1e-3
+    lr_background: float = 1e-3
+    betas: Tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-15
+    grad_clip: float = 0.0          # > 0: clip the global gradient norm
+
+
+@dataclass
+class ShadingConfig:
+    albedo_only_fraction: float = 0.1  # first fraction of the steps renders albedo only
+    albedo: float = 0.2             # then: probability of each mode
+    lambertian: float = 0.4
+    textureless: float = 0.4
+
+
+@dataclass
+class RegularizerConfig:
+    orientation: float = 1e-2       # DreamFusion's orientation loss (needs normals; skipped on albedo steps)
+    opacity_entropy: float = 1e-3   # binary entropy of the per-ray opacity: pushes rays to empty or opaque
+    opacity_sparsity: float = 0.0   # DreamFusion's mean sqrt(opacity^2 + 0.01): penalises foreground area
+
+
+@dataclass
+class GuidanceConfig:
+    kind: str = "sd"                # sd | if | reference
+    model: str = ""                 # hub id or local diffusers folder ("" -> the kind's default model)
+    guidance_scale: float = 100.0
+    t_min: float = 0.02
+    t_max: float = 0.98
+    weighting: str = "sds"          # sds | uniform | sqrt_alpha_sigma
+    negative_prompt: str = ""
+    dtype: str = ""                 # "" -> float16 on CUDA, float32 on the CPU
+    reference_scene: str = ""       # kind=reference: .npz voxel scene or .obj/.ply/.glb mesh
+    reference_resolution: int = 64  # voxels per axis when the reference is a mesh
+    options: Dict[str, Any] = _field(default_factory=dict)  # further GuidanceOptions (e.g. latent_mode, attention)
+
+
+@dataclass
+class OutputConfig:
+    preview_every: int = 500        # 0 disables previews (one is still written at the end)
+    preview_views: int = 4
+    preview_resolution: int = 128
+    checkpoint_every: int = 1000    # 0: only at the end (and on Ctrl-C)
+    keep_checkpoints: int = 3       # older step_*.pt files are removed (0 keeps all)
+    log_every: int = 100            # --quiet / non-tty: a log line every N steps
+    mesh: bool = True
+    mesh_resolution: int = 256
+    mesh_threshold: float = 10.0    # density iso-level of the surface
+    mesh_min_component: float = 0.05  # drop connected pieces with fewer faces than this fraction of the largest
+    texture: bool = False           # also bake a UV texture with xatlas (when installed)
+    texture_resolution: int = 1024
+    video: bool = True
+    video_frames: int = 120
+    video_resolution: int = 256
+    video_fps: int = 30
+    video_elevation: float = 15.0
+    view_distance: float = 0.0      # preview/video camera distance in scene radii (0: 2.2, or the camera range's top)
+    view_fov: float = 45.0
+
+
+@dataclass
+class RunConfig:
+    prompt: str = ""
+    steps: int = 10000
+    batch_size: int = 1
+    width: int = 64
+    height: int = 64
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    aabb: Tuple[float, float, float, float, float, float] = (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0)
+    background: str = "mlp"         # mlp (learned, direction-dependent) | fixed
+    background_color: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    max_nonfinite_steps: int = 5    # stop after this many consecutive non-finite losses
+    field: FieldConfig = _field(default_factory=FieldConfig)
+    render: RenderConfig = _field(default_factory=RenderConfig)
+    camera: CameraSamplerConfig = _field(default_factory=CameraSamplerConfig)
+    grid: GridConfig = _field(default_factory=GridConfig)
+    optim: OptimConfig = _field(default_factory=OptimConfig)
+    shading: ShadingConfig = _field(default_factory=ShadingConfig)
+    reg: RegularizerConfig = _field(default_factory=RegularizerConfig)
+    guidance: GuidanceConfig = _field(default_factory=GuidanceConfig)
+    output: OutputConfig = _field(default_factory=OutputConfig)
+
+    def validate(self) -> "RunConfig":
+        def bad(msg: str):
+            raise FastDreamError(f"Invalid configuration: {msg}")
+
+        if self.steps < 0:
+            bad(f"steps must be >= 0, got {self.steps}.")
+        if self.batch_size < 1 or self.width < 8 or self.height < 8:
+            bad(f"batch_size must be >= 1 and width/height >= 8, got {self.batch_size}, {self.width}x{self.height}.")
+        if self.guidance.kind not in GUIDANCE_KINDS:
+            bad(f"guidance.kind={self.guidance.kind!r}; choose one of {', '.join(GUIDANCE_KINDS)}.")
+        if self.guidance.kind == "reference" and not self.guidance.reference_scene:
+            bad("reference guidance needs a scene: --reference-scene SCENE.npz (or a .obj/.ply/.glb mesh).")
+        if self.background not in ("mlp", "fixed"):
+            bad(f"background must be 'mlp' or 'fixed', got {self.background!r}.")
+        s = self.shading
+        if min(s.albedo, s.lambertian, s.textureless) < 0 or s.albedo + s.lambertian + s.textureless <= 0:
+            bad("shading probabilities must be >= 0 and not all zero.")
+        if not 0 <= s.albedo_only_fraction <= 1:
+            bad(f"shading.albedo_only_fraction must lie in [0, 1], got {s.albedo_only_fraction}.")
+        if self.grid.update_every < 1:
+            bad(f"grid.update_every must be >= 1, got {self.grid.update_every}.")
+        if self.output.mesh_resolution < 8:
+            bad(f"output.mesh_resolution must be >= 8, got {self.output.mesh_resolution}.")
+        if self.output.video_frames < 1 or self.output.video_resolution < 16:
+            bad("output.video_frames must be >= 1 and output.video_resolution >= 16.")
+        if self.max_nonfinite_steps < 1:
+            bad(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}.")
+        return self
+
+    @property
+    def model(self) -> str:
+        return self.guidance.model or DEFAULT_MODELS[self.guidance.kind]
+
+
+# ---------------------------------------------------------------------------------------------- coercion
+
+_TRUE, _FALSE = ("true", "yes", "on", "1", "y"), ("false", "no", "off", "0", "n")
+
+
+def _hints(cls) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _all_keys(cls, prefix: str = "") -> List[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = _hints(cls)[f.name]
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(hint):
+            keys += _all_keys(hint, prefix + f.name + ".")
+    return keys
+
+
+def _unknown(key: str, valid: Sequence[str]) -> FastDreamError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    if not close:  # try the last component alone (e.g. "lr_hash" for "optim.lr_hash")
+        last = key.rsplit(".", 1)[-1]
+        close = [k for k in valid if k.rsplit(".", 1)[-1] in difflib.get_close_matches(last, [v.rsplit(".", 1)[-1] for v in valid], n=3, cutoff=0.6)][:3]
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return FastDreamError(f"Unknown configuration key {key!r}.{hint} See `fastdream run --help` or the config.yaml "
+                          "written to an output folder for every valid key.")
+
+
+def _parse_scalar_text(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert value (from YAML or a --set string) to the type hint of field `key`."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+
+    def fail(expected: str):
+        raise FastDreamError(f"Configuration key {key!r} expects {expected}, got {value!r}.")
+
+    if origin is typing.Union:  # Optional[X]
+        inner = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~", "")):
+            return None
+        return coerce(value, inner[0], key)
+    if hint is Any:
+        return _parse_scalar_text(value) if isinstance(value, str) else value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        fail("a boolean (true/false)")
+    if hint is int:
+        if isinstance(value, bool):
+            fail("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.strip())
+            except ValueError:
+                fail("an integer")
+            if f.is_integer():
+                return int(f)
+        fail("an integer")
+    if hint is float:
+        if isinstance(value, bool):
+            fail("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        fail("a number")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        fail("a string")
+    if origin in (tuple, list):
+        items = value
+        if isinstance(value, str):
+            text = value.strip()
+            parsed = _parse_scalar_text(text) if text.startswith("[") else [p for p in text.strip("()").split(",") if p.strip()]
+            items = parsed
+        if not isinstance(items, (list, tuple)):
+            fail("a list like a,b")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(items) != len(args):
+                fail(f"{len(args)} values")
+            return tuple(coerce(v, a, key) for v, a in zip(items, args))
+        elem = args[0] if args else Any
+        out = [coerce(v, elem, key) for v in items]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or hint is dict:
+        if isinstance(value, str):
+            value = _parse_scalar_text(value)
+        if not isinstance(value, dict):
+            fail("a mapping")
+        return dict(value)
+    return value
+
+
+def _apply_mapping(obj, mapping: Dict[str, Any], prefix: str, root_cls) -> None:
+    hints = _hints(type(obj))
+    for name, value in mapping.items():
+        key = prefix + str(name)
+        if name not in hints:
+            raise _unknown(key, _all_keys(root_cls))
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise FastDreamError(f"Configuration section {key!r} must be a mapping of keys, got {value!r}.")
+            _apply_mapping(getattr(obj, name), value, key + ".", root_cls)
+        else:
+            setattr(obj, name, coerce(value, hint, key))
+
+
+def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """Apply ``key=value`` strings (dotted keys) in order."""
+    for item in overrides or ():
+        if "=" not in item:
+            raise FastDreamError(f"--set expects key=value (e.g. --set optim.lr_hash=0.02), got {item!r}.")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        obj = config
+        for i, part in enumerate(parts):
+            hints = _hints(type(obj))
+            if part not in hints:
+                # a free-form dict (guidance.options.NAME=value)
+                if isinstance(obj, dict):
+                    obj[part] = _parse_scalar_text(text) if i == len(parts) - 1 else obj.setdefault(part, {})
+                    break
+                raise _unknown(key, _all_keys(RunConfig))
+            hint = hints[part]
+            if i == len(parts) - 1:
+                if dataclasses.is_dataclass(hint):
+                    raise FastDreamError(f"{key!r} is a section; set one of its keys, e.g. {key}.{dataclasses.fields(hint)[0].name}=...")
+                setattr(obj, part, coerce(text, hint, key))
+            else:
+                nxt = getattr(obj, part)
+                if isinstance(nxt, dict) and i == len(parts) - 2:
+                    nxt[parts[-1]] = _parse_scalar_text(text)
+                    break
+                if not dataclasses.is_dataclass(nxt):
+                    raise FastDreamError(f"Configuration key {'.'.join(parts[:i + 1])!r} is not a section, so {key!r} is not valid.")
+                obj = nxt
+    return config
+
+
+def config_from_dict(data: Optional[Dict[str, Any]], base: Optional[RunConfig] = None) -> RunConfig:
+    config = base if base is not None else RunConfig()
+    if data:
+        if not isinstance(data, dict):
+            raise FastDreamError(f"A configuration must be a mapping of keys, got {type(data).__name__}.")
+        _apply_mapping(config, data, "", RunConfig)
+    return config
+
+
+def load_config_file(path, base: Optional[RunConfig] = None) -> RunConfig:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FastDreamError(f"Config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise FastDreamError(f"Config file {path} is not valid YAML: {exc}") from None
+    try:
+        return config_from_dict(data or {}, base)
+    except FastDreamError as exc:
+        raise FastDreamError(f"In {path}: {exc}") from None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def config_to_dict(config: RunConfig) -> Dict[str, Any]:
+    return _plain(dataclasses.asdict(config))
+
+
+def dump_config(config: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=None)
+
+
+def save_config(config: RunConfig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dump_config(config))
+    tmp.replace(path)
+    return path
+
+
+def build_config(config_file=None, overrides: Sequence[str] = (), base: Optional[RunConfig] = None) -> RunConfig:
+    """defaults (or base) < YAML file < --set overrides."""
+    config = base if base is not None else RunConfig()
+    if config_file:
+        config = load_config_file(config_file, config)
+    return apply_overrides(config, overrides)
