@@ -1,0 +1,251 @@
+"""`fastdream run` / `fastdream export`: folder rules, resume = uninterrupted, Ctrl-C, corrupt checkpoints,
+NaN skipping, and the real SDS path with a tiny random Stable Diffusion pipeline."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastdream import train
+from fastdream.checkpoint import latest_checkpoint, load_checkpoint
+from fastdream.cli import main
+from fastdream.errors import FastDreamError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# a field, grid and renders small enough for a step to take milliseconds on a CPU
+TINY = [
+    "field.n_levels=4", "field.log2_hashmap_size=10", "field.max_resolution=64", "field.hidden_dim=16",
+    "field.n_hidden_layers=1", "render.samples_per_ray=24", "grid.resolution=16", "grid.warmup_steps=4",
+    "grid.update_every=2", "width=16", "height=16", "camera.distance_range=1.8,2.4",
+    "shading.albedo_only_fraction=0.3", "guidance.reference_resolution=16",
+    "output.preview_resolution=32", "output.preview_views=2", "output.mesh_resolution=32",
+    "output.video_frames=3", "output.video_resolution=32", "output.checkpoint_every=0", "output.preview_every=0",
+]
+NO_OUTPUTS = ["output.mesh=false", "output.video=false"]
+
+
+def _sets(*extra):
+    out = []
+    for item in list(TINY) + list(extra):
+        out += ["--set", item]
+    return out
+
+
+@pytest.fixture(scope="module")
+def scene_path(tmp_path_factory):
+    """A small voxel scene: two spheres of different colours (density, albedo indexed [x, y, z])."""
+    D = 16
+    c = (np.arange(D) + 0.5) / D * 2 - 1
+    p = np.stack(np.meshgrid(c, c, c, indexing="ij"), -1)
+    d1 = np.linalg.norm(p - [-0.25, 0.0, 0.0], axis=-1) - 0.4
+    d2 = np.linalg.norm(p - [0.35, 0.2, 0.1], axis=-1) - 0.3
+    sdf = np.minimum(d1, d2)
+    density = (40.0 * np.clip(0.5 - sdf / 0.15, 0, 1)).astype(np.float32)
+    albedo = np.where((d1 < d2)[..., None], [0.9, 0.3, 0.2], [0.2, 0.4, 0.9]).astype(np.float32)
+    path = tmp_path_factory.mktemp("scene") / "scene.npz"
+    np.savez(path, density=density, albedo=albedo, aabb=np.array([-1, -1, -1, 1, 1, 1], np.float32))
+    return path
+
+
+def _ref_args(scene_path, out, steps, *extra_sets, extra=()):
+    return (["run", "two spheres", "--out", str(out), "--steps", str(steps), "--device", "cpu", "--quiet",
+             "--guidance", "reference", "--reference-scene", str(scene_path)] + _sets(*extra_sets) + list(extra))
+
+
+def test_empty_prompt_rejected(tmp_path, capsys):
+    assert main(["run", "   ", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "prompt is empty" in err and "fastdream run" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_slug_and_default_folder():
+    assert train.slugify("A vase with pink flowers!") == "a_vase_with_pink_flowers"
+    assert train.slugify("???") == "run"
+    assert len(train.slugify("x" * 500)) <= 60
+
+
+def test_folder_rules(tmp_path, scene_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(_ref_args(scene_path, out, 2, *NO_OUTPUTS)) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--resume" in err and "--force" in err
+    assert main(_ref_args(scene_path, out, 2, *NO_OUTPUTS, extra=["--force", "--resume"])) == 2
+    assert "contradict" in capsys.readouterr().err
+    # --force starts over but leaves files fastdream did not write
+    assert main(_ref_args(scene_path, out, 2, *NO_OUTPUTS, extra=["--force"])) == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "config.yaml").exists() and latest_checkpoint(out / "checkpoints").name == "step_0000002.pt"
+    # a folder with files but no checkpoint cannot be resumed
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x").write_text("")
+    assert main(_ref_args(scene_path, other, 2, *NO_OUTPUTS, extra=["--resume"])) == 2
+    assert "Nothing to resume" in capsys.readouterr().err
+
+
+def _final_state(out):
+    return load_checkpoint(latest_checkpoint(Path(out) / "checkpoints"), kind="run")
+
+
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path, scene_path, monkeypatch):
+    steps = 8
+    sets = list(NO_OUTPUTS) + ["shading.albedo_only_fraction=0.25"]  # albedo, then random shading with normals
+    assert main(_ref_args(scene_path, tmp_path / "a", steps, *sets)) == 0
+
+    def interrupt(trainer, step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_on_step", interrupt)
+    assert main(_ref_args(scene_path, tmp_path / "b", steps, *sets)) == 130
+    ckpt = latest_checkpoint(tmp_path / "b" / "checkpoints")
+    assert ckpt.name == "step_0000003.pt"
+    assert load_checkpoint(ckpt)["step"] == 3
+    monkeypatch.setattr(train, "_on_step", lambda trainer, step: None)
+    assert main(_ref_args(scene_path, tmp_path / "b", steps, *sets, extra=["--resume"])) == 0
+
+    a, b = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
+    assert a["step"] == b["step"] == steps
+    for key, value in a["renderer"].items():
+        assert torch.equal(value, b["renderer"][key]), key
+    for k, sa in a["optimizer"]["state"].items():
+        for name, value in sa.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][k][name])), (k, name)
+    assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["steps"] == steps and metrics["steps_this_session"] == steps - 3
+
+
+def test_same_seed_same_result_and_seed_matters(tmp_path, scene_path):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        assert main(_ref_args(scene_path, tmp_path / name, 3, *NO_OUTPUTS, extra=["--seed", str(seed)])) == 0
+    a, b, c = (_final_state(tmp_path / n)["renderer"]["field.encoding_params"] for n in "abc")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_corrupt_checkpoint_message(tmp_path, scene_path, capsys):
+    out = tmp_path / "run"
+    assert main(_ref_args(scene_path, out, 2, *NO_OUTPUTS)) == 0
+    ckpt = latest_checkpoint(out / "checkpoints")
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(_ref_args(scene_path, out, 4, *NO_OUTPUTS, extra=["--resume"])) == 2
+    err = capsys.readouterr().err
+    assert "corrupt" in err and str(ckpt) in err
+    assert main(["export", str(out)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_incompatible_checkpoint_message(tmp_path, scene_path, capsys):
+    out = tmp_path / "run"
+    assert main(_ref_args(scene_path, out, 2, *NO_OUTPUTS)) == 0
+    capsys.readouterr()
+    assert main(_ref_args(scene_path, out, 4, *NO_OUTPUTS, "field.log2_hashmap_size=11", extra=["--resume"])) == 2
+    assert "does not fit this configuration" in capsys.readouterr().err
+
+
+def _nan_on(monkeypatch, bad_steps):
+    from fastdream.guidance.reference import ReferenceSceneGuidance
+
+    original = ReferenceSceneGuidance.__call__
+    calls = {"n": 0}
+
+    def patched(self, images, cameras, shading="albedo", progress=0.0, **kw):
+        out = original(self, images, cameras, shading, progress, **kw)
+        calls["n"] += 1
+        if calls["n"] in bad_steps:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(ReferenceSceneGuidance, "__call__", patched)
+
+
+def test_nan_steps_are_skipped(tmp_path, scene_path, monkeypatch):
+    _nan_on(monkeypatch, {2, 3})
+    out = tmp_path / "run"
+    result = train.run("two spheres", out, overrides=TINY + NO_OUTPUTS, quiet=True,
+                       cli=dict(steps=5, device="cpu", guidance="reference", reference_scene=str(scene_path)))
+    assert result["n_skipped"] == 2 and result["steps"] == 5
+    assert json.loads((out / "metrics.json").read_text())["n_skipped"] == 2
+    for p in result["trainer"].renderer.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_nan_run_stops_and_keeps_last_good_checkpoint(tmp_path, scene_path, monkeypatch, capsys):
+    _nan_on(monkeypatch, set(range(3, 100)))
+    out = tmp_path / "run"
+    code = main(_ref_args(scene_path, out, 20, *NO_OUTPUTS, "output.checkpoint_every=2", "max_nonfinite_steps=3"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "not finite for 3 steps in a row" in err and "step_0000002.pt" in err
+    assert latest_checkpoint(out / "checkpoints").name == "step_0000002.pt"
+    state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+    assert all(torch.isfinite(v).all() for v in state["renderer"].values() if v.is_floating_point())
+
+
+def test_export_command_redoes_outputs(tmp_path, scene_path):
+    import trimesh
+
+    out = tmp_path / "run"
+    assert main(_ref_args(scene_path, out, 3)) == 0
+    for name in ("mesh.obj", "mesh.mtl", "mesh.ply", "mesh.glb", "turntable.mp4", "turntable_textureless.mp4",
+                 "metrics.json", "config.yaml"):
+        assert (out / name).exists(), name
+    (out / "mesh.glb").unlink()
+    assert main(["export", str(out), "--mesh-resolution", "24", "--video-frames", "5", "--video-resolution", "32",
+                 "--threshold", "5"]) == 0
+    mesh = trimesh.load(out / "mesh.glb", force="mesh")
+    assert len(mesh.faces) > 0
+    assert _count_frames(out / "turntable.mp4") == 5
+
+
+def _count_frames(path) -> int:
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(path, format="FFMPEG")
+    try:
+        return sum(1 for _ in reader)
+    finally:
+        reader.close()
+
+
+def test_tiny_stable_diffusion_run_writes_every_output(tmp_path, capsys):
+    tiny = pytest.importorskip("tests.tiny_models")
+    pytest.importorskip("diffusers")
+    import trimesh
+
+    model = tiny.make_tiny_sd_pipeline(tmp_path / "tiny-sd")
+    out = tmp_path / "hamburger"
+    args = ["run", "a hamburger", "--model", str(model), "--steps", "10", "--out", str(out), "--device", "cpu",
+            "--quiet"] + _sets("output.video_frames=4", "output.preview_every=5", "output.checkpoint_every=5",
+                               "guidance.options.latent_mode=vae")
+    assert main(args) == 0, capsys.readouterr().err
+    for name in ("mesh.obj", "mesh.ply", "mesh.glb"):
+        mesh = trimesh.load(out / name, force="mesh")
+        assert len(mesh.vertices) > 0 and len(mesh.faces) > 0, name
+        assert np.all(mesh.bounds[0] >= -1.01) and np.all(mesh.bounds[1] <= 1.01), name
+    assert "mtllib mesh.mtl" in (out / "mesh.obj").read_text()[:300] and (out / "mesh.mtl").exists()
+    assert _count_frames(out / "turntable.mp4") == 4
+    assert _count_frames(out / "turntable_textureless.mp4") == 4
+    assert (out / "previews" / "step_00005.png").exists() and (out / "previews" / "step_00010.png").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 10 and metrics["n_skipped"] == 0 and metrics["it_per_s"] > 0
+    assert "torch" in metrics["versions"] and metrics["device"].startswith("cpu")
+    import yaml
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["prompt"] == "a hamburger" and config["guidance"]["model"] == str(model)
+    assert latest_checkpoint(out / "checkpoints").name == "step_0000010.pt"
+
+
+def test_unknown_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["run", "a hamburger", "--model", str(tmp_path / "no-such-model"), "--steps", "1", "--out",
+                 str(tmp_path / "o"), "--device", "cpu", "--quiet"] + _sets()) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model" in err
