@@ -579,3 +579,24 @@ def test_info_reports_backend_and_accelerators():
     assert "native extension" in format_info(data) and data["torch"] == torch.__version__
     if data["native"]["built"]:
         assert "cpu" in data["native"]["devices"]
+
+
+@pytest.mark.slow
+def test_fit_path_native_reaches_reference_psnr(tmp_path, monkeypatch):
+    """The whole fit path (marching, hash grid, compositing, occupancy) with each backend: same PSNR."""
+    _native()
+    from fastdream.data import load_dataset
+    from fastdream.demo import write_demo_dataset
+    from fastdream.fit import demo_configs, fit
+
+    folder = write_demo_dataset(tmp_path / "data", width=24, n_train=8, n_test=2)
+    train, test = load_dataset(folder)
+    psnr = {}
+    for backend in ("torch", "native"):
+        monkeypatch.setenv("FASTDREAM_BACKEND", backend)
+        field_cfg, render_cfg, fit_cfg = demo_configs(steps=40)
+        fit_cfg.rays_per_step = 512
+        metrics = fit(train, test, tmp_path / backend, field_cfg, render_cfg, fit_cfg, progress=False)
+        psnr[backend] = metrics["psnr"]
+    assert psnr["native"] > 15.0, psnr
+    assert abs(psnr["native"] - psnr["torch"]) < 1.0, psnr
