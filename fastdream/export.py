@@ -98,7 +98,10 @@ def _write_obj(mesh, path: Path, texture: Optional[dict] = None) -> List[Path]:
     """OBJ with per-vertex colours (`v x y z r g b`, read by Blender and trimesh) and an MTL."""
     mtl = path.with_suffix(".mtl")
     lines = [f"# fastdream mesh: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces, world units, y-up",
-             f"mtllib {mtl.name}", "usemtl material0"]
+             f"mtllib {mtl.name}"]
+    if texture is not None:
+        # only with a texture: a `usemtl` makes trimesh drop the per-vertex colours of untextured meshes
+        lines.append("usemtl material0")
     v = np.asarray(mesh.vertices)
     cols = None
     if getattr(mesh.visual, "kind", None) == "vertex":
