@@ -249,3 +249,33 @@ def test_unknown_model_is_a_clear_error(tmp_path, capsys):
                  str(tmp_path / "o"), "--device", "cpu", "--quiet"] + _sets()) == 2
     err = capsys.readouterr().err
     assert "no-such-model" in err
+
+
+def test_ctrl_c_stops_after_the_step_and_saves(tmp_path, scene_path, monkeypatch):
+    """The SIGINT handler only sets a flag; the loop stops at the next step boundary with a checkpoint."""
+    def request_stop(trainer, step):
+        if step == 2:
+            trainer._stop_requested = True
+
+    monkeypatch.setattr(train, "_on_step", request_stop)
+    out = tmp_path / "run"
+    result = train.run("two spheres", out, overrides=TINY + NO_OUTPUTS, quiet=True,
+                       cli=dict(steps=6, device="cpu", guidance="reference", reference_scene=str(scene_path)))
+    assert result["interrupted"] and result["step"] == 2
+    assert latest_checkpoint(out / "checkpoints").name == "step_0000002.pt"
+    assert not (out / "metrics.json").exists()
+
+
+def test_default_folder_yaml_config_and_saved_config(tmp_path, scene_path, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump({"seed": 3, "optim": {"lr_mlp": 0.004}}))
+    args = ["run", "Two Spheres!", "--steps", "2", "--device", "cpu", "--quiet", "--config", "my.yaml",
+            "--guidance", "reference", "--reference-scene", str(scene_path)] + _sets(*NO_OUTPUTS)
+    assert main(args) == 0
+    out = tmp_path / "outputs" / "two_spheres"
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["seed"] == 3 and saved["optim"]["lr_mlp"] == 0.004 and saved["steps"] == 2
+    assert saved["guidance"]["kind"] == "reference" and saved["background"] == "fixed"
+    assert saved["field"]["n_levels"] == 4
