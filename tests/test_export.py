@@ -136,3 +136,19 @@ def test_psnr():
     a = torch.zeros(4, 4, 3)
     assert export.psnr(a, a) == float("inf")
     assert export.psnr(a, a + 0.1) == pytest.approx(20.0)
+
+
+def test_uv_texture_bake(tmp_path):
+    pytest.importorskip("xatlas")
+    import trimesh
+
+    field = _sphere_field()
+    mesh = export.extract_mesh(field, 32, 25.0)
+    texture = export.bake_texture(field, mesh, tmp_path, size=128)
+    paths = export.write_mesh(mesh, tmp_path, texture=texture)
+    assert paths["texture"].exists() and "map_Kd mesh_albedo.png" in paths["mtl"].read_text()
+    loaded = trimesh.load(paths["obj"], force="mesh", process=False)
+    assert loaded.visual.kind == "texture" and loaded.visual.uv is not None
+    colors = loaded.visual.to_color().vertex_colors[:, :3].astype(float)
+    v = np.asarray(loaded.vertices)
+    assert colors[v[:, 1] > 0.0, 0].mean() > 180 and colors[v[:, 1] < -0.4, 2].mean() > 180
