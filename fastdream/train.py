@@ -303,7 +303,6 @@ class Trainer:
                    desc="fastdream", file=sys.stderr, smoothing=0.1)
         previous = self._install_sigint()
         start_step, t0 = self.step, time.perf_counter()
-        last_log = t0
         try:
             while self.step < total:
                 if self._stop_requested:
@@ -337,7 +336,6 @@ class Trainer:
                     eta = (total - self.step) / max(rate, 1e-9)
                     log.info("step %d/%d  loss %.4g  %.2f it/s  ETA %s  skipped %d", self.step, total, self.last_loss,
                              rate, time.strftime("%H:%M:%S", time.gmtime(eta)), self.n_skipped)
-                    last_log = now
                 o = cfg.output
                 if o.preview_every > 0 and self.step % o.preview_every == 0 and self.step < total:
                     self.preview()
@@ -354,7 +352,6 @@ class Trainer:
             bar.close()
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
-        del last_log
         return True
 
 

@@ -279,3 +279,13 @@ def test_default_folder_yaml_config_and_saved_config(tmp_path, scene_path, monke
     assert saved["seed"] == 3 and saved["optim"]["lr_mlp"] == 0.004 and saved["steps"] == 2
     assert saved["guidance"]["kind"] == "reference" and saved["background"] == "fixed"
     assert saved["field"]["n_levels"] == 4
+
+
+def test_out_of_memory_is_a_clear_error(tmp_path, scene_path, monkeypatch, capsys):
+    def oom(self, step):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train.Trainer, "train_step", oom)
+    assert main(_ref_args(scene_path, tmp_path / "run", 2, *NO_OUTPUTS)) == 2
+    err = capsys.readouterr().err
+    assert "Out of memory" in err and "render.samples_per_ray" in err and "batch_size" in err
