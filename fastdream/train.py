@@ -455,12 +455,12 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
     if config.guidance.kind == "reference" and state is None:
         prepare_reference(config)
     config.validate()
-    if force and out_dir.exists():
-        _clear_outputs(out_dir)
     device = resolve_device(config.device)
 
     try:
         trainer = Trainer(config, out_dir, quiet=quiet, device=device)
+        if force and out_dir.exists():  # only once the model loaded: a typo in --model must not cost the old run
+            _clear_outputs(out_dir)
         if state is not None:
             trainer.load_state_dict(state, str(ckpt))
             trainer.last_checkpoint = ckpt
