@@ -41,11 +41,12 @@ at::Tensor hash_encode_fwd_cpu(const at::Tensor& x_, const at::Tensor& params_, 
             const P* pp = params.data_ptr<P>();
             S* yp = y.data_ptr<S>();
             FD_DISPATCH_N_FEATURES(F, [&] {
+                // Level-major inside each thread's block of points: one level's table (<= 2^19 entries)
+                // stays in cache while the block walks it, instead of all levels competing for it.
                 at::parallel_for(0, N, kPointGrain, [&](int64_t b, int64_t e) {
-                    for (int64_t n = b; n < e; ++n) {
-                        for (int l = 0; l < L; ++l)
+                    for (int l = 0; l < L; ++l)
+                        for (int64_t n = b; n < e; ++n)
                             hashgrid::encode_level<kF>(m, l, xp + 3 * n, pp, yp + n * L * F + l * F);
-                    }
                 });
             });
         }
@@ -53,12 +54,17 @@ at::Tensor hash_encode_fwd_cpu(const at::Tensor& x_, const at::Tensor& params_, 
     return y;
 }
 
-// Accumulates the params gradient race-free: each thread takes whole levels.
+// Accumulates the params gradient race-free: each thread takes whole levels. parallel_for hands
+// out contiguous ranges, so levels are visited in zigzag order (0, L-1, 1, L-2, ...): coarse levels
+// (small, cache-resident tables) and fine ones (hashed, cache-missing) are then shared evenly.
 template <typename S, typename Fn>
 void for_levels_points(const GridMeta& m, int64_t N, Fn&& fn) {
-    at::parallel_for(0, m.n_levels, 1, [&](int64_t lb, int64_t le) {
-        for (int64_t l = lb; l < le; ++l)
+    const int64_t L = m.n_levels;
+    at::parallel_for(0, L, 1, [&](int64_t ib, int64_t ie) {
+        for (int64_t i = ib; i < ie; ++i) {
+            const int64_t l = (i % 2 == 0) ? i / 2 : L - 1 - i / 2;
             for (int64_t n = 0; n < N; ++n) fn(static_cast<int>(l), n);
+        }
     });
 }
 
@@ -97,8 +103,8 @@ std::tuple<at::Tensor, at::Tensor> hash_encode_bwd_cpu(const at::Tensor& grad_y_
                 S* gxp = gx.data_ptr<S>();
                 FD_DISPATCH_N_FEATURES(F, [&] {
                     at::parallel_for(0, N, kPointGrain, [&](int64_t b, int64_t e) {
-                        for (int64_t n = b; n < e; ++n)
-                            for (int l = 0; l < L; ++l)
+                        for (int l = 0; l < L; ++l)  // level-major for cache locality, as in the forward
+                            for (int64_t n = b; n < e; ++n)
                                 hashgrid::encode_level_backward_x<kF>(m, l, xp + 3 * n, gyp + n * L * F + l * F, pp,
                                                                       gxp + 3 * n);
                     });
