@@ -28,7 +28,8 @@ class RenderConfig:
     far: float = 1e10
     early_stop_eps: float = 1e-4
     alpha_threshold: float = 0.0
-    chunk_rays: int = 2**15          # rays per chunk when rendering without gradients
+    chunk_rays: int = 2**13          # rays per chunk when rendering without gradients (bounds memory)
+    chunk_samples: int = 2**19       # samples per density query in the gradient-free pruning pass (bounds memory)
 
 
 @dataclass
@@ -71,7 +72,7 @@ class Renderer(nn.Module):
         if ray_indices.numel() > 0 and (cfg.early_stop_eps > 0 or cfg.alpha_threshold > 0):
             with torch.no_grad():
                 mid = origins[ray_indices] + directions[ray_indices] * ((t_starts + t_ends) * 0.5)[:, None]
-                sigmas = self.field.density(mid)
+                sigmas = torch.cat([self.field.density(part) for part in mid.split(cfg.chunk_samples)])
                 _, trans, alphas = ops.render_weights(t_starts, t_ends, sigmas, ray_indices, origins.shape[0])
                 keep = (trans >= cfg.early_stop_eps) & (alphas >= cfg.alpha_threshold)
             ray_indices, t_starts, t_ends = ray_indices[keep], t_starts[keep], t_ends[keep]
