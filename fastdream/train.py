@@ -253,7 +253,8 @@ class Trainer:
         if finite:
             loss.backward()
             params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
+            # one host sync for all gradients, not one per parameter tensor
+            finite = bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all()) if params else True
             if finite:
                 if cfg.optim.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
