@@ -153,14 +153,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> composite_bwd_cuda(
                                         light_positions, light_intensity, ambient, mode);
     const int64_t R = a.off.numel() - 1;
     const auto dt = a.sigmas.scalar_type();
-    auto g_rgb = g_rgb_.to(dt).contiguous(), g_op = g_op_.to(dt).contiguous();
-    auto g_depth = g_depth_.to(dt).contiguous(), g_normal = g_normal_.to(dt).contiguous();
-    auto rgb = rgb_.to(dt).contiguous(), op = op_.to(dt).contiguous(), depth = depth_.to(dt).contiguous();
-    auto normal = normal_.to(dt).contiguous(), weights = weights_.to(dt).contiguous();
-    auto grad_sigmas = at::empty_like(a.sigmas);
-    auto grad_albedo = at::empty_like(a.albedo);
-    const bool want_n = need_normals_grad && a.normals.defined();
-    auto grad_normals = want_n ? at::empty_like(a.normals) : at::empty({0}, a.sigmas.options());
+    CompositeBackwardTensors bw = prepare_composite_backward(a, g_rgb_, g_op_, g_depth_, g_normal_, rgb_, op_, depth_,
+                                                             normal_, weights_, need_normals_grad);
+    auto &g_rgb = bw.g_rgb, &g_op = bw.g_op, &g_depth = bw.g_depth, &g_normal = bw.g_normal;
+    auto &rgb = bw.rgb, &op = bw.op, &depth = bw.depth, &normal = bw.normal, &weights = bw.weights;
+    auto &grad_sigmas = bw.grad_sigmas, &grad_albedo = bw.grad_albedo, &grad_normals = bw.grad_normals;
+    const bool want_n = bw.want_normals;
     if (R == 0) return {grad_sigmas, grad_albedo, grad_normals};
     AT_DISPATCH_FLOATING_TYPES(dt, "composite_bwd_cuda", [&] {
         using S = scalar_t;
