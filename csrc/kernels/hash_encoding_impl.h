@@ -66,16 +66,22 @@ FD_HOST_DEVICE FD_INLINE S corner_weight(const LevelPos<S>& p, int c) {
     return w;
 }
 
-// d weight / d frac_d for corner c.
+// Corner c's interpolation factor along each axis (frac or 1 - frac) and its derivative sign (+1 / -1).
 template <typename S>
-FD_HOST_DEVICE FD_INLINE void corner_weight_grad(const LevelPos<S>& p, int c, S* dw) {
-    S w[3], s[3];
+FD_HOST_DEVICE FD_INLINE void corner_factors(const LevelPos<S>& p, int c, S* w, S* s) {
 FD_UNROLL
     for (int d = 0; d < 3; ++d) {
         bool up = (c >> d) & 1;
         w[d] = up ? p.frac[d] : S(1) - p.frac[d];
         s[d] = up ? S(1) : S(-1);
     }
+}
+
+// d weight / d frac_d for corner c.
+template <typename S>
+FD_HOST_DEVICE FD_INLINE void corner_weight_grad(const LevelPos<S>& p, int c, S* dw) {
+    S w[3], s[3];
+    corner_factors(p, c, w, s);
     dw[0] = s[0] * w[1] * w[2];
     dw[1] = s[1] * w[0] * w[2];
     dw[2] = s[2] * w[0] * w[1];
@@ -86,12 +92,7 @@ FD_UNROLL
 template <typename S>
 FD_HOST_DEVICE FD_INLINE void corner_weight_hess(const LevelPos<S>& p, int c, S* h) {
     S w[3], s[3];
-FD_UNROLL
-    for (int d = 0; d < 3; ++d) {
-        bool up = (c >> d) & 1;
-        w[d] = up ? p.frac[d] : S(1) - p.frac[d];
-        s[d] = up ? S(1) : S(-1);
-    }
+    corner_factors(p, c, w, s);
     h[0] = s[1] * s[2] * w[0];
     h[1] = s[0] * s[2] * w[1];
     h[2] = s[0] * s[1] * w[2];
