@@ -16,8 +16,7 @@ from typing import Any, List, Optional
 import torch
 
 from .base import Guidance, GuidanceOptions, resize_images
-from .loading import (configure_attention, load_component, prepare_module, resolve_device, resolve_dtype,
-                      transformers_dtype_kwarg)
+from .loading import configure_attention, load_shared_components, prepare_module, resolve_device, resolve_dtype
 
 DEFAULT_IF_MODEL = "DeepFloyd/IF-I-XL-v1.0"
 
@@ -43,18 +42,11 @@ class DeepFloydIFGuidance(Guidance):
     @classmethod
     def from_pretrained(cls, source: str, device: Any = None, dtype: Any = None,
                         options: Optional[GuidanceOptions] = None) -> "DeepFloydIFGuidance":
-        from diffusers import DDPMScheduler, UNet2DConditionModel
-        from transformers import AutoTokenizer, T5EncoderModel
+        from transformers import T5EncoderModel
 
-        device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
-        variant = "fp16" if dtype == torch.float16 else None
-        tokenizer = load_component(AutoTokenizer, source, "tokenizer", "tokenizer")
-        text_encoder = load_component(T5EncoderModel, source, "text_encoder", "T5 text encoder", variant=variant,
-                                      **transformers_dtype_kwarg(dtype))
-        unet = load_component(UNet2DConditionModel, source, "unet", "UNet", torch_dtype=dtype, variant=variant)
-        scheduler = load_component(DDPMScheduler, source, "scheduler", "noise scheduler")
-        return cls(tokenizer, text_encoder, unet, scheduler, options=options, device=device, dtype=dtype)
+        parts, device, dtype, _ = load_shared_components(source, device, dtype, T5EncoderModel, "T5 text encoder")
+        return cls(parts["tokenizer"], parts["text_encoder"], parts["unet"], parts["scheduler"], options=options,
+                   device=device, dtype=dtype)
 
     def set_attention(self, backend: str) -> str:
         self.attention = configure_attention(self.unet, backend, self.device)

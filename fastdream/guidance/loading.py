@@ -293,3 +293,24 @@ def prepare_module(module: torch.nn.Module, device: torch.device, dtype: torch.d
             raise out_of_memory_error(exc, f"moving {type(module).__name__} to {device}") from None
         raise
     return module
+
+
+def load_shared_components(source: str, device: Any, dtype: Any, text_encoder_cls, text_encoder_label: str):
+    """What Stable Diffusion and DeepFloyd IF load alike: tokenizer, text encoder, UNet and noise scheduler.
+
+    Returns (components dict, device, dtype, variant); variant is "fp16" for half weights (falls back to
+    the full files when a model has no fp16 variant)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    variant = "fp16" if dtype == torch.float16 else None
+    components = {
+        "tokenizer": load_component(AutoTokenizer, source, "tokenizer", "tokenizer"),
+        "text_encoder": load_component(text_encoder_cls, source, "text_encoder", text_encoder_label, variant=variant,
+                                       **transformers_dtype_kwarg(dtype)),
+        "unet": load_component(UNet2DConditionModel, source, "unet", "UNet", torch_dtype=dtype, variant=variant),
+        "scheduler": load_component(DDPMScheduler, source, "scheduler", "noise scheduler"),
+    }
+    return components, device, dtype, variant

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import Guidance, GuidanceOptions, resize_images
-from .loading import (configure_attention, load_component, prepare_module, resolve_device, resolve_dtype,
-                      transformers_dtype_kwarg)
+from .loading import (configure_attention, load_component, load_shared_components, prepare_module, resolve_device,
+                      resolve_dtype)
 
 
 class StableDiffusionGuidance(Guidance):
@@ -62,19 +62,13 @@ class StableDiffusionGuidance(Guidance):
     def from_pretrained(cls, source: str, device: Any = None, dtype: Any = None,
                         options: Optional[GuidanceOptions] = None) -> "StableDiffusionGuidance":
         """Load the tokenizer, text encoder, UNet, VAE and scheduler of a diffusers SD folder / hub id."""
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel
 
-        device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
-        variant = "fp16" if dtype == torch.float16 else None
-        tokenizer = load_component(AutoTokenizer, source, "tokenizer", "tokenizer")
-        text_encoder = load_component(CLIPTextModel, source, "text_encoder", "text encoder", variant=variant,
-                                      **transformers_dtype_kwarg(dtype))
-        unet = load_component(UNet2DConditionModel, source, "unet", "UNet", torch_dtype=dtype, variant=variant)
+        parts, device, dtype, variant = load_shared_components(source, device, dtype, CLIPTextModel, "text encoder")
         vae = load_component(AutoencoderKL, source, "vae", "VAE", torch_dtype=dtype, variant=variant)
-        scheduler = load_component(DDPMScheduler, source, "scheduler", "noise scheduler")
-        return cls(tokenizer, text_encoder, unet, vae, scheduler, options=options, device=device, dtype=dtype)
+        return cls(parts["tokenizer"], parts["text_encoder"], parts["unet"], vae, parts["scheduler"], options=options,
+                   device=device, dtype=dtype)
 
     # ------------------------------------------------------------------ configuration
     def set_attention(self, backend: str) -> str:
