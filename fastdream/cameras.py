@@ -8,7 +8,7 @@ elevation 90 is straight overhead. Camera frames follow the OpenGL convention (c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple
 
 import torch

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from .cameras import orbit_cameras
-from .errors import FastDreamError
 
 log = logging.getLogger("fastdream")
 

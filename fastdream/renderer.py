@@ -6,7 +6,6 @@ alpha_threshold), then query the field with gradients only for the samples that 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 

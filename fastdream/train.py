@@ -19,7 +19,6 @@ device => same result.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math

@@ -1,14 +1,12 @@
 """Cameras, field, occupancy grid and renderer."""
 import math
 
-import numpy as np
-import pytest
 import torch
 
 from fastdream.cameras import CameraSamplerConfig, generate_rays, look_at, orbit_cameras, orbit_c2w, sample_cameras
-from fastdream.field import BackgroundModel, FieldConfig, HashGridField
+from fastdream.field import FieldConfig, HashGridField
 from fastdream.occupancy import OccupancyGrid
-from fastdream.renderer import RenderConfig, Renderer, build_renderer
+from fastdream.renderer import RenderConfig, build_renderer
 
 TINY_FIELD = FieldConfig(n_levels=4, log2_hashmap_size=12, base_resolution=8, max_resolution=64, hidden_dim=16, n_hidden_layers=1)
 

@@ -11,7 +11,7 @@ from fastdream import fit as fit_module
 from fastdream.cameras import generate_rays
 from fastdream.checkpoint import load_checkpoint
 from fastdream.cli import main
-from fastdream.data import load_dataset, load_transforms
+from fastdream.data import load_transforms
 from fastdream.demo import demo_scene, load_scene_npz, render_voxels
 from fastdream.field import FieldConfig, HashGridField
 

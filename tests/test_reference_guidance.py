@@ -1,14 +1,13 @@
 """Reference-scene guidance: exact-denoiser SDS gradient, scene loading (npz and meshes), and the end-to-end
 proof: `fastdream run --guidance reference` on CPU reconstructs a small scene (mesh IoU and held-out PSNR)."""
 import json
-import os
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from fastdream.cameras import orbit_cameras, orbit_c2w, sample_cameras
+from fastdream.cameras import orbit_cameras, sample_cameras
 from fastdream.demo import demo_scene, render_voxels
 from fastdream.errors import FastDreamError
 from fastdream.export import psnr

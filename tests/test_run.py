@@ -11,7 +11,6 @@ import torch
 from fastdream import train
 from fastdream.checkpoint import latest_checkpoint, load_checkpoint
 from fastdream.cli import main
-from fastdream.errors import FastDreamError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -19,7 +19,6 @@ around its bounds, coloured from its vertex colours (or texture/material colour)
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
