@@ -286,6 +286,68 @@ def test_march_large_random_scene():
         assert torch.equal(a, b)
 
 
+def _skip_stress_rays(aabb, res, dtype, seed=11):
+    """Rays that make empty-space skipping hard to get exactly right: through cell and block corners,
+    lying in cell faces, grazing block edges, starting far away or inside the grid."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = aabb[:3].double(), aabb[3:].double()
+    cell = (hi - lo) / torch.tensor(res, dtype=torch.float64)
+    lattice = lambda k: lo + cell * k  # noqa: E731  (k in cell units, per axis)
+    rays = []
+    for _ in range(48):  # from outside, through an exact block corner (multiples of 8 cells)
+        corner = lattice(torch.randint(0, 3, (3,), generator=g).double() * 8)
+        start = corner + torch.nn.functional.normalize(torch.randn(3, generator=g, dtype=torch.float64), dim=0) * 3.0
+        rays.append((start, corner - start))
+    for _ in range(48):  # in a cell face plane (one axis fixed on a face, zero direction along it)
+        a = int(torch.randint(0, 3, (1,), generator=g))
+        o = lo + (hi - lo) * torch.rand(3, generator=g, dtype=torch.float64)
+        o[a] = lattice(torch.randint(0, res[a] + 1, (3,), generator=g).double())[a]
+        d = torch.randn(3, generator=g, dtype=torch.float64)
+        d[a] = 0.0
+        o = o - 2.5 * torch.nn.functional.normalize(d, dim=0)
+        rays.append((o, d))
+    for _ in range(48):  # along a cell edge: two axes on faces, moving along the third
+        a = int(torch.randint(0, 3, (1,), generator=g))
+        o = lattice(torch.randint(0, 9, (3,), generator=g).double())
+        d = torch.zeros(3, dtype=torch.float64)
+        d[a] = 1.0 if bool(torch.rand(1, generator=g) < 0.5) else -1.0
+        o[a] = lo[a] - 0.5 if d[a] > 0 else hi[a] + 0.5
+        rays.append((o, d))
+    for _ in range(32):  # from far away, and from inside
+        far = torch.nn.functional.normalize(torch.randn(3, generator=g, dtype=torch.float64), dim=0) * 1e3
+        rays.append((far, -far + torch.randn(3, generator=g, dtype=torch.float64) * 0.3))
+        inside = lo + (hi - lo) * torch.rand(3, generator=g, dtype=torch.float64)
+        rays.append((inside, torch.randn(3, generator=g, dtype=torch.float64)))
+    o = torch.stack([r[0] for r in rays]).to(dtype)
+    d = torch.nn.functional.normalize(torch.stack([r[1] for r in rays]), dim=-1).to(dtype)
+    return o, d
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cone_angle,step_size", [(0.0, 0.7 / 64), (0.0, 1 / 30), (0.02, 0.7 / 64)])
+def test_march_skipping_empty_space_is_exact(dtype, cone_angle, step_size):
+    """The native marcher decides whole cells and empty 8^3 blocks per lookup; on a sparse grid whose
+    size is not a multiple of the block, with rays through corners, along faces and edges, from far
+    away and from inside, it must still emit exactly the reference's samples. With step 1/30 (2/3 of a
+    0.05 cell) the axis-aligned rays put sample midpoints on cell faces, up to rounding."""
+    nat = _native()
+    aabb = torch.tensor([-1.0, -0.6, -0.8, 1.0, 0.6, 0.9])
+    res = (40, 24, 17)
+    g = torch.Generator().manual_seed(3)
+    # Half the 8^3 blocks empty (skipped whole), the rest a 50% random pattern, so most cell faces
+    # separate an occupied cell from an empty one and any misplaced midpoint changes the output.
+    blocks = torch.rand(5, 3, 3, generator=g) > 0.5
+    block_of_cell = blocks.repeat_interleave(8, 0).repeat_interleave(8, 1).repeat_interleave(8, 2)[:40, :24, :17]
+    binary = block_of_cell & (torch.rand(res, generator=g) > 0.5)
+    origins, directions = _skip_stress_rays(aabb, res, dtype)
+    kw = dict(near=0.0, far=1e4, step_size=step_size, cone_angle=cone_angle, max_step_size=0.05)
+    ref = march_rays_reference(origins, directions, aabb, binary, **kw)
+    out = nat.march_rays(origins, directions, aabb, binary, **kw)
+    assert ref[0].numel() > 150 and ref[0].unique().numel() > 40
+    for a, b in zip(ref, out):
+        assert torch.equal(a, b)
+
+
 def test_occupancy_update_native():
     nat = _native()
     g = torch.Generator().manual_seed(9)

@@ -5,6 +5,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "fastdream/torch_glue.h"
 #include "../kernels/compositing_impl.h"
 #include "../kernels/marching_impl.h"
@@ -170,44 +173,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays_cpu(const at::Tensor& 
                                                               const at::Tensor& box_, const at::Tensor& binary_,
                                                               double near, double far, double step_size,
                                                               double cone_angle, double max_step_size) {
-    TORCH_CHECK(origins_.dim() == 2 && origins_.size(1) == 3, "march_rays: origins must be (N, 3)");
-    TORCH_CHECK(directions_.sizes() == origins_.sizes(), "march_rays: directions must match origins");
-    TORCH_CHECK(binary_.dim() == 3 && binary_.scalar_type() == at::kBool, "march_rays: binary must be a 3-D bool grid");
-    TORCH_CHECK(box_.numel() == 9, "march_rays: box must hold lo, hi, size (9 values)");
-    auto origins = origins_.contiguous();
-    auto directions = directions_.to(origins.scalar_type()).contiguous();
-    auto box = box_.to(origins.scalar_type()).contiguous();
-    auto binary = binary_.contiguous();
-    const int64_t R = origins.size(0);
-    const int64_t res[3] = {binary.size(0), binary.size(1), binary.size(2)};
+    const MarchInputs in = prepare_march(origins_, directions_, box_, binary_);
+    const march::OccupancyView grid = in.view();
+    const int64_t R = in.origins.size(0);
     const march::MarchParams p{near, far, step_size, cone_angle, max_step_size};
-    const uint8_t* grid = reinterpret_cast<const uint8_t*>(binary.data_ptr<bool>());
-    at::Tensor counts = at::zeros({R}, origins.options().dtype(at::kLong));
+    // One marching pass (the CUDA launcher needs two: count, then fill): each block of rays appends
+    // its samples to its own buffer, and the buffers are concatenated in ray order.
+    const int64_t n_chunks = (R + kRayGrain - 1) / kRayGrain;
     at::Tensor ray_indices, t_starts, t_ends;
-    AT_DISPATCH_FLOATING_TYPES(origins.scalar_type(), "march_rays_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES(in.origins.scalar_type(), "march_rays_cpu", [&] {
         using S = scalar_t;
-        const S* o = origins.data_ptr<S>();
-        const S* d = directions.data_ptr<S>();
-        const S* bx = box.data_ptr<S>();
-        int64_t* cnt = counts.data_ptr<int64_t>();
-        at::parallel_for(0, R, kRayGrain, [&](int64_t b, int64_t e) {
-            march::CountOnly emit;
-            for (int64_t r = b; r < e; ++r) cnt[r] = march::march_ray(o + 3 * r, d + 3 * r, bx, grid, res, p, emit);
+        const S* o = in.origins.data_ptr<S>();
+        const S* d = in.directions.data_ptr<S>();
+        const S* bx = in.box.data_ptr<S>();
+        struct Samples {
+            std::vector<int64_t> rays;
+            std::vector<S> starts, ends;
+            void operator()(int64_t, S t0, S t1) {
+                starts.push_back(t0);
+                ends.push_back(t1);
+            }
+        };
+        std::vector<Samples> chunks(n_chunks);
+        at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
+            for (int64_t c = cb; c < ce; ++c) {
+                Samples& out = chunks[c];
+                for (int64_t r = c * kRayGrain; r < std::min(R, (c + 1) * kRayGrain); ++r) {
+                    const int64_t n = march::march_ray(o + 3 * r, d + 3 * r, bx, grid, p, out);
+                    out.rays.insert(out.rays.end(), n, r);
+                }
+            }
         });
-        at::Tensor starts = at::cumsum(counts, 0) - counts;
-        const int64_t total = R > 0 ? (starts[R - 1].item<int64_t>() + cnt[R - 1]) : 0;
-        ray_indices = at::empty({total}, counts.options());
-        t_starts = at::empty({total}, origins.options());
-        t_ends = at::empty({total}, origins.options());
-        const int64_t* st = starts.data_ptr<int64_t>();
+        std::vector<int64_t> offsets(n_chunks + 1, 0);
+        for (int64_t c = 0; c < n_chunks; ++c) offsets[c + 1] = offsets[c] + static_cast<int64_t>(chunks[c].rays.size());
+        const int64_t total = offsets[n_chunks];
+        ray_indices = at::empty({total}, in.origins.options().dtype(at::kLong));
+        t_starts = at::empty({total}, in.origins.options());
+        t_ends = at::empty({total}, in.origins.options());
         int64_t* ri = ray_indices.data_ptr<int64_t>();
         S* ts = t_starts.data_ptr<S>();
         S* te = t_ends.data_ptr<S>();
-        at::parallel_for(0, R, kRayGrain, [&](int64_t b, int64_t e) {
-            for (int64_t r = b; r < e; ++r) {
-                if (cnt[r] == 0) continue;
-                march::WritePacked<S> emit{r, st[r], ri, ts, te};
-                march::march_ray(o + 3 * r, d + 3 * r, bx, grid, res, p, emit);
+        at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
+            for (int64_t c = cb; c < ce; ++c) {
+                const Samples& in_chunk = chunks[c];
+                std::copy(in_chunk.rays.begin(), in_chunk.rays.end(), ri + offsets[c]);
+                std::copy(in_chunk.starts.begin(), in_chunk.starts.end(), ts + offsets[c]);
+                std::copy(in_chunk.ends.begin(), in_chunk.ends.end(), te + offsets[c]);
             }
         });
     });

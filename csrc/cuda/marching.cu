@@ -10,13 +10,9 @@
 namespace fastdream {
 namespace {
 
-struct GridRes {
-    int64_t r[3];
-};
-
 template <typename S>
 __global__ void march_count_kernel(int64_t R, const S* __restrict__ o, const S* __restrict__ d,
-                                   const S* __restrict__ box, const uint8_t* __restrict__ grid, const GridRes res,
+                                   const S* __restrict__ box, const march::OccupancyView grid,
                                    const march::MarchParams p, int64_t* __restrict__ counts) {
     const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (r >= R) return;
@@ -24,12 +20,12 @@ __global__ void march_count_kernel(int64_t R, const S* __restrict__ o, const S* 
 #pragma unroll
     for (int i = 0; i < 9; ++i) b[i] = box[i];
     march::CountOnly emit;
-    counts[r] = march::march_ray(o + 3 * r, d + 3 * r, b, grid, res.r, p, emit);
+    counts[r] = march::march_ray(o + 3 * r, d + 3 * r, b, grid, p, emit);
 }
 
 template <typename S>
 __global__ void march_fill_kernel(int64_t R, const S* __restrict__ o, const S* __restrict__ d,
-                                  const S* __restrict__ box, const uint8_t* __restrict__ grid, const GridRes res,
+                                  const S* __restrict__ box, const march::OccupancyView grid,
                                   const march::MarchParams p, const int64_t* __restrict__ counts,
                                   const int64_t* __restrict__ ends, int64_t* ray_indices, S* t_starts, S* t_ends) {
     const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -38,46 +34,39 @@ __global__ void march_fill_kernel(int64_t R, const S* __restrict__ o, const S* _
 #pragma unroll
     for (int i = 0; i < 9; ++i) b[i] = box[i];
     march::WritePacked<S> emit{r, ends[r] - counts[r], ray_indices, t_starts, t_ends};
-    march::march_ray(o + 3 * r, d + 3 * r, b, grid, res.r, p, emit);
+    march::march_ray(o + 3 * r, d + 3 * r, b, grid, p, emit);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays_cuda(const at::Tensor& origins_, const at::Tensor& directions_,
                                                                const at::Tensor& box_, const at::Tensor& binary_,
                                                                double near, double far, double step_size,
                                                                double cone_angle, double max_step_size) {
-    TORCH_CHECK(origins_.dim() == 2 && origins_.size(1) == 3, "march_rays: origins must be (N, 3)");
-    TORCH_CHECK(directions_.sizes() == origins_.sizes(), "march_rays: directions must match origins");
-    TORCH_CHECK(binary_.dim() == 3 && binary_.scalar_type() == at::kBool, "march_rays: binary must be a 3-D bool grid");
-    TORCH_CHECK(box_.numel() == 9, "march_rays: box must hold lo, hi, size (9 values)");
     c10::cuda::CUDAGuard guard(origins_.device());
-    auto origins = origins_.contiguous();
-    auto directions = directions_.to(origins.scalar_type()).contiguous();
-    auto box = box_.to(origins.device(), origins.scalar_type()).contiguous();
-    auto binary = binary_.to(origins.device()).contiguous();
-    const int64_t R = origins.size(0);
-    const GridRes res{{binary.size(0), binary.size(1), binary.size(2)}};
+    const MarchInputs in = prepare_march(origins_, directions_, box_, binary_);
+    const march::OccupancyView grid = in.view();
+    const int64_t R = in.origins.size(0);
     const march::MarchParams p{near, far, step_size, cone_angle, max_step_size};
-    const uint8_t* grid = reinterpret_cast<const uint8_t*>(binary.data_ptr<bool>());
-    auto counts = at::empty({R}, origins.options().dtype(at::kLong));
+    auto counts = at::empty({R}, in.origins.options().dtype(at::kLong));
     at::Tensor ray_indices, t_starts, t_ends;
-    AT_DISPATCH_FLOATING_TYPES(origins.scalar_type(), "march_rays_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES(in.origins.scalar_type(), "march_rays_cuda", [&] {
         using S = scalar_t;
+        const S* o = in.origins.data_ptr<S>();
+        const S* d = in.directions.data_ptr<S>();
+        const S* bx = in.box.data_ptr<S>();
         if (R > 0) {
             march_count_kernel<S><<<cuda::blocks_for(R), cuda::kThreads, 0, cuda::stream()>>>(
-                R, origins.data_ptr<S>(), directions.data_ptr<S>(), box.data_ptr<S>(), grid, res, p,
-                counts.data_ptr<int64_t>());
+                R, o, d, bx, grid, p, counts.data_ptr<int64_t>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
         at::Tensor ends = at::cumsum(counts, 0);
         const int64_t total = R > 0 ? ends[R - 1].item<int64_t>() : 0;  // one sync, to size the outputs
         ray_indices = at::empty({total}, counts.options());
-        t_starts = at::empty({total}, origins.options());
-        t_ends = at::empty({total}, origins.options());
+        t_starts = at::empty({total}, in.origins.options());
+        t_ends = at::empty({total}, in.origins.options());
         if (total > 0) {
             march_fill_kernel<S><<<cuda::blocks_for(R), cuda::kThreads, 0, cuda::stream()>>>(
-                R, origins.data_ptr<S>(), directions.data_ptr<S>(), box.data_ptr<S>(), grid, res, p,
-                counts.data_ptr<int64_t>(), ends.data_ptr<int64_t>(), ray_indices.data_ptr<int64_t>(),
-                t_starts.data_ptr<S>(), t_ends.data_ptr<S>());
+                R, o, d, bx, grid, p, counts.data_ptr<int64_t>(), ends.data_ptr<int64_t>(),
+                ray_indices.data_ptr<int64_t>(), t_starts.data_ptr<S>(), t_ends.data_ptr<S>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
     });

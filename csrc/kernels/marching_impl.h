@@ -1,12 +1,28 @@
 // Per-ray logic of occupancy-grid ray marching, written once for CPU and CUDA.
 // Stepping rule: fastdream/ops/marching.py (march_rays_reference); every float is rounded the way the
 // chain of PyTorch ops rounds it, so the native kernel emits exactly the reference's samples.
+//
+// Empty space is skipped by traversing the bitfield instead of looking up every sample: a lookup
+// classifies a whole region (the sample's cell, or its whole block of kBlock^3 cells when the coarse
+// bitfield says the block is empty), and every later sample whose midpoint lies before the region's
+// exit is decided by one comparison. The steps themselves stay a sequential sum like the reference's,
+// so the emitted floats are unchanged; only the per-sample grid lookups go.
 #pragma once
 
 #include "fastdream/common.h"
 
 namespace fastdream {
 namespace march {
+
+constexpr int64_t kBlock = 8;  // cells per coarse block edge
+
+// The fine occupancy bitfield and its coarse summary (a block is set when any of its cells is).
+struct OccupancyView {
+    const uint8_t* cells;
+    const uint8_t* blocks;
+    int64_t res[3];
+    int64_t block_res[3];
+};
 
 // box = {lo[3], hi[3], size[3]} in the rays' dtype; size = hi - lo as the reference computes it.
 template <typename S>
@@ -28,10 +44,11 @@ FD_HOST_DEVICE FD_INLINE void ray_aabb(const S* o, const S* d, const S* box, S& 
     t_max = tmax;
 }
 
-// Grid cell (flat index into the contiguous (X, Y, Z) grid) holding the point o + d * mid.
+// Grid cell coordinates of the point o + d * mid, rounded exactly as the reference rounds them.
+// Each step (mul, add, sub, div, mul, floor, clamp) is monotone in mid, so along a ray every
+// coordinate is monotone in mid too: the region skipping below relies on that.
 template <typename S>
-FD_HOST_DEVICE FD_INLINE int64_t cell_of(const S* o, const S* d, S mid, const S* box, const int64_t* res) {
-    int64_t c[3];
+FD_HOST_DEVICE FD_INLINE void cell_coords(const S* o, const S* d, S mid, const S* box, const int64_t* res, int64_t* c) {
     FD_UNROLL
     for (int a = 0; a < 3; ++a) {
         S x = add_rn(o[a], mul_rn(d[a], mid));
@@ -41,18 +58,49 @@ FD_HOST_DEVICE FD_INLINE int64_t cell_of(const S* o, const S* d, S mid, const S*
         v = v > hi ? hi : v;
         c[a] = v == v ? static_cast<int64_t>(v) : 0;
     }
+}
+
+FD_HOST_DEVICE FD_INLINE int64_t flat_index(const int64_t* c, const int64_t* res) {
     return (c[0] * res[1] + c[1]) * res[2] + c[2];
+}
+
+template <typename S> FD_HOST_DEVICE FD_INLINE S unit_roundoff();
+template <> FD_HOST_DEVICE FD_INLINE float unit_roundoff<float>() { return 5.9604645e-8f; }
+template <> FD_HOST_DEVICE FD_INLINE double unit_roundoff<double>() { return 1.1102230246251565e-16; }
+
+template <typename S> FD_HOST_DEVICE FD_INLINE S infinity() { return static_cast<S>(HUGE_VAL); }
+
+// The ray's region around a looked-up sample and the last t before which a midpoint is surely still
+// inside it. `margin` (per axis, in t) exceeds the rounding error of cell_coords plus that of the face
+// time computed here, so a midpoint before the returned bound has rounded coordinates inside the
+// region on every axis (they are monotone in mid and were inside at the looked-up sample).
+template <typename S>
+FD_HOST_DEVICE FD_INLINE S region_exit(const S* o, const S* d, const S* box, const int64_t* lo_cell,
+                                       const int64_t* hi_cell, const int64_t* res, const S* margin) {
+    S exit = infinity<S>();
+    FD_UNROLL
+    for (int a = 0; a < 3; ++a) {
+        if (d[a] == S(0)) continue;  // the coordinate never changes along this ray
+        const bool up = d[a] > S(0);
+        // On the grid's last cell in the travel direction the clamp keeps the coordinate: no exit.
+        if (up ? hi_cell[a] == res[a] - 1 : lo_cell[a] == 0) continue;
+        const int64_t face = up ? hi_cell[a] + 1 : lo_cell[a];
+        S face_x = box[a] + box[6 + a] * static_cast<S>(face) / static_cast<S>(res[a]);
+        S t_face = (face_x - o[a]) / d[a] - margin[a];
+        exit = t_face < exit ? t_face : exit;
+    }
+    return exit;
 }
 
 struct MarchParams {
     double near, far, step_size, cone_angle, max_step_size;
 };
 
-// Walks one ray and calls emit(t_start, t_end) for each kept interval, in increasing t. Returns the
-// number of kept intervals. Consecutive steps that land in the same cell reuse its occupancy bit.
+// Walks one ray and calls emit(k, t_start, t_end) for each kept interval, in increasing t. Returns
+// the number of kept intervals.
 template <typename S, typename Emit>
-FD_HOST_DEVICE FD_INLINE int64_t march_ray(const S* o, const S* d, const S* box, const uint8_t* grid,
-                                          const int64_t* res, const MarchParams& p, Emit& emit) {
+FD_HOST_DEVICE FD_INLINE int64_t march_ray(const S* o, const S* d, const S* box, const OccupancyView& grid,
+                                          const MarchParams& p, Emit& emit) {
     S t_min, t_max;
     ray_aabb(o, d, box, t_min, t_max);
     const S near = static_cast<S>(p.near), far = static_cast<S>(p.far);
@@ -60,9 +108,19 @@ FD_HOST_DEVICE FD_INLINE int64_t march_ray(const S* o, const S* d, const S* box,
     const S max_step = static_cast<S>(p.max_step_size);
     S t = (t_min != t_min) ? t_min : fd_max(t_min, near);   // clamp_min(near), NaN stays NaN
     S t_exit = (t_max != t_max) ? t_max : fd_min(t_max, far);
+    if (!(t < t_exit)) return 0;
+    // Rounding-error bound of cell_coords along this ray, in t; generous (64 ulps) since it only
+    // costs a lookup for midpoints within it of a face.
+    S margin[3];
+    const S t_abs = fd_max(fd_abs(t), fd_abs(t_exit));
+    FD_UNROLL
+    for (int a = 0; a < 3; ++a) {
+        S reach = fd_abs(o[a]) + fd_abs(box[a]) + fd_abs(box[3 + a]) + fd_abs(d[a]) * t_abs;
+        margin[a] = d[a] == S(0) ? S(0) : S(64) * unit_roundoff<S>() * reach / fd_abs(d[a]);
+    }
     int64_t count = 0;
-    int64_t last_cell = -1;
-    bool last_occ = false;
+    S known_until = t;  // midpoints below this are known to be in the current region (none yet: mid > t)
+    bool occupied = false;
     while (t < t_exit) {
         S dt = step;
         if (p.cone_angle > 0) {
@@ -73,12 +131,20 @@ FD_HOST_DEVICE FD_INLINE int64_t march_ray(const S* o, const S* d, const S* box,
         S t_next = add_rn(t, dt);
         S t_end = nan_min(t_next, t_exit);
         S mid = mul_rn(add_rn(t, t_end), static_cast<S>(0.5));
-        int64_t cell = cell_of(o, d, mid, box, res);
-        if (cell != last_cell) {
-            last_cell = cell;
-            last_occ = grid[cell] != 0;
+        if (!(mid < known_until)) {
+            int64_t c[3], lo[3], hi[3];
+            cell_coords(o, d, mid, box, grid.res, c);
+            occupied = grid.cells[flat_index(c, grid.res)] != 0;
+            int64_t b[3] = {c[0] / kBlock, c[1] / kBlock, c[2] / kBlock};
+            const bool empty_block = !occupied && grid.blocks[flat_index(b, grid.block_res)] == 0;
+            FD_UNROLL
+            for (int a = 0; a < 3; ++a) {
+                lo[a] = empty_block ? b[a] * kBlock : c[a];
+                hi[a] = empty_block ? fd_min(lo[a] + kBlock, grid.res[a]) - 1 : c[a];
+            }
+            known_until = region_exit(o, d, box, lo, hi, grid.res, margin);
         }
-        if (last_occ) {
+        if (occupied) {
             emit(count, t, t_end);
             ++count;
         }

@@ -85,8 +85,9 @@ static void test_marching() {
     march::ray_aabb(miss_o, d, box, t0, t1);
     EXPECT(t1 < t0);
     // full 2x2x2 grid, step 0.5: [2, 4] is cut into 4 intervals
-    const uint8_t grid[8] = {1, 1, 1, 1, 1, 1, 1, 1};
-    const int64_t res[3] = {2, 2, 2};
+    const uint8_t full[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+    const uint8_t any = 1;
+    const march::OccupancyView grid{full, &any, {2, 2, 2}, {1, 1, 1}};
     march::MarchParams p{0.0, 1e10, 0.5, 0.0, 1e10};
     std::vector<float> starts, ends;
     struct Emit {
@@ -96,24 +97,38 @@ static void test_marching() {
             e->push_back(b);
         }
     } emit{&starts, &ends};
-    int64_t n = march::march_ray(o, d, box, grid, res, p, emit);
+    int64_t n = march::march_ray(o, d, box, grid, p, emit);
     EXPECT(n == 4 && starts.size() == 4);
     EXPECT_NEAR(starts[0], 2.0, 1e-6);
     EXPECT_NEAR(ends[3], 4.0, 1e-6);
     // only cells with x index 1 occupied: the ray keeps [3, 4]
-    const uint8_t half[8] = {0, 0, 0, 0, 1, 1, 1, 1};
+    const uint8_t half_cells[8] = {0, 0, 0, 0, 1, 1, 1, 1};
+    const march::OccupancyView half{half_cells, &any, {2, 2, 2}, {1, 1, 1}};
     starts.clear();
     ends.clear();
-    n = march::march_ray(o, d, box, half, res, p, emit);
+    n = march::march_ray(o, d, box, half, p, emit);
     EXPECT(n == 2);
     EXPECT_NEAR(starts[0], 3.0, 1e-6);
     // cone angle: dt = clamp(t * cone, step, max)
     march::MarchParams pc{0.0, 1e10, 0.1, 0.25, 0.6};
     starts.clear();
     ends.clear();
-    march::march_ray(o, d, box, grid, res, pc, emit);
+    march::march_ray(o, d, box, grid, pc, emit);
     EXPECT_NEAR(ends[0] - starts[0], 0.5, 1e-6);   // t = 2 -> 0.5
     EXPECT_NEAR(ends[1] - starts[1], 0.6, 1e-6);   // t = 2.5 -> 0.625 clamped to 0.6
+    // 32 cells along x, only x index 20 occupied: the empty blocks before and after it are skipped,
+    // and exactly the steps whose midpoint lies in [x = 0.25, 0.3125) are kept (t in [3.25, 3.3125)).
+    std::vector<uint8_t> line(32, 0);
+    line[20] = 1;
+    const uint8_t line_blocks[4] = {0, 0, 1, 0};
+    const march::OccupancyView sparse{line.data(), line_blocks, {32, 1, 1}, {4, 1, 1}};
+    march::MarchParams fine{0.0, 1e10, 1.0 / 64, 0.0, 1e10};
+    starts.clear();
+    ends.clear();
+    n = march::march_ray(o, d, box, sparse, fine, emit);
+    EXPECT(n == 4);
+    EXPECT_NEAR(starts[0], 3.25, 1e-6);
+    EXPECT_NEAR(ends[3], 3.3125, 1e-6);
     EXPECT(march::ema_max(1.0f, 0.5f, 0.2f) == 0.5f && march::ema_max(1.0f, 0.5f, 0.7f) == 0.7f);
 }
 

@@ -6,6 +6,7 @@
 
 #include "../../kernels/compositing_impl.h"
 #include "../../kernels/hash_encoding_impl.h"
+#include "../../kernels/marching_impl.h"
 
 namespace fastdream {
 
@@ -151,6 +152,50 @@ inline CompositeBackwardTensors prepare_composite_backward(
     b.want_normals = need_normals_grad && a.normals.defined();
     b.grad_normals = b.want_normals ? at::empty_like(a.normals) : at::empty({0}, a.sigmas.options());
     return b;
+}
+
+// ---------------------------------------------------------------- marching argument prep
+// Marching inputs checked and laid out once for both devices: rays contiguous in one dtype, the box
+// (lo, hi, size) in that dtype, the bitfield and its coarse summary of march::kBlock^3-cell blocks.
+struct MarchInputs {
+    at::Tensor origins, directions, box, cells, blocks;
+
+    march::OccupancyView view() const {
+        march::OccupancyView v{};
+        v.cells = reinterpret_cast<const uint8_t*>(cells.data_ptr<bool>());
+        v.blocks = blocks.data_ptr<uint8_t>();
+        for (int a = 0; a < 3; ++a) {
+            v.res[a] = cells.size(a);
+            v.block_res[a] = blocks.size(a);
+        }
+        return v;
+    }
+};
+
+inline MarchInputs prepare_march(const at::Tensor& origins, const at::Tensor& directions, const at::Tensor& box,
+                                 const at::Tensor& binary) {
+    TORCH_CHECK(origins.dim() == 2 && origins.size(1) == 3, "march_rays: origins must be (N, 3)");
+    TORCH_CHECK(directions.sizes() == origins.sizes(), "march_rays: directions must match origins");
+    TORCH_CHECK(binary.dim() == 3 && binary.scalar_type() == at::kBool, "march_rays: binary must be a 3-D bool grid");
+    TORCH_CHECK(binary.size(0) > 0 && binary.size(1) > 0 && binary.size(2) > 0, "march_rays: the grid must not be empty");
+    TORCH_CHECK(box.numel() == 9, "march_rays: box must hold lo, hi, size (9 values)");
+    MarchInputs m;
+    m.origins = origins.contiguous();
+    m.directions = directions.to(m.origins.scalar_type()).contiguous();
+    m.box = box.to(m.origins.device(), m.origins.scalar_type()).contiguous();
+    m.cells = binary.to(m.origins.device()).contiguous();
+    const int64_t k = march::kBlock;
+    int64_t blocks[3], pad[6];
+    for (int a = 0; a < 3; ++a) {
+        blocks[a] = (m.cells.size(a) + k - 1) / k;
+        pad[2 * (2 - a)] = 0;  // constant_pad_nd lists the last dimension first
+        pad[2 * (2 - a) + 1] = blocks[a] * k - m.cells.size(a);
+    }
+    m.blocks = at::constant_pad_nd(m.cells.to(at::kByte), pad, 0)
+                   .view({blocks[0], k, blocks[1], k, blocks[2], k})
+                   .amax({1, 3, 5})
+                   .contiguous();
+    return m;
 }
 
 template <typename S>
