@@ -248,22 +248,24 @@ class Trainer:
             loss = loss + cfg.reg.opacity_sparsity * sp
             terms["sparsity"] = sp.detach()
         self.optimizer.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
+        # Backward runs even on a non-finite loss (its gradients are then non-finite too) so that the
+        # whole step needs one host sync: the loss, its terms and the finiteness verdict come back together.
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads_finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all() if params else loss.new_ones((), dtype=torch.bool)
+        finite_t = torch.isfinite(loss) & grads_finite
+        values = torch.stack([v.float() for v in (loss.detach(), *terms.values(), finite_t)]).tolist()
+        finite = bool(values[-1])
         if finite:
-            loss.backward()
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            # one host sync for all gradients, not one per parameter tensor
-            finite = bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all()) if params else True
-            if finite:
-                if cfg.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         if (step + 1) % cfg.grid.update_every == 0:
             step_size = self.renderer.step_size
             self.renderer.grid.update(step, lambda x: field.density(x) * step_size, generator=self.generator)
-        return {"loss": float(loss.detach()), "finite": finite, "shading": shading, "n_samples": out.n_samples,
-                "terms": {k: float(v) for k, v in terms.items()}}
+        return {"loss": values[0], "finite": finite, "shading": shading, "n_samples": out.n_samples,
+                "terms": dict(zip(terms, values[1:-1]))}
 
     # ------------------------------------------------------------------ loop
     def _install_sigint(self):
