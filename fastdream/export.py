@@ -126,6 +126,71 @@ def _write_obj(mesh, path: Path, texture: Optional[dict] = None) -> List[Path]:
     return [path, mtl]
 
 
+def rasterize_uv(triangles: np.ndarray, size: int, margin: float = 0.5, chunk: int = 2**22):
+    """Texels covered by 2D triangles (F, 3, 2) given in texel units (texel centres at integers).
+
+    Every triangle's bounding box is enumerated at once (no per-face loop); a texel is kept when its
+    centre lies inside the triangle grown by `margin` texels (within margin of each edge line and of the
+    bounding box; the barycentrics then extrapolate slightly), so the texels that bilinear sampling
+    reads along a chart's border are baked too.
+    Returns (face index (N,), texel xy (N, 2) int, barycentrics (N, 3)).
+    """
+    triangles = triangles.astype(np.float64)
+    a, b, c = triangles[:, 0], triangles[:, 1], triangles[:, 2]
+    den = (b[:, 1] - c[:, 1]) * (a[:, 0] - c[:, 0]) + (c[:, 0] - b[:, 0]) * (a[:, 1] - c[:, 1])
+    # altitude of vertex i over the opposite edge: barycentric i times it is the distance to that edge
+    altitude = np.abs(den)[:, None] / np.maximum(np.stack(
+        [np.linalg.norm(b - c, axis=1), np.linalg.norm(c - a, axis=1), np.linalg.norm(a - b, axis=1)], 1), 1e-12)
+    lo = np.maximum(np.ceil(triangles.min(axis=1) - margin).astype(np.int64), 0)
+    hi = np.minimum(np.floor(triangles.max(axis=1) + margin).astype(np.int64), size - 1)
+    extent = hi - lo + 1
+    faces = np.flatnonzero((np.abs(den) >= 1e-12) & (extent > 0).all(axis=1))
+    area = extent[faces, 0] * extent[faces, 1]
+    out_faces, out_texels, out_bary = [], [], []
+    # Chunks of faces bound the candidate texels held at once.
+    cumulative = np.cumsum(area)
+    splits = np.searchsorted(cumulative, np.arange(chunk, cumulative[-1] if len(faces) else 0, chunk))
+    for index in np.split(np.arange(len(faces)), splits):
+        if len(index) == 0:
+            continue
+        part, counts = faces[index], area[index]
+        face = np.repeat(part, counts)
+        local = np.arange(len(face)) - np.repeat(np.cumsum(counts) - counts, counts)
+        width = extent[face, 0]
+        x = lo[face, 0] + local % width
+        y = lo[face, 1] + local // width
+        ax, ay = a[face, 0], a[face, 1]
+        bx, by = b[face, 0], b[face, 1]
+        cx, cy = c[face, 0], c[face, 1]
+        w0 = ((by - cy) * (x - cx) + (cx - bx) * (y - cy)) / den[face]
+        w1 = ((cy - ay) * (x - cx) + (ax - cx) * (y - cy)) / den[face]
+        w2 = 1.0 - w0 - w1
+        h = altitude[face]
+        keep = (w0 * h[:, 0] >= -margin) & (w1 * h[:, 1] >= -margin) & (w2 * h[:, 2] >= -margin)
+        out_faces.append(face[keep])
+        out_texels.append(np.stack([x[keep], y[keep]], 1))
+        out_bary.append(np.stack([w0[keep], w1[keep], w2[keep]], 1).astype(np.float32))
+    if not out_faces:
+        return np.zeros(0, np.int64), np.zeros((0, 2), np.int64), np.zeros((0, 3), np.float32)
+    return np.concatenate(out_faces), np.concatenate(out_texels), np.concatenate(out_bary)
+
+
+def dilate_texture(image: np.ndarray, filled: np.ndarray, iterations: int = 8) -> np.ndarray:
+    """Grow the baked charts into the empty texels around them (mean of filled 4-neighbours), so
+    bilinear filtering and mipmaps near a seam do not pull in the black background."""
+    image, filled = image.copy(), filled.copy()
+    neighbours = lambda a: a[:-2, 1:-1] + a[2:, 1:-1] + a[1:-1, :-2] + a[1:-1, 2:]  # noqa: E731  (of a 1-padded array)
+    for _ in range(iterations):
+        total = neighbours(np.pad(image * filled[..., None], ((1, 1), (1, 1), (0, 0))))
+        count = neighbours(np.pad(filled.astype(np.float32), 1))
+        grow = ~filled & (count > 0)
+        if not grow.any():
+            break
+        image[grow] = total[grow] / count[grow][:, None]
+        filled |= grow
+    return image
+
+
 def bake_texture(field, mesh, folder: Path, size: int = 1024, name: str = "mesh") -> Optional[dict]:
     """UV-unwrap with xatlas (if installed) and bake the field's albedo into a texture; None when unavailable."""
     try:
@@ -137,37 +202,21 @@ def bake_texture(field, mesh, folder: Path, size: int = 1024, name: str = "mesh"
 
     v = np.asarray(mesh.vertices, dtype=np.float32)
     f = np.asarray(mesh.faces, dtype=np.uint32)
-    vmap, tfaces, uv = xatlas.parametrize(v, f)
-    # rasterise every chart triangle in texel space; texel centres -> barycentrics -> 3D points -> albedo
-    pix = uv * (size - 1)
-    tri = pix[tfaces]  # (F,3,2)
-    pos = v[vmap][tfaces]  # (F,3,3)
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(v, f)
+    pack = xatlas.PackOptions()
+    pack.resolution, pack.padding = size, 2  # charts at least 2 texels apart: room for the dilation below
+    atlas.generate(pack_options=pack)
+    vmap, tfaces, uv = atlas[0]
+    # uv (0,0) is the corner of the texture, texel (i, j) is centred at ((i + .5) / size, (j + .5) / size)
+    face_ids, texels, bary = rasterize_uv(uv[tfaces] * size - 0.5, size)
     image = np.zeros((size, size, 3), np.float32)
     filled = np.zeros((size, size), bool)
-    pts_all, idx_all = [], []
-    for k in range(len(tfaces)):
-        a, b, c = tri[k]
-        x0, y0 = np.floor(np.minimum(np.minimum(a, b), c)).astype(int)
-        x1, y1 = np.ceil(np.maximum(np.maximum(a, b), c)).astype(int)
-        xs, ys = np.meshgrid(np.arange(max(x0, 0), min(x1, size - 1) + 1), np.arange(max(y0, 0), min(y1, size - 1) + 1))
-        p = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
-        den = (b[1] - c[1]) * (a[0] - c[0]) + (c[0] - b[0]) * (a[1] - c[1])
-        if abs(den) < 1e-12:
-            continue
-        w0 = ((b[1] - c[1]) * (p[:, 0] - c[0]) + (c[0] - b[0]) * (p[:, 1] - c[1])) / den
-        w1 = ((c[1] - a[1]) * (p[:, 0] - c[0]) + (a[0] - c[0]) * (p[:, 1] - c[1])) / den
-        w2 = 1 - w0 - w1
-        inside = (w0 >= -0.05) & (w1 >= -0.05) & (w2 >= -0.05)
-        if not inside.any():
-            continue
-        w = np.stack([w0, w1, w2], 1)[inside]
-        pts_all.append(w @ pos[k])
-        idx_all.append(p[inside].astype(int))
-    if pts_all:
-        pts = np.concatenate(pts_all)
-        idx = np.concatenate(idx_all)
-        image[idx[:, 1], idx[:, 0]] = query_albedo(field, pts)
-        filled[idx[:, 1], idx[:, 0]] = True
+    if len(face_ids):
+        points = np.einsum("nk,nkc->nc", bary, v[vmap][tfaces][face_ids])
+        image[texels[:, 1], texels[:, 0]] = query_albedo(field, points)
+        filled[texels[:, 1], texels[:, 0]] = True
+    image = dilate_texture(image, filled)
     image_path = folder / f"{name}_albedo.png"
     imageio.imwrite(image_path, (np.flipud(image) * 255).round().astype(np.uint8))
     return {"uv": uv, "faces": tfaces, "vmap": vmap, "image": image_path}

@@ -138,6 +138,48 @@ def test_psnr():
     assert export.psnr(a, a + 0.1) == pytest.approx(20.0)
 
 
+def test_rasterize_uv_matches_per_texel_inside_test():
+    """The vectorised rasteriser keeps exactly the texels whose centre is within `margin` texels of each
+    edge line of a triangle and of its bounding box (brute force over every texel), with barycentrics that reproduce the texel position, also
+    when the faces are split across chunks."""
+    rng = np.random.default_rng(0)
+    size = 24
+    tris = rng.uniform(-2, size + 1, (40, 3, 2)).astype(np.float32)
+    tris[5] = [[1, 1], [5, 5], [9, 9]]  # degenerate: skipped
+    tris[6] = [[30, 2], [40, 3], [35, 60]]  # entirely off the texture
+    faces, texels, bary = export.rasterize_uv(tris, size, margin=0.5, chunk=97)
+
+    def edge_distance(p, q, r, x, y):  # signed distance of (x, y) from line pq, positive on r's side
+        n = np.array([q[1] - p[1], p[0] - q[0]]) / np.hypot(*(q - p))
+        return np.sign(n @ (r - p)) * (n @ (np.array([x, y]) - p))
+
+    expected = set()
+    for k, (a, b, c) in enumerate(tris.astype(np.float64)):
+        if abs((b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])) < 1e-12:
+            continue
+        lo, hi = np.minimum(np.minimum(a, b), c) - 0.5, np.maximum(np.maximum(a, b), c) + 0.5
+        for y in range(size):
+            for x in range(size):
+                if lo[0] <= x <= hi[0] and lo[1] <= y <= hi[1] and min(edge_distance(b, c, a, x, y), edge_distance(c, a, b, x, y), edge_distance(a, b, c, x, y)) >= -0.5:
+                    expected.add((k, x, y))
+    got = {(int(k), int(x), int(y)) for k, (x, y) in zip(faces, texels)}
+    assert got == expected and len(got) == len(faces) > 100
+    pos = np.einsum("nk,nkc->nc", bary, tris[faces].astype(np.float64))
+    np.testing.assert_allclose(pos, texels, atol=1e-3)
+
+
+def test_dilate_texture_grows_charts_without_wrapping():
+    image = np.zeros((8, 8, 3), np.float32)
+    filled = np.zeros((8, 8), bool)
+    image[0, 0], filled[0, 0] = (1.0, 0.5, 0.0), True
+    out = export.dilate_texture(image, filled, iterations=3)
+    grown = np.abs(out).sum(-1) > 0
+    yy, xx = np.mgrid[:8, :8]
+    assert np.array_equal(grown, yy + xx <= 3)  # 3 rings of 4-neighbours, nothing across the border
+    np.testing.assert_allclose(out[grown], np.broadcast_to([1.0, 0.5, 0.0], (int(grown.sum()), 3)))
+    assert np.array_equal(image[filled], out[filled])
+
+
 def test_uv_texture_bake(tmp_path):
     pytest.importorskip("xatlas")
     import trimesh
