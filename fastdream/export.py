@@ -232,10 +232,24 @@ def write_mesh(mesh, folder, name: str = "mesh", texture: Optional[dict] = None)
     paths["ply"] = folder / f"{name}.ply"
     mesh.export(paths["ply"])
     paths["glb"] = folder / f"{name}.glb"
-    mesh.export(paths["glb"])
+    (mesh if texture is None else _textured_mesh(mesh, texture)).export(paths["glb"])
     if texture is not None:
         paths["texture"] = texture["image"]
     return paths
+
+
+def _textured_mesh(mesh, texture: dict):
+    """The mesh split along the UV seams (xatlas's vertex map) with the baked image as its glTF
+    base-colour texture, so the GLB carries the texture as the OBJ does."""
+    import trimesh
+    from PIL import Image
+
+    vmap = np.asarray(texture["vmap"])
+    material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.open(texture["image"]),
+                                                   metallicFactor=0.0, roughnessFactor=1.0)
+    visual = trimesh.visual.TextureVisuals(uv=np.asarray(texture["uv"]), material=material)
+    return trimesh.Trimesh(vertices=np.asarray(mesh.vertices)[vmap], faces=np.asarray(texture["faces"]),
+                           vertex_normals=np.asarray(mesh.vertex_normals)[vmap], visual=visual, process=False)
 
 
 # ---------------------------------------------------------------------------------------------- images

@@ -194,3 +194,10 @@ def test_uv_texture_bake(tmp_path):
     colors = loaded.visual.to_color().vertex_colors[:, :3].astype(float)
     v = np.asarray(loaded.vertices)
     assert colors[v[:, 1] > 0.0, 0].mean() > 180 and colors[v[:, 1] < -0.4, 2].mean() > 180
+    # the GLB carries the same texture (glTF base colour), sampled to the same colours
+    glb = trimesh.load(paths["glb"], force="mesh", process=False)
+    assert glb.visual.kind == "texture" and glb.visual.material.baseColorTexture is not None
+    assert len(glb.faces) == len(mesh.faces)
+    colors = glb.visual.to_color().vertex_colors[:, :3].astype(float)
+    v = np.asarray(glb.vertices)
+    assert colors[v[:, 1] > 0.0, 0].mean() > 180 and colors[v[:, 1] < -0.4, 2].mean() > 180
