@@ -24,7 +24,8 @@ TORCH_LIBRARY(fastdream, m) {
           "-> (Tensor, Tensor, Tensor)");
     m.def("march_rays(Tensor origins, Tensor directions, Tensor box, Tensor binary, float near, float far, "
           "float step_size, float cone_angle, float max_step_size) -> (Tensor, Tensor, Tensor)");
-    m.def("occupancy_update(Tensor density, Tensor new_density, float decay, float threshold) -> (Tensor, Tensor)");
+    m.def("occupancy_update(Tensor occupancy, Tensor indices, Tensor estimates, float decay, float threshold) "
+          "-> (Tensor, Tensor)");
     m.def("render_weights_fwd(Tensor t_starts, Tensor t_ends, Tensor sigmas, Tensor ray_offsets) "
           "-> (Tensor, Tensor, Tensor)");
     m.def("render_weights_bwd(Tensor? grad_weights, Tensor? grad_trans, Tensor? grad_alphas, Tensor t_starts, "

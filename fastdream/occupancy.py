@@ -1,10 +1,11 @@
 """Occupancy grid over the scene box: which cells may hold density, so marching skips empty space.
 
-Follows nerfacc's OccGridEstimator: every few steps each visited cell gets
-occupancy = max(occupancy * ema_decay, new estimate), where the estimate is the field's density at a
+Follows nerfacc's OccGridEstimator: every few steps every cell decays (occupancy * ema_decay, as in
+instant-ngp) and each visited cell takes the max of that and a new estimate, the field's density at a
 jittered point in the cell times the render step size (an opacity scale); a cell is occupied when its
 value exceeds min(threshold, mean). During warm-up every cell is visited; afterwards a random quarter
-of all cells plus a quarter chosen among the occupied ones.
+of all cells plus a quarter chosen among the occupied ones. The update (ops.occupancy_update) runs on
+the device without a host sync.
 """
 from __future__ import annotations
 
@@ -60,12 +61,9 @@ class OccupancyGrid(nn.Module):
                 indices = uniform
         estimates = torch.cat([opacity_fn(self.cell_centres(part, generator)).reshape(-1).float()
                                for part in indices.split(self.chunk)])
-        decayed = self.occupancy * self.ema_decay
-        # scatter_reduce amax handles cells drawn twice in one update.
-        updated = decayed.scatter_reduce(0, indices, estimates, reduce="amax", include_self=True)
-        self.occupancy.copy_(torch.where(torch.isfinite(updated), updated, decayed))
-        threshold = min(self.threshold, float(self.occupancy.mean()))
-        self.binary.copy_((self.occupancy > threshold).reshape(self.binary.shape))
+        occupancy, binary = ops.occupancy_update(self.occupancy, indices, estimates, self.ema_decay, self.threshold)
+        self.occupancy.copy_(occupancy)
+        self.binary.copy_(binary.reshape(self.binary.shape))
 
     def march(self, origins: torch.Tensor, directions: torch.Tensor, near: float, far: float, step_size: float,
               cone_angle: float = 0.0, max_step_size: float = 1e10):

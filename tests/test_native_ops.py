@@ -8,6 +8,7 @@ float64 gradients via gradcheck. CUDA variants are marked `cuda` and skipped wit
 """
 from __future__ import annotations
 
+import math
 import os
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ from fastdream import _backend
 from fastdream.ops import hash_grid_layout
 from fastdream.ops.compositing import composite_reference
 from fastdream.ops.hash_encoding import hash_encode_reference
-from fastdream.ops.marching import march_rays_reference
+from fastdream.ops.marching import march_rays_reference, occupancy_update_reference
 from fastdream.ops.volume_rendering import render_weights_reference
 
 
@@ -350,15 +351,35 @@ def test_march_skipping_empty_space_is_exact(dtype, cone_angle, step_size, devic
         assert torch.equal(a, b.cpu())
 
 
-def test_occupancy_update_native():
-    nat = _native()
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_occupancy_update_matches_reference(device, dtype):
+    """Decay, max with the estimates of visited cells (some drawn several times, some estimates NaN or
+    inf, which are ignored), threshold capped at the mean: the same values and bits as the reference."""
+    nat = _native_on(device)
     g = torch.Generator().manual_seed(9)
-    density = torch.rand(4, 5, 6, generator=g)
-    fresh = torch.rand(4, 5, 6, generator=g)
-    new, binary = nat.occupancy_update(density, fresh, 0.9, 0.5)
-    expected = torch.maximum(density * 0.9, fresh)
-    assert torch.equal(new, expected)
-    assert torch.equal(binary, expected > 0.5)
+    n = 6 * 7 * 5
+    occupancy = (torch.rand(n, generator=g) * 0.02).to(dtype)
+    indices = torch.cat([torch.randint(0, n, (150,), generator=g), torch.tensor([3, 3, 3, 17, 17])])
+    estimates = (torch.rand(155, generator=g) * 0.03).to(dtype)
+    estimates[[4, 40]] = float("nan")
+    estimates[[7, -1]] = float("inf")   # -1: cell 17, also drawn with a finite estimate
+    estimates[-3] = 0.5                  # the finite max for cell 3
+    for threshold in (0.01, 1.0):       # 1.0: the mean caps the threshold
+        ref = occupancy_update_reference(occupancy, indices, estimates, 0.95, threshold)
+        out = nat.occupancy_update(occupancy.to(device), indices.to(device), estimates.to(device), 0.95, threshold)
+        assert out[0].dtype == dtype and out[1].dtype == torch.bool
+        torch.testing.assert_close(out[0].cpu(), ref[0], rtol=0, atol=0)
+        assert torch.equal(out[1].cpu(), ref[1])
+        assert 0.2 < ref[1].float().mean() < 0.9
+    # and the reference against the rule spelled out cell by cell
+    expected = (occupancy * 0.95).tolist()
+    for i, e in zip(indices.tolist(), estimates.tolist()):
+        if math.isfinite(e):
+            expected[i] = max(expected[i], e)
+    assert ref[0].tolist() == expected and expected[3] == 0.5
+    with pytest.raises(RuntimeError, match="out of range"):
+        nat.occupancy_update(occupancy, torch.tensor([n]), torch.ones(1, dtype=dtype), 0.95, 0.01)
 
 
 # ----------------------------------------------------------------------------- volume rendering
@@ -516,7 +537,7 @@ def _opcheck_cases():
         "hash_encode_bwd": (gy.requires_grad_(), x.detach().requires_grad_(), p.detach().requires_grad_(), *la, True, True),
         "hash_encode_bwd_bwd": (ggx, gy.detach(), x.detach(), p.detach(), *la, True, True),
         "march_rays": (o, d, box, binary, 0.0, 1e10, 0.1, 0.01, 1e10),
-        "occupancy_update": (torch.rand(3, 4, 5), torch.rand(3, 4, 5), 0.95, 0.5),
+        "occupancy_update": (torch.rand(60), torch.randint(0, 60, (20,)), torch.rand(20), 0.95, 0.5),
         "render_weights_fwd": (sc["t_starts"].requires_grad_(), sc["t_ends"].requires_grad_(),
                                sc["sigmas"].requires_grad_(), off),
         "render_weights_bwd": (torch.randn_like(rw[0]), None, torch.randn_like(rw[0]), sc["t_starts"].detach(),
@@ -605,8 +626,6 @@ def test_cuda_march_matches_reference(case):
     out = nat.march_rays(origins.cuda(), directions.cuda(), aabb.cuda(), binary.cuda(), **kw)
     for a, b in zip(ref, out):
         assert torch.equal(a, b.cpu())
-    new, bits = nat.occupancy_update(binary.float().cuda(), torch.rand(16, 16, 16).cuda(), 0.9, 0.5)
-    assert bits.dtype == torch.bool and new.shape == (16, 16, 16)
 
 
 @pytest.mark.cuda

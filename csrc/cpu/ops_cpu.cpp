@@ -225,30 +225,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays_cpu(const at::Tensor& 
     return {ray_indices, t_starts, t_ends};
 }
 
-std::tuple<at::Tensor, at::Tensor> occupancy_update_cpu(const at::Tensor& density_, const at::Tensor& fresh_,
-                                                        double decay, double threshold) {
-    TORCH_CHECK(density_.sizes() == fresh_.sizes(), "occupancy_update: density and new_density must match");
-    auto density = density_.contiguous();
-    auto fresh = fresh_.to(density.scalar_type()).contiguous();
-    auto out = at::empty_like(density);
-    auto binary = at::empty(density.sizes(), density.options().dtype(at::kBool));
-    const int64_t n = density.numel();
-    AT_DISPATCH_FLOATING_TYPES(density.scalar_type(), "occupancy_update_cpu", [&] {
+std::tuple<at::Tensor, at::Tensor> occupancy_update_cpu(const at::Tensor& occupancy, const at::Tensor& indices_,
+                                                        const at::Tensor& estimates_, double decay, double threshold) {
+    at::Tensor out = occupancy_decayed(occupancy, indices_, estimates_, decay);
+    auto indices = indices_.contiguous();
+    auto estimates = estimates_.contiguous();
+    const int64_t n = out.numel(), m = indices.numel();
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "occupancy_update_cpu", [&] {
         using S = scalar_t;
-        const S* dp = density.data_ptr<S>();
-        const S* fp = fresh.data_ptr<S>();
-        S* op = out.data_ptr<S>();
-        bool* bp = binary.data_ptr<bool>();
-        const S dec = static_cast<S>(decay), thr = static_cast<S>(threshold);
-        at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
-            for (int64_t i = b; i < e; ++i) {
-                S v = march::ema_max(dp[i], dec, fp[i]);
-                op[i] = v;
-                bp[i] = v > thr;
-            }
-        });
+        S* o = out.data_ptr<S>();
+        const int64_t* idx = indices.data_ptr<int64_t>();
+        const S* est = estimates.data_ptr<S>();
+        // Sequential: cells may be drawn twice, and the scatter is cheap next to the estimates' field queries.
+        for (int64_t k = 0; k < m; ++k) {
+            TORCH_CHECK(idx[k] >= 0 && idx[k] < n, "occupancy_update: index ", idx[k], " out of range for ", n, " cells");
+            if (march::is_finite(est[k]) && est[k] > o[idx[k]]) o[idx[k]] = est[k];
+        }
     });
-    return {out, binary};
+    return occupancy_threshold(out, threshold);
 }
 
 // ------------------------------------------------------------------ volume rendering

@@ -1,5 +1,5 @@
 // CUDA launchers of occupancy-grid marching (count pass, exclusive scan, fill pass; one thread per
-// ray) and of the occupancy-grid update (one thread per cell).
+// ray) and of the occupancy-grid update (one thread per visited cell).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -73,34 +73,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays_cuda(const at::Tensor&
     return {ray_indices, t_starts, t_ends};
 }
 
-template <typename S>
-__global__ void occupancy_update_kernel(int64_t n, const S* __restrict__ density, const S* __restrict__ fresh, S decay,
-                                        S threshold, S* __restrict__ out, bool* __restrict__ binary) {
-    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    S v = march::ema_max(density[i], decay, fresh[i]);
-    out[i] = v;
-    binary[i] = v > threshold;
+// Float max by compare-and-swap (no native float atomicMax); cells may be drawn more than once.
+__device__ __forceinline__ void atomic_max(float* address, float value) {
+    int* bits = reinterpret_cast<int*>(address);
+    int old = *bits, assumed;
+    do {
+        assumed = old;
+        if (__int_as_float(assumed) >= value) return;
+        old = atomicCAS(bits, assumed, __float_as_int(value));
+    } while (assumed != old);
 }
 
-std::tuple<at::Tensor, at::Tensor> occupancy_update_cuda(const at::Tensor& density_, const at::Tensor& fresh_,
-                                                         double decay, double threshold) {
-    TORCH_CHECK(density_.sizes() == fresh_.sizes(), "occupancy_update: density and new_density must match");
-    c10::cuda::CUDAGuard guard(density_.device());
-    auto density = density_.contiguous();
-    auto fresh = fresh_.to(density.scalar_type()).contiguous();
-    auto out = at::empty_like(density);
-    auto binary = at::empty(density.sizes(), density.options().dtype(at::kBool));
-    const int64_t n = density.numel();
-    if (n == 0) return {out, binary};
-    AT_DISPATCH_FLOATING_TYPES(density.scalar_type(), "occupancy_update_cuda", [&] {
-        using S = scalar_t;
-        occupancy_update_kernel<S><<<cuda::blocks_for(n, 256), 256, 0, cuda::stream()>>>(
-            n, density.data_ptr<S>(), fresh.data_ptr<S>(), static_cast<S>(decay), static_cast<S>(threshold),
-            out.data_ptr<S>(), binary.data_ptr<bool>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    return {out, binary};
+__device__ __forceinline__ void atomic_max(double* address, double value) {
+    auto* bits = reinterpret_cast<unsigned long long*>(address);
+    unsigned long long old = *bits, assumed;
+    do {
+        assumed = old;
+        if (__longlong_as_double(static_cast<long long>(assumed)) >= value) return;
+        old = atomicCAS(bits, assumed, static_cast<unsigned long long>(__double_as_longlong(value)));
+    } while (assumed != old);
+}
+
+template <typename S>
+__global__ void occupancy_scatter_max_kernel(int64_t m, int64_t n, const int64_t* __restrict__ indices,
+                                             const S* __restrict__ estimates, S* __restrict__ out) {
+    const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (k >= m) return;
+    const int64_t i = indices[k];
+    const S e = estimates[k];
+    if (i >= 0 && i < n && march::is_finite(e)) atomic_max(out + i, e);
+}
+
+std::tuple<at::Tensor, at::Tensor> occupancy_update_cuda(const at::Tensor& occupancy, const at::Tensor& indices_,
+                                                         const at::Tensor& estimates_, double decay, double threshold) {
+    c10::cuda::CUDAGuard guard(occupancy.device());
+    at::Tensor out = occupancy_decayed(occupancy, indices_, estimates_, decay);
+    auto indices = indices_.contiguous();
+    auto estimates = estimates_.contiguous();
+    const int64_t n = out.numel(), m = indices.numel();
+    if (m > 0) {
+        AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "occupancy_update_cuda", [&] {
+            using S = scalar_t;
+            occupancy_scatter_max_kernel<S><<<cuda::blocks_for(m, 256), 256, 0, cuda::stream()>>>(
+                m, n, indices.data_ptr<int64_t>(), estimates.data_ptr<S>(), out.data_ptr<S>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+    }
+    return occupancy_threshold(out, threshold);
 }
 
 }  // namespace

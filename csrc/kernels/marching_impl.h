@@ -173,11 +173,10 @@ struct WritePacked {
     }
 };
 
-// Occupancy-grid update: EMA of the max density per cell, then threshold.
+// Occupancy-grid update: non-finite estimates are skipped (a NaN must not poison a cell for good).
 template <typename S>
-FD_HOST_DEVICE FD_INLINE S ema_max(S density, S decay, S fresh) {
-    S decayed = mul_rn(density, decay);
-    return decayed > fresh ? decayed : fresh;
+FD_HOST_DEVICE FD_INLINE bool is_finite(S v) {
+    return v == v && fd_abs(v) != infinity<S>();
 }
 
 }  // namespace march

@@ -12,13 +12,13 @@ from .. import _backend
 from .compositing import composite_reference
 from .hash_encoding import (DEFAULT_PER_LEVEL_SCALE, HashGridLayout, check_hash_encode_inputs, default_per_level_scale,
                             hash_encode_reference, hash_grid_layout, hash_grid_n_params)
-from .marching import march_rays_reference, ray_aabb_intersect
+from .marching import march_rays_reference, occupancy_update_reference, ray_aabb_intersect
 from .shading import SHADING_MODES, shade, shading_code
 from .volume_rendering import accumulate_along_rays, render_weights_reference
 
 __all__ = [
     "hash_encode", "hash_grid_n_params", "hash_grid_layout", "HashGridLayout", "default_per_level_scale",
-    "DEFAULT_PER_LEVEL_SCALE", "render_weights", "accumulate_along_rays", "march_rays", "ray_aabb_intersect",
+    "DEFAULT_PER_LEVEL_SCALE", "render_weights", "accumulate_along_rays", "march_rays", "occupancy_update", "ray_aabb_intersect",
     "composite", "shade", "SHADING_MODES", "shading_code",
 ]
 
@@ -54,6 +54,16 @@ def march_rays(origins, directions, aabb, binary, near: float, far: float, step_
             from . import _native
             return _native.march_rays(origins, directions, aabb, binary, near, far, step_size, cone_angle, max_step_size)
         return march_rays_reference(origins, directions, aabb, binary, near, far, step_size, cone_angle, max_step_size)
+
+
+def occupancy_update(occupancy, indices, estimates, decay: float, threshold: float):
+    """One occupancy-grid update (decay, max with the visited cells' estimates, mean-capped threshold)
+    -> (occupancy', occupied), flat; see ops.marching.occupancy_update_reference. No host sync."""
+    with torch.no_grad():
+        if _backend.use_native(occupancy.device):
+            from . import _native
+            return _native.occupancy_update(occupancy, indices, estimates, decay, threshold)
+        return occupancy_update_reference(occupancy, indices, estimates, decay, threshold)
 
 
 def composite(t_starts, t_ends, ray_indices, n_rays: int, sigmas, albedo, normals, origins, directions,

@@ -23,7 +23,7 @@ from .. import _backend
 from ..errors import check
 from .compositing import composite_reference
 from .hash_encoding import HashGridLayout
-from .marching import check_march_inputs
+from .marching import check_march_inputs, check_occupancy_update_inputs
 from .shading import shading_code
 from .volume_rendering import check_packed
 
@@ -65,8 +65,8 @@ def _march_rays_fake(origins, directions, box, binary, near, far, step_size, con
 
 
 @torch.library.register_fake(_LIB + "occupancy_update")
-def _occupancy_update_fake(density, new_density, decay, threshold):
-    return torch.empty_like(density), torch.empty_like(density, dtype=torch.bool)
+def _occupancy_update_fake(occupancy, indices, estimates, decay, threshold):
+    return torch.empty_like(occupancy), torch.empty_like(occupancy, dtype=torch.bool)
 
 
 @torch.library.register_fake(_LIB + "render_weights_fwd")
@@ -241,9 +241,11 @@ def march_rays(origins, directions, aabb, binary, near: float, far: float, step_
                           float(step_size), float(cone_angle), float(max_step_size))
 
 
-def occupancy_update(density: torch.Tensor, new_density: torch.Tensor, decay: float, threshold: float):
-    """(max(density * decay, new_density), that > threshold), elementwise over the grid."""
-    return ops.occupancy_update(density, new_density, float(decay), float(threshold))
+def occupancy_update(occupancy: torch.Tensor, indices: torch.Tensor, estimates: torch.Tensor, decay: float,
+                     threshold: float):
+    """See ops.marching.occupancy_update_reference."""
+    check_occupancy_update_inputs(occupancy, indices, estimates)
+    return ops.occupancy_update(occupancy, indices, estimates.to(occupancy.dtype), float(decay), float(threshold))
 
 
 def _per_ray(v, n_rays: int, like: torch.Tensor) -> torch.Tensor:

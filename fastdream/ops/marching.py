@@ -75,3 +75,21 @@ def march_rays_reference(origins, directions, aabb, binary, near: float, far: fl
     # Group by ray; within a ray, the loop above already produced increasing t (stable sort keeps it).
     order = torch.sort(rays, stable=True).indices
     return rays[order], starts[order], ends[order]
+
+
+def check_occupancy_update_inputs(occupancy, indices, estimates) -> None:
+    check(occupancy.dim() == 1 and occupancy.is_floating_point(), f"occupancy update: occupancy must be a flat float tensor, got {occupancy.dtype} {tuple(occupancy.shape)}")
+    check(indices.dim() == 1 and indices.dtype == torch.int64, f"occupancy update: indices must be a 1-D int64 tensor, got {indices.dtype} {tuple(indices.shape)}")
+    check(estimates.shape == indices.shape, f"occupancy update: estimates must match indices {tuple(indices.shape)}, got {tuple(estimates.shape)}")
+
+
+def occupancy_update_reference(occupancy, indices, estimates, decay: float, threshold: float):
+    """One grid update: every cell decays (occupancy * decay, as in instant-ngp; nerfacc decays only the
+    visited cells), each visited cell takes the max of that and its estimates (non-finite estimates are
+    ignored), and a cell is occupied when its value exceeds min(threshold, mean occupancy) as in nerfacc.
+    Returns (occupancy', occupied) as flat tensors."""
+    check_occupancy_update_inputs(occupancy, indices, estimates)
+    estimates = estimates.to(occupancy.dtype)
+    estimates = estimates.masked_fill(~torch.isfinite(estimates), float("-inf"))
+    updated = (occupancy * decay).scatter_reduce(0, indices, estimates, reduce="amax", include_self=True)
+    return updated, updated > updated.mean().clamp_max(threshold)

@@ -198,6 +198,25 @@ inline MarchInputs prepare_march(const at::Tensor& origins, const at::Tensor& di
     return m;
 }
 
+// ---------------------------------------------------------------- occupancy-grid update
+// The launchers scatter the estimates into `decayed` (max, non-finite ones skipped); the decay and the
+// mean-capped threshold are ATen ops on the device, so the update needs no host sync.
+inline at::Tensor occupancy_decayed(const at::Tensor& occupancy, const at::Tensor& indices, const at::Tensor& estimates,
+                                    double decay) {
+    TORCH_CHECK(occupancy.dim() == 1 && at::isFloatingType(occupancy.scalar_type()),
+                "occupancy_update: occupancy must be a flat float tensor");
+    TORCH_CHECK(indices.dim() == 1 && indices.scalar_type() == at::kLong, "occupancy_update: indices must be 1-D int64");
+    TORCH_CHECK(estimates.sizes() == indices.sizes() && estimates.scalar_type() == occupancy.scalar_type(),
+                "occupancy_update: estimates must match indices, in the occupancy's dtype");
+    TORCH_CHECK(indices.device() == occupancy.device() && estimates.device() == occupancy.device(),
+                "occupancy_update: all tensors must be on one device");
+    return at::mul(occupancy.contiguous(), decay);
+}
+
+inline std::tuple<at::Tensor, at::Tensor> occupancy_threshold(const at::Tensor& updated, double threshold) {
+    return {updated, at::gt(updated, at::clamp_max(updated.mean(), threshold))};
+}
+
 template <typename S>
 inline render::ShadeInputs<S> shade_inputs(const CompositeArgs& a, int64_t r) {
     return {a.origins.data_ptr<S>() + 3 * r, a.directions.data_ptr<S>() + 3 * r, a.lights.data_ptr<S>() + 3 * r,
