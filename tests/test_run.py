@@ -288,3 +288,25 @@ def test_out_of_memory_is_a_clear_error(tmp_path, scene_path, monkeypatch, capsy
     assert main(_ref_args(scene_path, tmp_path / "run", 2, *NO_OUTPUTS)) == 2
     err = capsys.readouterr().err
     assert "Out of memory" in err and "render.samples_per_ray" in err and "batch_size" in err
+
+
+# The NeRF stage's loss curve for a fixed seed and a pinned recipe, recorded with the PyTorch reference
+# ops. Regenerate (only when the recipe changes on purpose) with:
+#   FASTDREAM_RECORD_LOSS_CURVE=1 python -m pytest tests/test_run.py -k loss_curve
+LOSS_CURVE = Path(__file__).parent / "data" / "nerf_loss_curve.json"
+PINNED = ["shading.albedo_only_fraction=0.25", "shading.albedo=0.2", "shading.lambertian=0.4",
+          "shading.textureless=0.4", "reg.orientation=0.01", "reg.opacity_entropy=0.001", "reg.opacity_sparsity=0.001",
+          "optim.lr_hash=0.01", "optim.lr_mlp=0.001", "optim.lr_background=0.001", "seed=7"]
+
+
+def test_fixed_seed_loss_curve_matches_the_recording(tmp_path, scene_path, monkeypatch):
+    monkeypatch.setenv("FASTDREAM_BACKEND", "torch")
+    losses = []
+    monkeypatch.setattr(train, "_on_step", lambda trainer, step: losses.append(trainer.last_loss))
+    assert main(_ref_args(scene_path, tmp_path / "run", 10, *NO_OUTPUTS, *PINNED)) == 0
+    assert len(losses) == 10 and all(np.isfinite(losses))
+    if os.environ.get("FASTDREAM_RECORD_LOSS_CURVE") == "1":
+        LOSS_CURVE.write_text(json.dumps({"losses": losses}, indent=1) + "\n")
+    recorded = json.loads(LOSS_CURVE.read_text())["losses"]
+    # exact on the machine that recorded it; the tolerance only absorbs other CPUs' float reductions
+    np.testing.assert_allclose(losses, recorded, rtol=1e-5, atol=1e-7)
