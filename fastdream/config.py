@@ -22,19 +22,36 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass
 from dataclasses import field as _field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from . import _backend
 from .cameras import CameraSamplerConfig
 from .errors import FastDreamError
 from .field import FieldConfig
+from .guidance import registry as guidance_registry
 from .renderer import RenderConfig
+from .stages import STAGES
 
-GUIDANCE_KINDS = ("sd", "if", "reference")
-DEFAULT_MODELS = {"sd": "stabilityai/stable-diffusion-2-1-base", "if": "DeepFloyd/IF-I-XL-v1.0", "reference": ""}
+# numeric keys with a lower bound beyond "finite": key -> (bound, inclusive)
+LOWER_BOUNDS = {
+    "optim.lr_hash": (0.0, False), "optim.lr_mlp": (0.0, False), "optim.lr_background": (0.0, False),
+    "optim.eps": (0.0, False), "optim.grad_clip": (0.0, True), "optim.betas": (0.0, True),
+    "guidance.guidance_scale": (0.0, True), "guidance.t_min": (0.0, True), "guidance.t_max": (0.0, False),
+    "grid.ema_decay": (0.0, True), "grid.threshold": (0.0, True), "grid.resolution": (1, True),
+    "grid.warmup_steps": (0, True), "reg.orientation": (0.0, True), "reg.opacity_entropy": (0.0, True),
+    "reg.opacity_sparsity": (0.0, True), "output.preview_every": (0, True), "output.checkpoint_every": (0, True),
+    "output.keep_checkpoints": (0, True), "output.log_every": (0, True), "output.preview_views": (1, True),
+    "output.preview_resolution": (8, True), "output.texture_resolution": (16, True), "output.video_fps": (1, True),
+    "output.view_distance": (0.0, True), "output.view_fov": (0.0, False), "output.mesh_min_component": (0.0, True),
+    "seed": (0, True),
+}
+UPPER_BOUNDS = {"optim.betas": (1.0, False), "grid.ema_decay": (1.0, True), "guidance.t_min": (1.0, False),
+                "guidance.t_max": (1.0, True), "output.view_fov": (180.0, False)}
 
 
 @dataclass
@@ -73,7 +90,7 @@ class RegularizerConfig:
 
 @dataclass
 class GuidanceConfig:
-    kind: str = "sd"                # sd | if | reference
+    kind: str = "sd"                # a registered family: sd | if | reference (fastdream.guidance.registry)
     model: str = ""                 # hub id or local diffusers folder ("" -> the kind's default model)
     guidance_scale: float = 100.0
     t_min: float = 0.02
@@ -118,6 +135,8 @@ class RunConfig:
     height: int = 64
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    backend: str = "auto"           # ops backend: auto | torch | native (FASTDREAM_BACKEND sets the default)
+    stage: str = "nerf"             # what is trained (fastdream.stages)
     aabb: Tuple[float, float, float, float, float, float] = (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0)
     background: str = "mlp"         # mlp (learned, direction-dependent) | fixed
     background_color: Tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -140,8 +159,14 @@ class RunConfig:
             bad(f"steps must be >= 0, got {self.steps}.")
         if self.batch_size < 1 or self.width < 8 or self.height < 8:
             bad(f"batch_size must be >= 1 and width/height >= 8, got {self.batch_size}, {self.width}x{self.height}.")
-        if self.guidance.kind not in GUIDANCE_KINDS:
-            bad(f"guidance.kind={self.guidance.kind!r}; choose one of {', '.join(GUIDANCE_KINDS)}.")
+        _check_numbers(self, "", bad)
+        kinds = guidance_registry.names()
+        if self.guidance.kind not in kinds:
+            bad(f"guidance.kind={self.guidance.kind!r}; choose one of {', '.join(kinds)}.")
+        if self.stage not in STAGES:
+            bad(f"stage={self.stage!r}; choose one of {', '.join(STAGES)}.")
+        if self.backend not in _backend.BACKENDS:
+            bad(f"backend={self.backend!r}; choose one of {', '.join(_backend.BACKENDS)}.")
         if self.guidance.kind == "reference" and not self.guidance.reference_scene:
             bad("reference guidance needs a scene: --reference-scene SCENE.npz (or a .obj/.ply/.glb mesh).")
         if self.background not in ("mlp", "fixed"):
@@ -163,7 +188,31 @@ class RunConfig:
 
     @property
     def model(self) -> str:
-        return self.guidance.model or DEFAULT_MODELS[self.guidance.kind]
+        return self.guidance.model or guidance_registry.default_model(self.guidance.kind)
+
+
+def _check_numbers(obj, prefix: str, bad) -> None:
+    """Every number in the tree is finite, and within the bounds of LOWER_BOUNDS / UPPER_BOUNDS."""
+    for f in dataclasses.fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, key + ".", bad)
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            shown = value if len(values) == 1 else list(value)
+            if not math.isfinite(v):
+                bad(f"{key} must be a finite number, got {shown}.")
+            if key in LOWER_BOUNDS:
+                lo, inclusive = LOWER_BOUNDS[key]
+                if v < lo or (v == lo and not inclusive):
+                    bad(f"{key} must be {'>=' if inclusive else '>'} {lo}, got {shown}.")
+            if key in UPPER_BOUNDS:
+                hi, inclusive = UPPER_BOUNDS[key]
+                if v > hi or (v == hi and not inclusive):
+                    bad(f"{key} must be {'<=' if inclusive else '<'} {hi}, got {shown}.")
 
 
 # ---------------------------------------------------------------------------------------------- coercion

@@ -34,10 +34,10 @@ def collect_info() -> Dict[str, Any]:
     info["gpu"] = torch.cuda.get_device_name(0) if cuda_ok else None
     info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda_ok else None
     info["requested_backend"] = _backend.requested_backend()
-    module = _backend._load()
+    module = _backend.extension()
     native: Dict[str, Any] = {"built": module is not None}
     if module is None:
-        native["error"] = str(_backend._state["error"])
+        native["error"] = str(_backend.extension_error())
     else:
         native["devices"] = list(module.compiled_devices())
         native["cuda_archs"] = list(getattr(module, "cuda_archs", lambda: [])())

@@ -148,7 +148,7 @@ def test_batch_killed_restarted_and_a_failing_prompt(scene, tmp_path, capsys):
         assert by_prompt[p]["status"] == "done" and by_prompt[p]["seconds"] > 0 and by_prompt[p]["error"] is None
     broken = by_prompt[BROKEN]
     assert broken["status"] == "failed" and broken["returncode"] not in (0, None) and broken["error"]
-    assert Path(broken["log"]).is_file() and "File exists" in broken["error"]
+    assert Path(broken["log"]).is_file() and "is a file, not a folder" in broken["error"]
     assert "failed" in printed and BROKEN in printed
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdream import train
+from fastdream import runs, train
 from fastdream.checkpoint import latest_checkpoint, load_checkpoint
 from fastdream.cli import main
 
@@ -62,9 +62,9 @@ def test_empty_prompt_rejected(tmp_path, capsys):
 
 
 def test_slug_and_default_folder():
-    assert train.slugify("A vase with pink flowers!") == "a_vase_with_pink_flowers"
-    assert train.slugify("???") == "run"
-    assert len(train.slugify("x" * 500)) <= 60
+    assert runs.slugify("A vase with pink flowers!") == "a_vase_with_pink_flowers"
+    assert runs.slugify("???") == "run"
+    assert len(runs.slugify("x" * 500)) <= 60
 
 
 def test_folder_rules(tmp_path, scene_path, capsys):
@@ -168,7 +168,7 @@ def _nan_on(monkeypatch, bad_steps):
 def test_nan_steps_are_skipped(tmp_path, scene_path, monkeypatch):
     _nan_on(monkeypatch, {2, 3})
     out = tmp_path / "run"
-    result = train.run("two spheres", out, overrides=TINY + NO_OUTPUTS, quiet=True,
+    result = runs.run("two spheres", out, overrides=TINY + NO_OUTPUTS, quiet=True,
                        cli=dict(steps=5, device="cpu", guidance="reference", reference_scene=str(scene_path)))
     assert result["n_skipped"] == 2 and result["steps"] == 5
     assert json.loads((out / "metrics.json").read_text())["n_skipped"] == 2
@@ -258,7 +258,7 @@ def test_ctrl_c_stops_after_the_step_and_saves(tmp_path, scene_path, monkeypatch
 
     monkeypatch.setattr(train, "_on_step", request_stop)
     out = tmp_path / "run"
-    result = train.run("two spheres", out, overrides=TINY + NO_OUTPUTS, quiet=True,
+    result = runs.run("two spheres", out, overrides=TINY + NO_OUTPUTS, quiet=True,
                        cli=dict(steps=6, device="cpu", guidance="reference", reference_scene=str(scene_path)))
     assert result["interrupted"] and result["step"] == 2
     assert latest_checkpoint(out / "checkpoints").name == "step_0000002.pt"
@@ -300,10 +300,12 @@ PINNED = ["shading.albedo_only_fraction=0.25", "shading.albedo=0.2", "shading.la
 
 
 def test_fixed_seed_loss_curve_matches_the_recording(tmp_path, scene_path, monkeypatch):
-    monkeypatch.setenv("FASTDREAM_BACKEND", "torch")
+    from fastdream.ops import use_backend
+
     losses = []
     monkeypatch.setattr(train, "_on_step", lambda trainer, step: losses.append(trainer.last_loss))
-    assert main(_ref_args(scene_path, tmp_path / "run", 10, *NO_OUTPUTS, *PINNED)) == 0
+    with use_backend("torch"):
+        assert main(_ref_args(scene_path, tmp_path / "run", 10, *NO_OUTPUTS, *PINNED)) == 0
     assert len(losses) == 10 and all(np.isfinite(losses))
     if os.environ.get("FASTDREAM_RECORD_LOSS_CURVE") == "1":
         LOSS_CURVE.write_text(json.dumps({"losses": losses}, indent=1) + "\n")

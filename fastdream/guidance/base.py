@@ -49,7 +49,6 @@ WEIGHTINGS = ("sds", "uniform", "sqrt_alpha_sigma")
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
 LATENT_MODES = ("vae", "linear")
 ANNEALS = ("linear", "sqrt")
-SHADINGS = ("albedo", "lambertian", "textureless")
 
 
 @dataclass
@@ -149,12 +148,25 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
                          antialias=(h > size or w > size))
 
 
+@dataclass
+class Condition:
+    """What a guidance is conditioned on. Text families read the prompts; image-conditioned families
+    (novel-view models) read the reference image and its camera pose."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    image: Optional[torch.Tensor] = None  # (3, H, W) in [0, 1]
+    pose: Optional[Any] = None            # the reference image's camera (elevation, azimuth, distance)
+
+
 class Guidance(abc.ABC):
     """Frozen 2D diffusion prior scoring renders with SDS. Subclasses provide text encoding,
     the image -> model-input map and the noise prediction; everything else lives here."""
 
     #: model input resolution (renders are resized to this before encoding)
     resolution: int
+    #: the `Condition` fields this guidance reads (see registry.CONDITIONINGS)
+    conditioning: Tuple[str, ...] = ("text",)
 
     def __init__(self, *, options: GuidanceOptions, device: torch.device, dtype: torch.dtype,
                  alphas_cumprod: torch.Tensor):
@@ -189,6 +201,15 @@ class Guidance(abc.ABC):
         """The UNet's epsilon prediction for z_t (N, C, h, w) at timesteps t (N,) (no grad needed)."""
 
     # ------------------------------------------------------------------ prompts
+    def set_condition(self, condition: Condition) -> None:
+        """Condition the guidance; text-conditioned families take the prompts (see set_prompt)."""
+        if condition.image is not None and "image" not in self.conditioning:
+            raise FastDreamError(f"{type(self).__name__} is conditioned on text only; it cannot take a reference image.")
+        if "image" in self.conditioning and condition.image is None:
+            raise FastDreamError(f"{type(self).__name__} needs a reference image (and its camera pose) to condition on.")
+        if "text" in self.conditioning:
+            self.set_prompt(condition.prompt, condition.negative_prompt)
+
     def set_prompt(self, prompt: str, negative_prompt: str = "") -> None:
         """Validate the prompt and cache the per-view (and negative) text embeddings.
 

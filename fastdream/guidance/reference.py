@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import FastDreamError
 from .base import Guidance, GuidanceOptions, SDSOutput
+from .registry import GuidanceFamily, register
 
 MESH_SUFFIXES = (".obj", ".ply", ".glb", ".gltf", ".stl", ".off")
 
@@ -251,3 +252,15 @@ class ReferenceSceneGuidance(Guidance):
         d = super().describe()
         d.update(scene_resolution=list(self.scene["density"].shape), aabb=list(self.aabb))
         return d
+
+
+def _create_reference(source, *, device, dtype, options, reference_scene="", reference_resolution: int = 64,
+                      render_config=None, grid_resolution: int = 64, background_color=(1.0, 1.0, 1.0)):
+    return ReferenceSceneGuidance(reference_scene, device, options=options, render_config=render_config,
+                                  grid_resolution=grid_resolution, background_color=background_color,
+                                  resolution=reference_resolution)
+
+
+register(GuidanceFamily(
+    name="reference", description="the exact denoiser of a known scene (no model weights)", needs_model=False,
+    create=_create_reference, option_defaults={"view_dependent": False}))

@@ -1,5 +1,5 @@
 """Differentiable ops of the engine. Each routes to the native extension when it is built for the
-tensor's device (see fastdream._backend) and otherwise runs its plain-PyTorch twin, which is also
+tensor's device and the backend chosen (`use_backend`, `set_backend`) allows it, and otherwise runs its plain-PyTorch twin, which is also
 the oracle the native kernels are tested against."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
+from .._backend import backend_name, set_backend, use_backend
 from .compositing import composite_reference
 from .hash_encoding import (DEFAULT_PER_LEVEL_SCALE, HashGridLayout, check_hash_encode_inputs, default_per_level_scale,
                             hash_encode_reference, hash_grid_layout, hash_grid_n_params)
@@ -19,7 +20,7 @@ from .volume_rendering import accumulate_along_rays, render_weights_reference
 __all__ = [
     "hash_encode", "hash_grid_n_params", "hash_grid_layout", "HashGridLayout", "default_per_level_scale",
     "DEFAULT_PER_LEVEL_SCALE", "render_weights", "accumulate_along_rays", "march_rays", "occupancy_update", "ray_aabb_intersect",
-    "composite", "shade", "SHADING_MODES", "shading_code",
+    "composite", "shade", "SHADING_MODES", "shading_code", "use_backend", "set_backend", "backend_name",
 ]
 
 _cached_layout = lru_cache(maxsize=64)(hash_grid_layout)

@@ -1,6 +1,7 @@
-"""`fastdream` command line. Each command lives in its own module, which defines
-`add_parser(subparsers)` and sets `func` on its parser; modules are imported only when listed here,
-and heavy dependencies (diffusers, open_clip, ray) only when a command runs."""
+"""`fastdream` command line. Each command lives in its own module of this package, which defines
+`add_parser(subparsers)` and sets `func` on its parser: argument parsing and printing only, the work
+is done by library functions (fastdream.runs, fit, evaluate, batch, diagnostics). Heavy dependencies
+(diffusers, open_clip, ray) are imported only when a command runs."""
 from __future__ import annotations
 
 import argparse
@@ -9,22 +10,10 @@ import logging
 import sys
 from typing import List, Optional
 
-from . import __version__
-from .errors import FastDreamError
+from .. import __version__
+from ..errors import FastDreamError
 
-COMMAND_MODULES = [
-    "fastdream.train",      # run, export
-    "fastdream.fit",        # fit
-    "fastdream.evaluate",   # eval
-    "fastdream.batch",      # batch
-]
-
-
-def _doctor(args) -> int:
-    from . import info
-
-    info()
-    return 0
+COMMAND_MODULES = [f"fastdream.cli.{name}" for name in ("run", "export", "fit", "eval", "batch", "doctor")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,15 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # a command not built yet
-                continue
-            raise
-        module.add_parser(sub)
-    doctor = sub.add_parser("doctor", help="print the backend, compiled CUDA archs, versions and optional accelerators")
-    doctor.set_defaults(func=_doctor)
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 
@@ -60,7 +41,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"fastdream {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

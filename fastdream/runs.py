@@ -1,0 +1,242 @@
+"""A run folder: making, resuming and clearing it, running a stage in it, and loading it back.
+
+`run()` is `fastdream run PROMPT` as a function: it resolves the configuration (defaults < YAML file <
+--set < dedicated flags; on --resume the run's own stored configuration is the base), applies the
+folder policy (an existing non-empty folder needs --resume or --force; --force deletes only what
+fastdream wrote), trains with `fastdream.train.Trainer` and exports.
+
+Outputs (DIR defaults to outputs/<prompt slug>): config.yaml, previews/step_XXXXX.png,
+checkpoints/step_XXXXXXX.pt (atomic), and at the end mesh.obj/.mtl/.ply/.glb, turntable.mp4,
+turntable_textureless.mp4 and metrics.json. `--resume` continues exactly where the last checkpoint
+left off (parameters, Adam moments, occupancy grid, step and every random generator), so a resumed run
+equals an uninterrupted one; Ctrl-C writes a checkpoint at the last completed step and exits.
+
+`load_run()` is the one way back from a folder to a trained stage (config + checkpoint + modules),
+used by `export()`, `fastdream eval` and anyone else reading finished runs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint
+from .config import RunConfig, apply_overrides, build_config, config_from_dict, save_config
+from .errors import FastDreamError
+from .runtime import device_name, is_oom, peak_memory, resolve_device, versions
+from .stages import Stage, build_stage
+from .train import CHECKPOINT_KIND, Trainer
+
+log = logging.getLogger("fastdream")
+
+OUTPUT_NAMES = ("checkpoints", "previews", "config.yaml", "metrics.json", "mesh.obj", "mesh.mtl", "mesh.ply",
+                "mesh.glb", "mesh_albedo.png", "turntable.mp4", "turntable.gif", "turntable_textureless.mp4",
+                "turntable_textureless.gif")
+
+
+def slugify(prompt: str, max_len: int = 60) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")
+    return slug[:max_len].rstrip("_") or "run"
+
+
+OOM_KNOBS = ("Reduce memory with: --set batch_size=1; smaller renders (--set width=64 --set height=64); fewer "
+             "samples per ray (--set render.samples_per_ray=256); a smaller hash table (--set field.log2_hashmap_size=17); "
+             "fewer rays per chunk for previews/export (--set render.chunk_rays=8192, --mesh-resolution 128); for Stable "
+             "Diffusion guidance --set guidance.options.latent_mode=linear or guidance.dtype=float16; or --device cpu.")
+
+
+def prepare_reference(config: RunConfig) -> None:
+    """Reference guidance: the field lives in the scene's box and sees the scene's fixed background."""
+    from .guidance.reference import load_reference_scene
+
+    scene = load_reference_scene(config.guidance.reference_scene, config.guidance.reference_resolution)
+    config.aabb = tuple(float(v) for v in scene["aabb"])
+    if config.background != "fixed":
+        log.info("fastdream: reference guidance renders the scene over a fixed background; using background=fixed.")
+        config.background = "fixed"
+
+
+def _is_nonempty(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def _clear_outputs(folder: Path) -> None:
+    """--force: remove what fastdream wrote there (other files are left alone)."""
+    for name in OUTPUT_NAMES:
+        p = folder / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides: Optional[List[str]] = None,
+        config_file=None, resume: bool = False, force: bool = False, quiet: bool = False,
+        cli: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """`fastdream run` as a function. Returns a summary dict (also written as metrics.json).
+
+    cli: values of dedicated flags (steps, seed, device, guidance kind, model, reference scene), applied last.
+    """
+    wall0 = time.perf_counter()
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise FastDreamError("The prompt is empty: describe the object to create, e.g. "
+                             "fastdream run \"a vase with pink flowers\".")
+    prompt = prompt.strip()
+    if resume and force:
+        raise FastDreamError("--resume and --force contradict each other: --resume continues the run in the output "
+                             "folder, --force deletes it and starts over. Pass one.")
+    out_dir = Path(out_dir) if out_dir else Path("outputs") / slugify(prompt)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FastDreamError(f"The output folder {out_dir} is a file, not a folder; choose another --out.")
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+
+    state = None
+    if _is_nonempty(out_dir) and not (resume or force):
+        raise FastDreamError(f"The output folder {out_dir} already exists and is not empty. Pass --resume to continue "
+                             "its run from the last checkpoint, --force to start over (deleting its fastdream outputs), "
+                             "or --out to choose another folder.")
+    if resume and _is_nonempty(out_dir):
+        ckpt = latest_checkpoint(out_dir / "checkpoints")
+        if ckpt is None:
+            raise FastDreamError(f"Nothing to resume in {out_dir}: it has no checkpoints/step_*.pt. Start over with --force.")
+        state = load_checkpoint(ckpt, kind=CHECKPOINT_KIND)
+        base = config_from_dict(state["config"])
+        base = build_config(config_file, overrides or [], base)
+        log.info("fastdream: resuming %s from step %d", out_dir, int(state["step"]))
+    elif resume:
+        log.info("fastdream: nothing to resume in %s; starting a new run.", out_dir)
+    if state is None:
+        base = build_config(config_file, overrides or [], config)
+    config = base
+    _apply_cli(config, cli)
+    config.prompt = prompt if state is None else (config.prompt or prompt)
+    if state is not None and config.prompt != prompt:
+        log.warning("fastdream: the run in %s was for %r; continuing it (the prompt given now, %r, is ignored).",
+                    out_dir, config.prompt, prompt)
+    if config.guidance.kind == "reference" and state is None:
+        prepare_reference(config)
+    config.validate()
+    device = resolve_device(config.device)
+
+    try:
+        trainer = Trainer(config, out_dir, quiet=quiet, device=device)
+        if force and out_dir.exists():  # only once the model loaded: a typo in --model must not cost the old run
+            _clear_outputs(out_dir)
+        if state is not None:
+            trainer.load_state_dict(state, str(ckpt))
+            trainer.last_checkpoint = ckpt
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "config.yaml")
+        if not quiet:
+            log.info("fastdream: %r -> %s (%d steps on %s, guidance %s)", prompt, out_dir, config.steps, device,
+                     config.guidance.kind if config.guidance.kind == "reference" else config.model)
+        steps_before = trainer.step
+        time_before = trainer.train_time
+        completed = trainer.train()
+        if not completed:
+            return {"interrupted": True, "step": trainer.step, "checkpoint": str(trainer.last_checkpoint)}
+        if trainer.last_checkpoint is None or trainer.last_checkpoint.name != checkpoint_name(trainer.step):
+            trainer.save()
+        trainer.preview()
+        outputs = trainer.stage.export(out_dir, config.output, log.info)
+    except RuntimeError as exc:
+        if is_oom(exc):
+            first = str(exc).strip().splitlines()[0]
+            raise FastDreamError(f"Out of memory on {device} ({first}). {OOM_KNOBS}") from None
+        raise
+    steps_run = trainer.step - steps_before
+    run_time = trainer.train_time - time_before
+    metrics = {
+        "prompt": prompt, "steps": trainer.step, "steps_this_session": steps_run,
+        "wall_time_s": round(time.perf_counter() - wall0, 3), "train_time_s": round(trainer.train_time, 3),
+        "it_per_s": round(steps_run / run_time, 3) if run_time > 0 else None,
+        "n_skipped": trainer.n_skipped, "final_loss": trainer.last_loss if math.isfinite(trainer.last_loss) else None,
+        "device": device_name(device), **peak_memory(device), "versions": versions(device),
+        "guidance": config.guidance.kind if config.guidance.kind == "reference" else config.model,
+        "seed": config.seed, "outputs": {k: os.path.relpath(v, out_dir) for k, v in outputs.items()},
+        "checkpoint": os.path.relpath(trainer.last_checkpoint, out_dir) if trainer.last_checkpoint else None,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info("fastdream: done in %.1fs (%s it/s); outputs in %s", metrics["wall_time_s"], metrics["it_per_s"], out_dir)
+    metrics["trainer"] = trainer
+    return metrics
+
+
+def _apply_cli(config: RunConfig, cli: Dict[str, Any]) -> None:
+    if "steps" in cli:
+        config.steps = int(cli["steps"])
+    if "seed" in cli:
+        config.seed = int(cli["seed"])
+    if "device" in cli:
+        config.device = cli["device"]
+    if "guidance" in cli:
+        config.guidance.kind = cli["guidance"]
+    if "model" in cli:
+        config.guidance.model = str(cli["model"])
+    if "reference_scene" in cli:
+        config.guidance.reference_scene = str(cli["reference_scene"])
+        if "guidance" not in cli:
+            config.guidance.kind = "reference"
+
+
+@dataclass
+class LoadedRun:
+    """A run folder read back: its configuration, checkpoint and trained stage (in eval mode)."""
+    folder: Path
+    config: RunConfig
+    checkpoint: Path
+    state: Dict[str, Any] = field(repr=False)
+    stage: Stage = field(repr=False)
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("step", 0))
+
+
+def load_run(folder, device=None, checkpoint=None, overrides: Optional[List[str]] = None,
+             configure=None) -> LoadedRun:
+    """The run in `folder` rebuilt from its newest checkpoint (or `checkpoint`), on `device` (default: the
+    run's own). `overrides` (key=value) and `configure(config)` adjust the stored configuration first."""
+    folder = Path(folder)
+    if checkpoint is None:
+        if not folder.is_dir():
+            raise FastDreamError(f"Run folder {folder} does not exist or is not a folder; pass the output folder of "
+                                 "a `fastdream run`.")
+        checkpoint = latest_checkpoint(folder / "checkpoints")
+        if checkpoint is None:
+            raise FastDreamError(f"Run folder {folder} has no checkpoints/step_*.pt: it is not a `fastdream run` output "
+                                 "folder, or its run has not written a checkpoint yet.")
+    checkpoint = Path(checkpoint)
+    state = load_checkpoint(checkpoint, kind=CHECKPOINT_KIND)
+    config = apply_overrides(config_from_dict(state["config"]), overrides or [])
+    if configure is not None:
+        configure(config)
+    config.validate()
+    stage_name = state.get("stage", "nerf")  # checkpoints from before stages were named hold NeRF runs
+    stage = build_stage(stage_name, config, resolve_device(device or config.device))
+    try:
+        stage.load_state_dict(state)
+    except (RuntimeError, KeyError) as exc:
+        raise FastDreamError(f"Checkpoint {checkpoint} does not match its own configuration ({str(exc).splitlines()[0]}).") from None
+    stage.train(False)
+    return LoadedRun(folder=folder, config=config, checkpoint=checkpoint, state=state, stage=stage)
+
+
+def export(out_dir, checkpoint=None, device: Optional[str] = None, overrides: Optional[List[str]] = None,
+           **output_overrides) -> Dict[str, str]:
+    """Redo a run's outputs (mesh, turntables, preview) from its latest (or a given) checkpoint."""
+    def configure(config: RunConfig) -> None:
+        for key, value in output_overrides.items():
+            if value is not None:
+                setattr(config.output, key, value)
+
+    loaded = load_run(out_dir, device=device, checkpoint=checkpoint, overrides=overrides, configure=configure)
+    log.info("fastdream: exporting %s (step %d)", loaded.checkpoint, loaded.step)
+    return loaded.stage.export(Path(out_dir), loaded.config.output, log.info)
