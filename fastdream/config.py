@@ -135,7 +135,7 @@ class RunConfig:
     height: int = 64
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    backend: str = "auto"           # ops backend: auto | torch | native (FASTDREAM_BACKEND sets the default)
+    backend: str = ""               # ops backend: auto | torch | native ("": the process's choice, FASTDREAM_BACKEND or auto)
     stage: str = "nerf"             # what is trained (fastdream.stages)
     aabb: Tuple[float, float, float, float, float, float] = (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0)
     background: str = "mlp"         # mlp (learned, direction-dependent) | fixed
@@ -165,8 +165,8 @@ class RunConfig:
             bad(f"guidance.kind={self.guidance.kind!r}; choose one of {', '.join(kinds)}.")
         if self.stage not in STAGES:
             bad(f"stage={self.stage!r}; choose one of {', '.join(STAGES)}.")
-        if self.backend not in _backend.BACKENDS:
-            bad(f"backend={self.backend!r}; choose one of {', '.join(_backend.BACKENDS)}.")
+        if self.backend not in ("",) + _backend.BACKENDS:
+            bad(f"backend={self.backend!r}; choose one of {', '.join(_backend.BACKENDS)} (or leave it empty).")
         if self.guidance.kind == "reference" and not self.guidance.reference_scene:
             bad("reference guidance needs a scene: --reference-scene SCENE.npz (or a .obj/.ply/.glb mesh).")
         if self.background not in ("mlp", "fixed"):

@@ -18,7 +18,8 @@ def _found(name: str) -> bool:
 
 
 def collect_info() -> Dict[str, Any]:
-    from . import __version__, _backend
+    from . import _backend
+    from ._version import __version__
 
     info: Dict[str, Any] = {"fastdream": __version__, "python": platform.python_version(), "platform": platform.platform()}
     try:

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional
 
 from .checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint
 from .config import RunConfig, apply_overrides, build_config, config_from_dict, save_config
+from ._backend import use_backend
 from .errors import FastDreamError
 from .runtime import device_name, is_oom, peak_memory, resolve_device, versions
 from .stages import Stage, build_stage
@@ -125,32 +126,34 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
     config.validate()
     device = resolve_device(config.device)
 
-    try:
-        trainer = Trainer(config, out_dir, quiet=quiet, device=device)
-        if force and out_dir.exists():  # only once the model loaded: a typo in --model must not cost the old run
-            _clear_outputs(out_dir)
-        if state is not None:
-            trainer.load_state_dict(state, str(ckpt))
-            trainer.last_checkpoint = ckpt
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, out_dir / "config.yaml")
-        if not quiet:
-            log.info("fastdream: %r -> %s (%d steps on %s, guidance %s)", prompt, out_dir, config.steps, device,
-                     config.guidance.kind if config.guidance.kind == "reference" else config.model)
-        steps_before = trainer.step
-        time_before = trainer.train_time
-        completed = trainer.train()
-        if not completed:
-            return {"interrupted": True, "step": trainer.step, "checkpoint": str(trainer.last_checkpoint)}
-        if trainer.last_checkpoint is None or trainer.last_checkpoint.name != checkpoint_name(trainer.step):
-            trainer.save()
-        trainer.preview()
-        outputs = trainer.stage.export(out_dir, config.output, log.info)
-    except RuntimeError as exc:
-        if is_oom(exc):
-            first = str(exc).strip().splitlines()[0]
-            raise FastDreamError(f"Out of memory on {device} ({first}). {OOM_KNOBS}") from None
-        raise
+    with use_backend(config.backend):  # the run's ops backend, for training and export
+        try:
+            trainer = Trainer(config, out_dir, quiet=quiet, device=device)
+            if force and out_dir.exists():  # only once the model loaded: a typo in --model must not cost the old run
+                _clear_outputs(out_dir)
+            if state is not None:
+                trainer.load_state_dict(state, str(ckpt))
+                trainer.last_checkpoint = ckpt
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, out_dir / "config.yaml")
+            if not quiet:
+                log.info("fastdream: %r -> %s (%d steps on %s, guidance %s)", prompt, out_dir, config.steps, device,
+                         config.guidance.kind if config.guidance.kind == "reference" else config.model)
+            steps_before = trainer.step
+            time_before = trainer.train_time
+            completed = trainer.train()
+            if not completed:
+                return {"interrupted": True, "step": trainer.step, "checkpoint": str(trainer.last_checkpoint)}
+            if trainer.last_checkpoint is None or trainer.last_checkpoint.name != checkpoint_name(trainer.step):
+                trainer.save()
+            trainer.preview()
+            outputs = trainer.stage.export(out_dir, config.output, log.info)
+            run_versions = versions(device)
+        except RuntimeError as exc:
+            if is_oom(exc):
+                first = str(exc).strip().splitlines()[0]
+                raise FastDreamError(f"Out of memory on {device} ({first}). {OOM_KNOBS}") from None
+            raise
     steps_run = trainer.step - steps_before
     run_time = trainer.train_time - time_before
     metrics = {
@@ -158,7 +161,7 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
         "wall_time_s": round(time.perf_counter() - wall0, 3), "train_time_s": round(trainer.train_time, 3),
         "it_per_s": round(steps_run / run_time, 3) if run_time > 0 else None,
         "n_skipped": trainer.n_skipped, "final_loss": trainer.last_loss if math.isfinite(trainer.last_loss) else None,
-        "device": device_name(device), **peak_memory(device), "versions": versions(device),
+        "device": device_name(device), **peak_memory(device), "versions": run_versions,
         "guidance": config.guidance.kind if config.guidance.kind == "reference" else config.model,
         "seed": config.seed, "outputs": {k: os.path.relpath(v, out_dir) for k, v in outputs.items()},
         "checkpoint": os.path.relpath(trainer.last_checkpoint, out_dir) if trainer.last_checkpoint else None,
@@ -239,4 +242,5 @@ def export(out_dir, checkpoint=None, device: Optional[str] = None, overrides: Op
 
     loaded = load_run(out_dir, device=device, checkpoint=checkpoint, overrides=overrides, configure=configure)
     log.info("fastdream: exporting %s (step %d)", loaded.checkpoint, loaded.step)
-    return loaded.stage.export(Path(out_dir), loaded.config.output, log.info)
+    with use_backend(loaded.config.backend):
+        return loaded.stage.export(Path(out_dir), loaded.config.output, log.info)

@@ -38,7 +38,8 @@ def is_oom(exc: BaseException) -> bool:
 
 def versions(device: Optional[torch.device] = None) -> Dict[str, Any]:
     """fastdream, torch, python, the ops backend on `device` and the versions of loaded key libraries."""
-    from . import __version__, _backend
+    from . import _backend
+    from ._version import __version__
 
     out = {"fastdream": __version__, "torch": torch.__version__, "python": platform.python_version()}
     try:

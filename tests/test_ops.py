@@ -245,3 +245,24 @@ def test_composite_reference_matches_separate_ops():
     assert torch.allclose(rgb, ops.accumulate_along_rays(w, colours, ray_indices, 2), atol=1e-6)
     assert torch.allclose(depth[:, 0], ops.accumulate_along_rays(w, ((t_starts + t_ends) / 2)[:, None], ray_indices, 2)[:, 0], atol=1e-6)
     assert torch.allclose(opacity[:, 0], w.reshape(2, 5).sum(1), atol=1e-6)
+
+
+def test_backend_is_chosen_once_and_switched_on_purpose(monkeypatch):
+    from fastdream import _backend
+    from fastdream.errors import FastDreamError
+
+    start = _backend.requested_backend()
+    monkeypatch.setenv("FASTDREAM_BACKEND", "native" if start != "native" else "torch")
+    assert _backend.requested_backend() == start, "the environment is read once, not on every op call"
+    with ops.use_backend("torch") as chosen:
+        assert chosen == "torch" and ops.backend_name("cpu") == "torch"
+        x = torch.rand(7, 3)
+        params = torch.rand(ops.hash_grid_n_params(n_levels=2, log2_hashmap_size=6)) * 0.1
+        torch.testing.assert_close(ops.hash_encode(x, params, n_levels=2, log2_hashmap_size=6),
+                                   hash_encode_reference(x, params, ops.hash_grid_layout(2, 2, 6, 16, None)))
+        with ops.use_backend(None):
+            assert _backend.requested_backend() == "torch"
+    assert _backend.requested_backend() == start
+    with pytest.raises(FastDreamError, match="'fast' is not understood"):
+        ops.use_backend("fast").__enter__()
+    assert _backend.requested_backend() == start

@@ -312,3 +312,57 @@ def test_fixed_seed_loss_curve_matches_the_recording(tmp_path, scene_path, monke
     recorded = json.loads(LOSS_CURVE.read_text())["losses"]
     # exact on the machine that recorded it; the tolerance only absorbs other CPUs' float reductions
     np.testing.assert_allclose(losses, recorded, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpoints_name_their_stage_and_older_ones_still_load(tmp_path, scene_path, capsys):
+    out = tmp_path / "run"
+    assert main(_ref_args(scene_path, out, 2, *NO_OUTPUTS)) == 0
+    ckpt = latest_checkpoint(out / "checkpoints")
+    state = load_checkpoint(ckpt)
+    assert state["stage"] == "nerf"
+    # a checkpoint written before stages were named has no "stage" key
+    torch.save({k: v for k, v in state.items() if k != "stage"}, ckpt)
+    assert main(_ref_args(scene_path, out, 3, *NO_OUTPUTS, extra=["--resume"])) == 0
+    assert load_checkpoint(latest_checkpoint(out / "checkpoints"))["step"] == 3
+    # a stage this fastdream does not know: one clear paragraph, for resume and export alike
+    newest = latest_checkpoint(out / "checkpoints")
+    torch.save({**torch.load(newest, weights_only=False), "stage": "gaussians"}, newest)
+    capsys.readouterr()
+    assert main(_ref_args(scene_path, out, 4, *NO_OUTPUTS, extra=["--resume"])) == 2
+    assert "'gaussians' stage" in capsys.readouterr().err
+    assert main(["export", str(out), "--no-video", "--no-mesh"]) == 2
+    assert "Unknown training stage 'gaussians'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("optim.lr_hash=nan", "optim.lr_hash must be a finite number, got nan"),
+    ("optim.lr_mlp=-0.001", "optim.lr_mlp must be > 0.0, got -0.001"),
+    ("camera.distance_range=1.0,inf", "camera.distance_range must be a finite number"),
+    ("guidance.t_max=1.5", "guidance.t_max must be <= 1.0, got 1.5"),
+    ("backend=fast", "backend='fast'"),
+])
+def test_bad_numbers_and_names_are_rejected_before_anything_is_written(tmp_path, scene_path, capsys, setting, message):
+    out = tmp_path / "run"
+    assert main(_ref_args(scene_path, out, 2, *NO_OUTPUTS, setting)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Invalid configuration" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_out_naming_a_file_is_a_clear_error(tmp_path, scene_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("mine")
+    assert main(_ref_args(scene_path, target, 2, *NO_OUTPUTS)) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "Traceback" not in err
+    assert target.read_text() == "mine"
+
+
+def test_the_run_config_chooses_the_backend_for_the_run_only(tmp_path, scene_path):
+    from fastdream.ops import backend_name
+
+    before = backend_name("cpu")
+    assert main(_ref_args(scene_path, tmp_path / "run", 1, *NO_OUTPUTS, "backend=torch")) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["versions"]["backend"] == "torch"
+    assert backend_name("cpu") == before

@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from .. import __version__
+from .._version import __version__
 from ..errors import FastDreamError
 
 COMMAND_MODULES = [f"fastdream.cli.{name}" for name in ("run", "export", "fit", "eval", "batch", "doctor")]
