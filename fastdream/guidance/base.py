@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastDreamError
+from ..runtime import is_oom
 from . import prompts as _prompts
 
 WEIGHTINGS = ("sds", "uniform", "sqrt_alpha_sigma")
@@ -132,11 +133,6 @@ def out_of_memory_error(exc: BaseException, what: str = "SDS guidance") -> FastD
     """A FastDreamError explaining a GPU out-of-memory in ``what`` and the knobs that reduce memory."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return FastDreamError(f"The GPU ran out of memory during {what} ({first}). {OOM_HELP}")
-
-
-def _is_oom(exc: BaseException) -> bool:
-    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom_type is not None and isinstance(exc, oom_type)) or "out of memory" in str(exc).lower()
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -346,7 +342,7 @@ class Guidance(abc.ABC):
                 z = self.encode_images(images.to(self.device))
             return self.sds_from_latents(z, cond, uncond, progress, t=t, noise=noise)
         except RuntimeError as exc:
-            if _is_oom(exc):
+            if is_oom(exc):
                 raise out_of_memory_error(exc) from None
             raise
 
