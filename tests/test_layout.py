@@ -103,3 +103,20 @@ def test_the_graph_reader_sees_imports():
     assert "fastdream.stages" in edges["fastdream.train"]
     assert "fastdream.guidance.registry" in edges["fastdream.guidance.stable_diffusion"]
     assert "fastdream.ops" in edges["fastdream.stages.nerf"]
+
+
+def test_readme_layout_table_matches_the_tree():
+    import re
+
+    readme = (ROOT.parent / "README.md").read_text()
+    table = readme[readme.index("## Layout"):readme.index("### Extending")]
+    named = set()
+    for cell in re.findall(r"^\| ([^|]+) \|", table, flags=re.M):
+        paths = re.findall(r"`([^`]+)`", cell)
+        if paths and paths[0].startswith("fastdream/"):
+            folder = paths[0].rsplit("/", 1)[0] if not paths[0].endswith("/") else paths[0].rstrip("/").rsplit("/", 1)[0]
+            for p in paths:
+                named.add(p.rstrip("/") if "/" in p else f"{folder}/{p}")
+    present = {f"fastdream/{p.name}" for p in ROOT.iterdir()
+               if (p.suffix == ".py" and p.name != "__init__.py") or (p.is_dir() and p.name != "__pycache__")}
+    assert named == present, f"in the tree, not the table: {sorted(present - named)}; in the table, not the tree: {sorted(named - present)}"
