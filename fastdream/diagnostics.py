@@ -50,7 +50,7 @@ def collect_info() -> Dict[str, Any]:
         info["backend"] = {"cpu": _backend.backend_name("cpu")}
         if cuda_ok:
             info["backend"]["cuda"] = _backend.backend_name("cuda")
-    except Exception as exc:  # FASTDREAM_BACKEND=native without the extension
+    except Exception as exc:  # the native backend chosen without the extension
         info["backend"] = {"error": str(exc)}
     info["optional"] = {name: _found(name) for name in OPTIONAL}
     return info
@@ -79,7 +79,7 @@ def format_info(info: Dict[str, Any]) -> str:
         lines.append(f"backend: error: {backend['error']}")
     else:
         lines.append("backend in use: " + ", ".join(f"{dev}={name}" for dev, name in backend.items())
-                     + f"  (FASTDREAM_BACKEND={info.get('requested_backend')})")
+                     + f"  (backend chosen: {info.get('requested_backend')})")
     opt = info.get("optional", {})
     lines.append("optional accelerators: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in opt.items()))
     return "\n".join(lines)

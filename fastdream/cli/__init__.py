@@ -12,12 +12,13 @@ from typing import List, Optional
 
 from .._version import __version__
 from ..errors import FastDreamError
+from .options import Parser
 
 COMMAND_MODULES = [f"fastdream.cli.{name}" for name in ("run", "export", "fit", "eval", "batch", "doctor")]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastdream", description="Fast text-to-3D: DreamFusion on hash-grid radiance fields.")
+    parser = Parser(prog="fastdream", description="Fast text-to-3D: DreamFusion on hash-grid radiance fields.")
     parser.add_argument("--version", action="version", version=f"fastdream {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -8,6 +8,7 @@ from typing import List
 from ..batch import run_batch
 from ..errors import FastDreamError
 from ..guidance import registry
+from .options import integer, number
 
 
 def collect_run_args(args) -> List[str]:
@@ -46,14 +47,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     where = p.add_argument_group("where the prompts run")
     where.add_argument("--gpus", default=None, metavar="0,1,...",
                        help="local GPUs, one worker each (default: all visible; 'none' for the CPU)")
-    where.add_argument("--workers", type=int, default=None,
+    where.add_argument("--workers", type=integer(1), default=None,
                        help="CPU workers when no GPU is used (default 1); with --gpus, workers per GPU")
     where.add_argument("--ray", default=None, metavar="ADDRESS",
                        help="run on Ray: 'auto', HOST:6379, ray://HOST:10001, or 'local' for a Ray instance on this machine")
-    where.add_argument("--cpus-per-task", type=float, default=1.0, help="Ray: CPUs each task asks for (default 1)")
+    where.add_argument("--cpus-per-task", type=number(above=0.0), default=1.0, help="Ray: CPUs each task asks for (default 1)")
     run = p.add_argument_group("passed to every `fastdream run`")
-    run.add_argument("--steps", type=int, default=None)
-    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--steps", type=integer(0), default=None)
+    run.add_argument("--seed", type=integer(0), default=None)
     run.add_argument("--model", default=None, metavar="ID_OR_DIR")
     run.add_argument("--guidance", default=None, choices=registry.names())
     run.add_argument("--reference-scene", default=None, metavar="SCENE")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..evaluate import DEFAULT_CLIP, EXAMPLE_PROMPTS, EvalProtocol, evaluate_runs, format_table, read_prompts
 from ..evaluate import __doc__ as EVAL_DOC
+from .options import integer, number
 
 
 def run_eval(args) -> int:
@@ -44,11 +45,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "one for all models or one per --clip model")
     p.add_argument("--clip-cache", default=None, metavar="DIR", help="download cache for CLIP weights (default: the HF cache)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the full report (per-run hits and top prompts) here")
-    p.add_argument("--views", type=int, default=8, help="cameras per run, azimuths evenly spaced (default 8)")
-    p.add_argument("--elevation", type=float, default=30.0, help="camera elevation in degrees (default 30)")
-    p.add_argument("--resolution", type=int, default=224, help="render size in pixels (default 224)")
-    p.add_argument("--distance", type=float, default=None, help="camera distance (default: the run's video camera)")
-    p.add_argument("--fov", type=float, default=None, help="vertical field of view in degrees (default: the run's video camera)")
+    p.add_argument("--views", type=integer(1), default=8, help="cameras per run, azimuths evenly spaced (default 8)")
+    p.add_argument("--elevation", type=number(-90.0, 90.0), default=30.0, help="camera elevation in degrees (default 30)")
+    p.add_argument("--resolution", type=integer(16), default=224, help="render size in pixels (default 224)")
+    p.add_argument("--distance", type=number(above=0.0), default=None, help="camera distance (default: the run's video camera)")
+    p.add_argument("--fov", type=number(above=0.0, below=180.0), default=None, help="vertical field of view in degrees (default: the run's video camera)")
     p.add_argument("--background", choices=("white", "learned"), default="white", help="render background (default white)")
     p.add_argument("--save-renders", default=None, metavar="DIR", help="also write each run's renders as one PNG strip")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .. import runs
+from .options import integer, number
 
 
 def _cmd_export(args) -> int:
@@ -24,10 +25,10 @@ def add_parser(subparsers) -> None:
                               description="Re-export mesh.obj/.ply/.glb and turntables from a run folder's checkpoint.")
     e.add_argument("dir", help="output folder of a `fastdream run`")
     e.add_argument("--checkpoint", help="a specific checkpoint file (default: the latest in DIR/checkpoints)")
-    e.add_argument("--mesh-resolution", type=int, dest="mesh_resolution", help="marching-cubes lattice size (default 256)")
-    e.add_argument("--threshold", type=float, help="density iso-level of the surface (default 10)")
-    e.add_argument("--video-frames", type=int, dest="video_frames", help="frames per turntable (default 120)")
-    e.add_argument("--video-resolution", type=int, dest="video_resolution", help="turntable size in pixels (default 256)")
+    e.add_argument("--mesh-resolution", type=integer(8), dest="mesh_resolution", help="marching-cubes lattice size (default 256)")
+    e.add_argument("--threshold", type=number(), help="density iso-level of the surface (default 10)")
+    e.add_argument("--video-frames", type=integer(1), dest="video_frames", help="frames per turntable (default 120)")
+    e.add_argument("--video-resolution", type=integer(16), dest="video_resolution", help="turntable size in pixels (default 256)")
     e.add_argument("--texture", action="store_true", help="also bake a UV texture (needs xatlas)")
     e.add_argument("--no-video", action="store_true", dest="no_video", help="skip the turntables")
     e.add_argument("--no-mesh", action="store_true", dest="no_mesh", help="skip the mesh")

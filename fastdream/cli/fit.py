@@ -5,6 +5,7 @@ import argparse
 import logging
 
 from ..fit import DEMO_PSNR_TARGET, fit_folder
+from .options import integer
 
 log = logging.getLogger("fastdream")
 
@@ -34,14 +35,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--demo", action="store_true", help="fit a built-in synthetic scene (written to OUT/demo_data)")
     parser.add_argument("--out", metavar="OUT", help="output folder (checkpoint, metrics.json, test views); default for --demo: ./fastdream-fit-demo")
     parser.add_argument("--force", action="store_true", help="delete an existing non-empty --out first")
-    parser.add_argument("--steps", type=int, help="training steps (default: 2000, demo: 150)")
-    parser.add_argument("--resolution", type=int, metavar="W", help="downscale images to this width (keeps the aspect ratio)")
-    parser.add_argument("--rays", type=int, help="random rays per step (default: 4096, demo: 2048)")
+    parser.add_argument("--steps", type=integer(1), help="training steps (default: 2000, demo: 150)")
+    parser.add_argument("--resolution", type=integer(8), metavar="W", help="downscale images to this width (keeps the aspect ratio)")
+    parser.add_argument("--rays", type=integer(1), help="random rays per step (default: 4096, demo: 2048)")
     parser.add_argument("--background", default="white", help="colour RGBA images are composited over: white, black or r,g,b")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=integer(0), default=0)
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--max-test-views", type=int, help="evaluate on at most this many held-out views")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--max-test-views", type=integer(1), help="evaluate on at most this many held-out views")
+    parser.add_argument("--threads", type=integer(1), help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_fit)
     return parser

@@ -6,6 +6,7 @@ import sys
 
 from .. import runs
 from ..guidance import registry
+from .options import integer
 
 
 def _cmd_run(args) -> int:
@@ -30,8 +31,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("prompt", help="what to create, e.g. \"a vase with pink flowers\"")
     p.add_argument("--out", help="output folder (default outputs/<prompt slug>)")
     p.add_argument("--model", help="diffusion model: hub id or local diffusers folder (default per --guidance)")
-    p.add_argument("--steps", type=int, help="optimisation steps (default 10000)")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--steps", type=integer(0), help="optimisation steps (default 10000)")
+    p.add_argument("--seed", type=integer(0), help="random seed (default 0)")
     p.add_argument("--config", help="YAML file with configuration keys (see DIR/config.yaml of any run)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a configuration key, dotted for sections (e.g. --set optim.lr_hash=0.02); repeatable")

@@ -27,9 +27,9 @@ from .marching import check_march_inputs, check_occupancy_update_inputs
 from .shading import shading_code
 from .volume_rendering import check_packed
 
-_C = _backend.native_module() or _backend._load()
+_C = _backend.extension()
 if _C is None:  # pragma: no cover - callers check _backend.use_native first
-    raise ImportError(f"fastdream native extension is not available: {_backend._state['error']}")
+    raise ImportError(f"fastdream native extension is not available: {_backend.extension_error()}")
 
 ops = torch.ops.fastdream
 _LIB = "fastdream::"
