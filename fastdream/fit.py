@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from . import _backend
 from .checkpoint import checkpoint_name, save_checkpoint
 from .data import PosedImages, load_dataset
 from .errors import FastDreamError
+from .export import psnr_from_mse
 from .field import FieldConfig
 from .renderer import RenderConfig, Renderer, build_renderer
 from .runtime import resolve_device
@@ -65,10 +65,6 @@ def default_configs(steps: Optional[int] = None):
     render = RenderConfig(samples_per_ray=512)
     fit = FitConfig(steps=steps or 2000)
     return field, render, fit
-
-
-def psnr_from_mse(mse: float) -> float:
-    return float("inf") if mse <= 0 else -10.0 * math.log10(mse)
 
 
 def pixel_rays(data: PosedImages, image_idx: torch.Tensor, px: torch.Tensor, py: torch.Tensor):

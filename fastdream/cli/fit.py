@@ -36,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="OUT", help="output folder (checkpoint, metrics.json, test views); default for --demo: ./fastdream-fit-demo")
     parser.add_argument("--force", action="store_true", help="delete an existing non-empty --out first")
     parser.add_argument("--steps", type=integer(1), help="training steps (default: 2000, demo: 150)")
-    parser.add_argument("--resolution", type=integer(8), metavar="W", help="downscale images to this width (keeps the aspect ratio)")
+    parser.add_argument("--resolution", type=integer(1), metavar="W", help="downscale images to this width (keeps the aspect ratio)")
     parser.add_argument("--rays", type=integer(1), help="random rays per step (default: 4096, demo: 2048)")
     parser.add_argument("--background", default="white", help="colour RGBA images are composited over: white, black or r,g,b")
     parser.add_argument("--seed", type=integer(0), default=0)

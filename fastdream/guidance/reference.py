@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..demo import sample_volume, voxel_volume
 from ..errors import FastDreamError
 from .base import Guidance, GuidanceOptions, SDSOutput
 from .registry import GuidanceFamily, register
@@ -131,8 +132,7 @@ class VoxelField(nn.Module):
         density = torch.as_tensor(np.asarray(density), dtype=torch.float32)
         albedo = torch.as_tensor(np.asarray(albedo), dtype=torch.float32)
         self.register_buffer("aabb", torch.as_tensor(np.asarray(aabb), dtype=torch.float32).reshape(6))
-        # grid_sample: (1, C, Z, Y, X) volume, (x, y, z) coordinates in [-1, 1], align_corners=False = voxel centres
-        self.register_buffer("volume", torch.cat([density[None], albedo.permute(3, 0, 1, 2)], 0).permute(0, 3, 2, 1)[None].contiguous())
+        self.register_buffer("volume", voxel_volume(density, albedo).contiguous())  # (1, 4, Z, Y, X)
         self.resolution = tuple(density.shape)
         voxel = float(((self.aabb[3:] - self.aabb[:3]) / torch.tensor(self.resolution)).min())
         self.normal_epsilon = normal_epsilon_voxels * voxel
@@ -146,10 +146,7 @@ class VoxelField(nn.Module):
         return (self.aabb[:3] + self.aabb[3:]) / 2
 
     def _sample(self, x: torch.Tensor, channels: slice) -> torch.Tensor:
-        unit = (x.to(self.volume.dtype) - self.aabb[:3]) / (self.aabb[3:] - self.aabb[:3]) * 2.0 - 1.0
-        vol = self.volume[:, channels]
-        out = F.grid_sample(vol, unit.reshape(1, -1, 1, 1, 3), mode="bilinear", padding_mode="zeros", align_corners=False)
-        return out.reshape(vol.shape[1], -1).T
+        return sample_volume(self.volume[:, channels], self.aabb, x)
 
     def density(self, x: torch.Tensor) -> torch.Tensor:
         return self._sample(x, slice(0, 1))[:, 0].clamp_min(0.0).to(x.dtype)
