@@ -31,6 +31,7 @@ from .checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint
 from .config import RunConfig, apply_overrides, build_config, config_from_dict, save_config
 from ._backend import use_backend
 from .errors import FastDreamError
+from .guidance import registry as guidance_registry
 from .runtime import device_name, is_oom, peak_memory, resolve_device, versions
 from .stages import Stage, build_stage
 from .train import CHECKPOINT_KIND, Trainer
@@ -51,17 +52,6 @@ OOM_KNOBS = ("Reduce memory with: --set batch_size=1; smaller renders (--set wid
              "samples per ray (--set render.samples_per_ray=256); a smaller hash table (--set field.log2_hashmap_size=17); "
              "fewer rays per chunk for previews/export (--set render.chunk_rays=8192, --mesh-resolution 128); for Stable "
              "Diffusion guidance --set guidance.options.latent_mode=linear or guidance.dtype=float16; or --device cpu.")
-
-
-def prepare_reference(config: RunConfig) -> None:
-    """Reference guidance: the field lives in the scene's box and sees the scene's fixed background."""
-    from .guidance.reference import load_reference_scene
-
-    scene = load_reference_scene(config.guidance.reference_scene, config.guidance.reference_resolution)
-    config.aabb = tuple(float(v) for v in scene["aabb"])
-    if config.background != "fixed":
-        log.info("fastdream: reference guidance renders the scene over a fixed background; using background=fixed.")
-        config.background = "fixed"
 
 
 def _is_nonempty(folder: Path) -> bool:
@@ -121,8 +111,9 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
     if state is not None and config.prompt != prompt:
         log.warning("fastdream: the run in %s was for %r; continuing it (the prompt given now, %r, is ignored).",
                     out_dir, config.prompt, prompt)
-    if config.guidance.kind == "reference" and state is None:
-        prepare_reference(config)
+    family = guidance_registry.get(config.guidance.kind)
+    if family.configure_run is not None and state is None:
+        family.configure_run(config)
     config.validate()
     device = resolve_device(config.device)
 
@@ -138,7 +129,7 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
             save_config(config, out_dir / "config.yaml")
             if not quiet:
                 log.info("fastdream: %r -> %s (%d steps on %s, guidance %s)", prompt, out_dir, config.steps, device,
-                         config.guidance.kind if config.guidance.kind == "reference" else config.model)
+                         config.model if family.needs_model else config.guidance.kind)
             steps_before = trainer.step
             time_before = trainer.train_time
             completed = trainer.train()
@@ -162,7 +153,7 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
         "it_per_s": round(steps_run / run_time, 3) if run_time > 0 else None,
         "n_skipped": trainer.n_skipped, "final_loss": trainer.last_loss if math.isfinite(trainer.last_loss) else None,
         "device": device_name(device), **peak_memory(device), "versions": run_versions,
-        "guidance": config.guidance.kind if config.guidance.kind == "reference" else config.model,
+        "guidance": config.model if family.needs_model else config.guidance.kind,
         "seed": config.seed, "outputs": {k: os.path.relpath(v, out_dir) for k, v in outputs.items()},
         "checkpoint": os.path.relpath(trainer.last_checkpoint, out_dir) if trainer.last_checkpoint else None,
     }

@@ -19,6 +19,7 @@ around its bounds, coloured from its vertex colours (or texture/material colour)
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -31,6 +32,8 @@ from ..demo import sample_volume, voxel_volume
 from ..errors import FastDreamError
 from .base import Guidance, GuidanceOptions, SDSOutput
 from .registry import GuidanceFamily, register
+
+log = logging.getLogger("fastdream")
 
 MESH_SUFFIXES = (".obj", ".ply", ".glb", ".gltf", ".stl", ".off")
 
@@ -258,6 +261,15 @@ def _create_reference(source, *, device, dtype, options, reference_scene="", ref
                                   resolution=reference_resolution)
 
 
+def _configure_run(config) -> None:
+    """The field lives in the scene's box and sees the scene's fixed background."""
+    scene = load_reference_scene(config.guidance.reference_scene, config.guidance.reference_resolution)
+    config.aabb = tuple(float(v) for v in scene["aabb"])
+    if config.background != "fixed":
+        log.info("fastdream: reference guidance renders the scene over a fixed background; using background=fixed.")
+        config.background = "fixed"
+
+
 register(GuidanceFamily(
     name="reference", description="the exact denoiser of a known scene (no model weights)", needs_model=False,
-    create=_create_reference, option_defaults={"view_dependent": False}))
+    create=_create_reference, option_defaults={"view_dependent": False}, configure_run=_configure_run))

@@ -24,7 +24,8 @@ class GuidanceFamily:
     grid_resolution, background_color, reference_scene, reference_resolution) for families that need them.
     recognise(pipeline_class, unet_config) says whether a diffusers folder (model_index.json `_class_name`,
     "" when absent, and unet/config.json or None) holds this family; it may raise FastDreamError for a near
-    miss (e.g. an upscaler of the family)."""
+    miss (e.g. an upscaler of the family). configure_run(config), when given, adjusts a new run's
+    configuration to the family (the reference scene: the scene's box and its fixed background)."""
     name: str
     description: str
     create: Callable[..., Any]
@@ -33,6 +34,7 @@ class GuidanceFamily:
     recognise: Optional[Callable[[str, Optional[dict]], bool]] = None
     conditioning: Tuple[str, ...] = ("text",)
     option_defaults: Dict[str, Any] = field(default_factory=dict)
+    configure_run: Optional[Callable[[Any], None]] = None
 
     def __post_init__(self):
         unknown = set(self.conditioning) - set(CONDITIONINGS)
