@@ -10,6 +10,7 @@ import sys
 from typing import List, Optional
 
 from . import __version__
+from .atomic import disk_full_error, is_disk_full
 from .errors import FastDreamError
 
 COMMAND_MODULES = [
@@ -60,6 +61,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"fastdream {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        print(f"fastdream {args.command}: error: {disk_full_error(exc.filename or 'its output', exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -288,3 +288,163 @@ def test_out_of_memory_is_a_clear_error(tmp_path, scene_path, monkeypatch, capsy
     assert main(_ref_args(scene_path, tmp_path / "run", 2, *NO_OUTPUTS)) == 2
     err = capsys.readouterr().err
     assert "Out of memory" in err and "render.samples_per_ray" in err and "batch_size" in err
+
+
+# ---------------------------------------------------------------------------------------------- never lose data
+
+@pytest.mark.parametrize("item, fragment", [
+    ("optim.lr_hash=nan", "optim.lr_hash must be a finite number"),
+    ("optim.lr_mlp=inf", "optim.lr_mlp must be a finite number"),
+    ("optim.lr_hash=-0.01", "optim.lr_hash must lie in [0, inf)"),
+    ("guidance.guidance_scale=nan", "guidance.guidance_scale must be a finite number"),
+])
+def test_non_finite_or_negative_options_are_refused_before_anything_is_written(tmp_path, scene_path, capsys, item, fragment):
+    out = tmp_path / "run"
+    assert main(_ref_args(scene_path, out, 3, *NO_OUTPUTS, item)) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_parameters_going_non_finite_fail_loudly_and_keep_the_last_good_checkpoint(tmp_path, scene_path, monkeypatch, capsys):
+    def poison(trainer, step):
+        if step == 3:
+            with torch.no_grad():
+                trainer.renderer.field.encoding_params[0] = float("inf")
+
+    monkeypatch.setattr(train, "_on_step", poison)
+    out = tmp_path / "run"
+    assert main(_ref_args(scene_path, out, 6, "output.checkpoint_every=2")) == 2
+    err = capsys.readouterr().err
+    assert "no longer finite" in err and "step_0000002.pt" in err and "Traceback" not in err
+    assert [p.name for p in (out / "checkpoints").glob("step_*.pt")] == ["step_0000002.pt"]
+    state = load_checkpoint(out / "checkpoints" / "step_0000002.pt")
+    assert all(torch.isfinite(v).all() for v in state["renderer"].values() if v.is_floating_point())
+    assert not (out / "mesh.obj").exists() and not (out / "metrics.json").exists()
+
+
+def test_second_ctrl_c_mid_step_writes_nothing_and_resume_stays_exact(tmp_path, scene_path, monkeypatch):
+    """Two real SIGINTs during step 5: the run stops at once, step_4 (the last good checkpoint) is untouched,
+    and resuming from it ends exactly where an uninterrupted run does."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
+    from fastdream.guidance.reference import ReferenceSceneGuidance
+
+    steps = 8
+    sets = list(NO_OUTPUTS) + ["output.checkpoint_every=2", "output.keep_checkpoints=0"]
+    assert main(_ref_args(scene_path, tmp_path / "a", steps, *sets)) == 0
+
+    original = ReferenceSceneGuidance.__call__
+    calls = {"n": 0}
+
+    def twice_ctrl_c(self, *args, **kwargs):
+        calls["n"] += 1
+        out = original(self, *args, **kwargs)
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(ReferenceSceneGuidance, "__call__", twice_ctrl_c)
+    b = tmp_path / "b"
+    result = train.run("two spheres", b, overrides=TINY + sets, quiet=True,
+                       cli=dict(steps=steps, device="cpu", guidance="reference", reference_scene=str(scene_path)))
+    assert result["interrupted"] and not result["saved"] and result["step"] == 4
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step_0000002.pt", "step_0000004.pt"]
+    a4, b4 = (load_checkpoint(d / "checkpoints" / "step_0000004.pt") for d in (tmp_path / "a", b))
+    assert all(torch.equal(a4["renderer"][k], b4["renderer"][k]) for k in a4["renderer"])
+    assert torch.equal(a4["rng"]["generator"], b4["rng"]["generator"])
+
+    monkeypatch.setattr(ReferenceSceneGuidance, "__call__", original)
+    assert main(_ref_args(scene_path, b, steps, *sets, extra=["--resume"])) == 0
+    fa, fb = _final_state(tmp_path / "a"), _final_state(b)
+    for key, value in fa["renderer"].items():
+        assert torch.equal(value, fb["renderer"][key]), key
+
+
+def _subprocess_run(args, sleep_per_step: float):
+    """`fastdream run ARGS` in a child process whose steps are slowed down, so a signal lands mid-run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; import fastdream.train as t; "
+            f"t._on_step = lambda trainer, step: time.sleep({sleep_per_step}); "
+            "from fastdream.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = dict(os.environ, PYTHONPATH=str(Path(train.__file__).resolve().parents[1]), HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "-c", code] + list(args), stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_sigterm_saves_a_checkpoint_says_so_and_exits_143(tmp_path, scene_path):
+    import signal
+
+    steps = 12
+    sets = list(NO_OUTPUTS) + ["output.log_every=1"]
+    out = tmp_path / "run"
+    proc = _subprocess_run(_ref_args(scene_path, out, steps, *sets), sleep_per_step=0.3)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("step 2/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    err = "".join(lines) + rest
+    assert proc.returncode == 143, err
+    assert "SIGTERM received" in err and "stopped by SIGTERM" in err and "Continue with --resume" in err
+    ckpt = latest_checkpoint(out / "checkpoints")
+    stopped = load_checkpoint(ckpt)["step"]
+    assert 2 <= stopped < steps and f"at step {stopped};" in err and ckpt.name in err
+    # the checkpoint is a consistent state: resuming from it ends where an uninterrupted run does
+    assert main(_ref_args(scene_path, out, steps, *NO_OUTPUTS, extra=["--resume"])) == 0
+    assert main(_ref_args(scene_path, tmp_path / "straight", steps, *NO_OUTPUTS)) == 0
+    fa, fb = _final_state(tmp_path / "straight"), _final_state(out)
+    for key, value in fa["renderer"].items():
+        assert torch.equal(value, fb["renderer"][key]), key
+
+
+def _disk_full_after(monkeypatch, module, name, when):
+    """Make module.name (a writer) write a few bytes and then fail with ENOSPC whenever when(args) is true."""
+    import errno
+
+    original = getattr(module, name)
+
+    def writer(*args, **kwargs):
+        if when(args):
+            target = next((a for a in args if isinstance(a, (str, os.PathLike))), None)
+            if target is not None:
+                Path(target).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, writer)
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_earlier_one(tmp_path, scene_path, monkeypatch, capsys):
+    _disk_full_after(monkeypatch, torch, "save", lambda args: isinstance(args[0], dict) and args[0].get("step") == 4)
+    out = tmp_path / "run"
+    assert main(_ref_args(scene_path, out, 6, *NO_OUTPUTS, "output.checkpoint_every=2")) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "step_0000004.pt" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002.pt"]  # no temporary left
+    assert load_checkpoint(out / "checkpoints" / "step_0000002.pt")["step"] == 2
+
+
+def test_disk_full_during_export_keeps_the_earlier_mesh_whole(tmp_path, scene_path, monkeypatch, capsys):
+    import trimesh
+
+    out = tmp_path / "run"
+    assert main(_ref_args(scene_path, out, 3, "output.video=false")) == 0
+    before = {name: (out / name).read_bytes() for name in ("mesh.obj", "mesh.mtl", "mesh.ply", "mesh.glb")}
+    _disk_full_after(monkeypatch, trimesh.Trimesh, "export", lambda args: str(args[1]).endswith(".glb"))
+    assert main(["export", str(out), "--mesh-resolution", "20", "--no-video"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "mesh.glb" in err and "Traceback" not in err
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
