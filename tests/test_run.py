@@ -448,3 +448,61 @@ def test_disk_full_during_export_keeps_the_earlier_mesh_whole(tmp_path, scene_pa
     assert "No space left on device" in err and "mesh.glb" in err and "Traceback" not in err
     assert {name: (out / name).read_bytes() for name in before} == before
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+# ---------------------------------------------------------------------------------------------- errors before any model loads
+
+def _missing_model_args(out, *extra):
+    """A run whose model does not exist: any error about something else proves it came before the model load."""
+    return ["run", "a hamburger", "--model", "/no/such/model", "--steps", "1", "--out", str(out), "--device", "cpu",
+            "--quiet"] + _sets() + list(extra)
+
+
+def test_unusable_out_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine")
+    for out, fragment in ((a_file, "is a file, not a folder"), (a_file / "sub", "lies under")):
+        assert main(_missing_model_args(out)) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and "/no/such/model" not in err and "Traceback" not in err
+    assert a_file.read_text() == "mine"
+    # a read-only file system (os.access is what tells it apart; root ignores permission bits)
+    real_access = os.access
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == read_only else real_access(p, mode, **kw))
+    assert main(_missing_model_args(read_only / "run")) == 2
+    err = capsys.readouterr().err
+    assert "not writable" in err and "read-only" in err and "/no/such/model" not in err
+    assert not (read_only / "run").exists()
+
+
+def test_failed_start_leaves_no_folder_behind(tmp_path, scene_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert main(_missing_model_args(out)) == 2
+    assert "/no/such/model" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setenv("FASTDREAM_BACKEND", "cuda-please")
+    assert main(_ref_args(scene_path, out, 2, *NO_OUTPUTS)) == 2
+    assert "FASTDREAM_BACKEND" in capsys.readouterr().err and not out.exists()
+    monkeypatch.delenv("FASTDREAM_BACKEND")
+    assert main(_ref_args(scene_path, out, 2, *NO_OUTPUTS)) == 0  # the rerun is not blocked
+    # a folder that existed before is left as it was
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert main(_missing_model_args(mine)) == 2
+    assert mine.is_dir() and not any(mine.iterdir())
+
+
+@pytest.mark.parametrize("argv_tail, fragment", [
+    (["--guidance", "reference"], "reference guidance needs a scene"),
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--guidance", "reference", "--reference-scene", "missing.npz"], "missing.npz"),
+])
+def test_missing_reference_scene_and_zero_steps_are_clear(tmp_path, capsys, argv_tail, fragment):
+    argv = ["run", "x", "--out", str(tmp_path / "o"), "--device", "cpu", "--quiet"] + argv_tail
+    if "--steps" not in argv_tail:
+        argv += ["--steps", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "unknown file type" not in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
