@@ -168,6 +168,18 @@ def test_prompt_errors(sd_folder):
             g.set_prompt(bad)
 
 
+def test_prompts_too_long_for_the_text_encoder_are_warned_about(sd, deepfloyd, caplog):
+    """The tiny tokenizers read 16 tokens (CLIP in SD reads 77): a longer prompt is cut, and the user is told."""
+    for g in (sd, deepfloyd):
+        with caplog.at_level("WARNING", logger="fastdream"):
+            caplog.clear()
+            g.set_prompt("cup")
+            assert "tokens long" not in caplog.text
+            g.set_prompt("a " + "very " * 30 + "tall chair")
+        assert "tokens long" in caplog.text and "reads only 16" in caplog.text, type(g).__name__
+        g.set_prompt("a chair")
+
+
 # ---------------------------------------------------------------------------- SDS maths
 def test_timesteps_and_annealing(sd):
     assert sd.timestep_range(0.0) == (20, 980)
