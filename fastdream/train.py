@@ -21,6 +21,7 @@ device => same result.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -61,8 +62,13 @@ def _on_step(trainer: "Trainer", step: int) -> None:
 
 
 def slugify(prompt: str, max_len: int = 60) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")
-    return slug[:max_len].rstrip("_") or "run"
+    """The default output folder name: the prompt's ASCII words joined by "_". A prompt with characters the
+    slug cannot show (any non-ASCII, or no letters at all) also gets 8 hex digits of its SHA-1, so that
+    "一只猫" and "一只狗" do not share a folder."""
+    slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:max_len].rstrip("_")
+    if slug and prompt.isascii():
+        return slug
+    return f"{slug or 'run'}_{hashlib.sha1(prompt.encode('utf-8')).hexdigest()[:8]}"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -63,7 +63,10 @@ def test_empty_prompt_rejected(tmp_path, capsys):
 
 def test_slug_and_default_folder():
     assert train.slugify("A vase with pink flowers!") == "a_vase_with_pink_flowers"
-    assert train.slugify("???") == "run"
+    # prompts the slug cannot show get distinct folders
+    names = {train.slugify(p) for p in ("一只猫", "一只狗", "???", "!!!", "café", "cafe")}
+    assert len(names) == 6 and "cafe" in names
+    assert train.slugify("一只猫") == train.slugify("一只猫") and train.slugify("一只猫").startswith("run_")
     assert len(train.slugify("x" * 500)) <= 60
 
 
@@ -506,3 +509,21 @@ def test_missing_reference_scene_and_zero_steps_are_clear(tmp_path, capsys, argv
     err = capsys.readouterr().err
     assert fragment in err and "unknown file type" not in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+def test_resume_removes_stale_temporaries_and_warns_about_a_new_total(tmp_path, scene_path, caplog):
+    out = tmp_path / "run"
+    kwargs = dict(overrides=TINY + NO_OUTPUTS, quiet=True, cli=dict(device="cpu", guidance="reference",
+                                                                    reference_scene=str(scene_path)))
+    train.run("two spheres", out, **{**kwargs, "cli": {**kwargs["cli"], "steps": 3}})
+    stale = [out / "checkpoints" / "step_0000004.pt.x1y2z3w4.tmp.pt", out / "mesh.obj.abcd_123.tmp.obj"]
+    for p in stale:
+        p.write_bytes(b"left by a SIGKILL")
+    (out / "my_notes.tmp").write_text("mine")
+    with caplog.at_level("INFO", logger="fastdream"):
+        result = train.run("two spheres", out, resume=True, **{**kwargs, "cli": {**kwargs["cli"], "steps": 5}})
+    assert result["steps"] == 5 and not any(p.exists() for p in stale) and (out / "my_notes.tmp").exists()
+    assert "removed 2 temporary file(s)" in caplog.text
+    assert "set up for 3 steps and now runs to 5" in caplog.text and "differ from a straight 5-step run" in caplog.text
