@@ -50,6 +50,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    # huggingface_hub prints through a handler of its own (as transformers and diffusers do, which do not
+    # propagate): passed on to ours too, each of its warnings would appear twice.
+    logging.getLogger("huggingface_hub").propagate = False
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

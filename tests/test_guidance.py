@@ -458,3 +458,11 @@ def test_a_cached_model_loads_without_network(no_network_hub, sd_folder):
         weights.unlink()
     with pytest.raises(FastDreamError, match="cannot be reached"):
         resolve_model("fastdream-tests/tiny-sd")
+
+
+def test_hub_warnings_are_printed_once():
+    code = ("import logging, huggingface_hub.utils._http; from fastdream.cli import main; main([]); "
+            "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert done.stderr.count("Retrying in 1s") == 1, done.stderr
