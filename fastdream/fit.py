@@ -245,6 +245,7 @@ def run_fit(args) -> int:
             raise FastDreamError("Give --out OUT, the folder for the checkpoint and metrics.json.")
         args.out = "fastdream-fit-demo"
     out = Path(args.out)
+    _backend.requested_backend()  # a bad FASTDREAM_BACKEND is reported before any data is read
     background = _parse_background(args.background)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads is not None:
