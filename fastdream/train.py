@@ -224,7 +224,8 @@ class Trainer:
             raise FastDreamError(
                 f"The model's parameters are no longer finite (NaN or inf) at step {self.step}; nothing was saved or "
                 f"exported. {kept} Lower the learning rates (--set optim.lr_hash=..., optim.lr_mlp=...) or the guidance "
-                "scale, or clip gradients (--set optim.grad_clip=1), then start over with --force.")
+                "scale, or clip gradients (--set optim.grad_clip=1), then continue from the checkpoint with --resume "
+                "(those --set values apply to the resumed run) or start over with --force.")
 
     def save(self) -> Path:
         self.check_finite_parameters()
@@ -531,7 +532,7 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
 
         outputs = export_outputs(trainer.renderer, out_dir, config.output, log.info)
     except BaseException as exc:
-        if trainer is None or trainer.last_checkpoint is None:  # failed before anything worth keeping was written
+        if trainer is None or trainer.step == 0:  # failed before its first step: nothing worth keeping was written
             remove_if_created(out_dir, existed_before)
         if isinstance(exc, RuntimeError) and _is_oom(exc):
             first = str(exc).strip().splitlines()[0]
