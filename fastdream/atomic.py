@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, Mapping, Union
+from typing import Dict, Iterable, Iterator, Mapping, Sequence, Union
 
 from .errors import FastDreamError
 
@@ -29,13 +29,34 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 
 
-def disk_full_error(path: PathLike, exc: OSError) -> FastDreamError:
-    path = Path(path)
+def disk_full_error(path: PathLike, exc: OSError, others: Sequence[PathLike] = ()) -> FastDreamError:
+    paths = [Path(path), *(Path(p) for p in others)]
+    what = str(paths[0]) if len(paths) == 1 else f"{', '.join(p.name for p in paths)} in {paths[0].parent}"
+    earlier = (f"the earlier version of {paths[0].name}, if there was one, is" if len(paths) == 1
+               else "the earlier versions of these files, if there were any, are")
     return FastDreamError(
-        f"No space left on device while writing {path} ({exc.strerror or exc}). Nothing was half-written: the earlier "
-        f"version of {path.name}, if there was one, is untouched. Free some space on that disk (older checkpoints "
-        "can go: output.keep_checkpoints keeps fewer) or choose another --out, then run the command again "
-        "(`fastdream run ... --resume` continues from the last checkpoint).")
+        f"No space left on device while writing {what} ({exc.strerror or exc}). Nothing was half-written: {earlier} "
+        "untouched. Free some space on that disk (older checkpoints can go: output.keep_checkpoints keeps fewer) or "
+        "choose another --out, then run the command again (`fastdream run ... --resume` continues from the last "
+        "checkpoint).")
+
+
+@contextlib.contextmanager
+def _replace_when_done(path: Path) -> Iterator[Path]:
+    """A temporary path next to `path`, fsynced and renamed to `path` when the block succeeds, removed if not."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 @contextlib.contextmanager
@@ -46,22 +67,9 @@ def temporary_path(path: PathLike) -> Iterator[Path]:
     disk is raised as a `FastDreamError`."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp" + path.suffix, dir=path.parent)
-        os.close(fd)
+        with _replace_when_done(path) as tmp:
+            yield tmp
     except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(path, exc) from None
-        raise
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         if is_disk_full(exc):
             raise disk_full_error(path, exc) from None
         raise
@@ -71,9 +79,15 @@ def temporary_path(path: PathLike) -> Iterator[Path]:
 def temporary_paths(paths: Mapping[str, PathLike]) -> Iterator[Dict[str, Path]]:
     """temporary_path for a group of files that belong together (mesh.obj/.mtl/.ply/.glb): all are
     renamed into place only once every one of them was written, so a failure leaves the old set whole."""
-    with contextlib.ExitStack() as stack:
-        # the ExitStack renames in reverse order of entry, after the block below succeeded for all of them
-        yield {key: stack.enter_context(temporary_path(p)) for key, p in paths.items()}
+    targets = [Path(p) for p in paths.values()]
+    try:
+        with contextlib.ExitStack() as stack:
+            # the ExitStack renames only after the block below succeeded for all of them
+            yield {key: stack.enter_context(_replace_when_done(Path(p))) for key, p in paths.items()}
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(targets[0], exc, targets[1:]) from None
+        raise
 
 
 @contextlib.contextmanager

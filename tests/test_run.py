@@ -439,13 +439,17 @@ def test_disk_full_during_a_checkpoint_keeps_the_earlier_one(tmp_path, scene_pat
     assert load_checkpoint(out / "checkpoints" / "step_0000002.pt")["step"] == 2
 
 
-def test_disk_full_during_export_keeps_the_earlier_mesh_whole(tmp_path, scene_path, monkeypatch, capsys):
+@pytest.mark.parametrize("failing", ["obj", "glb"])  # the first and the last mesh file written
+def test_disk_full_during_export_keeps_the_earlier_mesh_whole(tmp_path, scene_path, monkeypatch, capsys, failing):
     import trimesh
 
     out = tmp_path / "run"
     assert main(_ref_args(scene_path, out, 3, "output.video=false")) == 0
     before = {name: (out / name).read_bytes() for name in ("mesh.obj", "mesh.mtl", "mesh.ply", "mesh.glb")}
-    _disk_full_after(monkeypatch, trimesh.Trimesh, "export", lambda args: str(args[1]).endswith(".glb"))
+    if failing == "obj":
+        _disk_full_after(monkeypatch, Path, "write_text", lambda args: str(args[0]).endswith(".obj"))
+    else:
+        _disk_full_after(monkeypatch, trimesh.Trimesh, "export", lambda args: str(args[1]).endswith(".glb"))
     assert main(["export", str(out), "--mesh-resolution", "20", "--no-video"]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "mesh.glb" in err and "Traceback" not in err
