@@ -388,16 +388,11 @@ class Trainer:
             bar.close()
             if self.stop_signal is None:
                 self.stop_signal = "SIGINT"
-            if self._in_step:
-                # Stopped part-way through a step (a second signal): the parameters, Adam moments and random
-                # generators are half-way into the next step, and a checkpoint of them would resume a different run.
-                kept = (f"the last checkpoint, {self.last_checkpoint}, is kept" if self.last_checkpoint
-                        else "no checkpoint had been written")
-                log.warning("fastdream: stopped at once during step %d; nothing saved (%s).", self.step + 1, kept)
-            else:
-                path = self.save()
+            # Stopped part-way through a step (a second signal), the parameters, Adam moments and random
+            # generators are half-way into the next step: a checkpoint of them would resume a different run.
+            if not self._in_step:
+                self.save()
                 self.saved_on_stop = True
-                log.info("fastdream: stopped at step %d; checkpoint saved to %s. Continue with --resume.", self.step, path)
             return False
         finally:
             bar.close()
@@ -623,13 +618,13 @@ def _cmd_run(args) -> int:
     if result.get("interrupted"):
         sig = result.get("signal") or "SIGINT"
         if result.get("saved"):
-            what = f"checkpoint {result['checkpoint']} saved"
-        elif result.get("checkpoint"):
-            what = f"nothing saved; the last checkpoint is {result['checkpoint']}"
+            what = f"at step {result['step']}; checkpoint {result['checkpoint']} saved"
         else:
-            what = "nothing saved (no checkpoint yet)"
+            kept = f"the last checkpoint, {result['checkpoint']}, is kept" if result.get("checkpoint") else "no checkpoint yet"
+            what = (f"during step {result['step'] + 1}; nothing saved (a half-done step would not resume exactly), "
+                    f"{kept}")
         hint = " Continue with --resume." if result.get("checkpoint") else ""
-        print(f"fastdream run: stopped by {sig} at step {result['step']}; {what}.{hint}", file=sys.stderr)
+        print(f"fastdream run: stopped by {sig} {what}.{hint}", file=sys.stderr)
         return EXIT_CODES.get(sig, 130)
     return 0
 
