@@ -326,7 +326,7 @@ def test_parameters_going_non_finite_fail_loudly_and_keep_the_last_good_checkpoi
     assert not (out / "mesh.obj").exists() and not (out / "metrics.json").exists()
 
 
-def test_second_ctrl_c_mid_step_writes_nothing_and_resume_stays_exact(tmp_path, scene_path, monkeypatch):
+def test_second_ctrl_c_mid_step_writes_nothing_and_resume_stays_exact(tmp_path, scene_path, monkeypatch, capsys):
     """Two real SIGINTs during step 5: the run stops at once, step_4 (the last good checkpoint) is untouched,
     and resuming from it ends exactly where an uninterrupted run does."""
     import signal
@@ -353,9 +353,9 @@ def test_second_ctrl_c_mid_step_writes_nothing_and_resume_stays_exact(tmp_path, 
 
     monkeypatch.setattr(ReferenceSceneGuidance, "__call__", twice_ctrl_c)
     b = tmp_path / "b"
-    result = train.run("two spheres", b, overrides=TINY + sets, quiet=True,
-                       cli=dict(steps=steps, device="cpu", guidance="reference", reference_scene=str(scene_path)))
-    assert result["interrupted"] and not result["saved"] and result["step"] == 4
+    assert main(_ref_args(scene_path, b, steps, *sets)) == 130
+    err = capsys.readouterr().err
+    assert "stopped by SIGINT during step 5; nothing saved" in err and "step_0000004.pt, is kept" in err
     assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step_0000002.pt", "step_0000004.pt"]
     a4, b4 = (load_checkpoint(d / "checkpoints" / "step_0000004.pt") for d in (tmp_path / "a", b))
     assert all(torch.equal(a4["renderer"][k], b4["renderer"][k]) for k in a4["renderer"])
