@@ -115,7 +115,8 @@ def resolve_model(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL) -> Tupl
 
 
 def cached_snapshot(repo_id: str) -> Optional[Path]:
-    """The cached snapshot folder of a hub model when it looks complete (model_index.json and UNet weights), else None."""
+    """The cached snapshot folder of a hub model when it looks complete (model_index.json and full-precision UNet
+    weights; a cache holding only the fp16 variant is left to the hub client, which fetches what is missing), else None."""
     try:
         from huggingface_hub import snapshot_download
 
@@ -124,7 +125,8 @@ def cached_snapshot(repo_id: str) -> Optional[Path]:
         return None
     unet = folder / "unet"
     complete = ((folder / "model_index.json").is_file() and (unet / "config.json").is_file()
-                and any(unet.glob("diffusion_pytorch_model*")))
+                and any((unet / f"diffusion_pytorch_model.{ext}").is_file()
+                        for ext in ("safetensors", "bin", "safetensors.index.json", "bin.index.json")))
     return folder if complete else None
 
 
