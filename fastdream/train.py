@@ -546,7 +546,8 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
         "checkpoint": os.path.relpath(trainer.last_checkpoint, out_dir) if trainer.last_checkpoint else None,
     }
     atomic.write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    log.info("fastdream: done in %.1fs (%s it/s); outputs in %s", metrics["wall_time_s"], metrics["it_per_s"], out_dir)
+    speed = f"{metrics['it_per_s']} it/s" if metrics["it_per_s"] else "no training step this time: outputs re-exported"
+    log.info("fastdream: done in %.1fs (%s); outputs in %s", metrics["wall_time_s"], speed, out_dir)
     metrics["trainer"] = trainer
     return metrics
 

@@ -531,3 +531,8 @@ def test_resume_removes_stale_temporaries_and_warns_about_a_new_total(tmp_path, 
     assert result["steps"] == 5 and not any(p.exists() for p in stale) and (out / "my_notes.tmp").exists()
     assert "removed 2 temporary file(s)" in caplog.text
     assert "set up for 3 steps and now runs to 5" in caplog.text and "differ from a straight 5-step run" in caplog.text
+    # resuming a finished run trains nothing and says so (not "None it/s")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fastdream"):
+        assert train.run("two spheres", out, resume=True, **{**kwargs, "cli": {**kwargs["cli"], "steps": 5}})["steps"] == 5
+    assert "no training step this time" in caplog.text and "None" not in caplog.text
