@@ -22,7 +22,7 @@ PathLike = Union[str, os.PathLike]
 
 DISK_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 # what temporary_path() names its files: "<name>.<8 random chars>.tmp<suffix>"
-_TEMPORARY = re.compile(r"^(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+_TEMPORARY = re.compile(r"^.+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -93,8 +93,8 @@ def temporary_paths(paths: Mapping[str, PathLike]) -> Iterator[Dict[str, Path]]:
 @contextlib.contextmanager
 def atomic_open(path: PathLike, mode: str = "w", **kwargs) -> Iterator:
     """open() for writing, atomically (see temporary_path)."""
-    if not any(m in mode for m in "wax"):
-        raise ValueError(f"atomic_open writes; mode {mode!r} does not")
+    if "w" not in mode:
+        raise ValueError(f"atomic_open replaces a whole file: use a 'w' mode, not {mode!r}")
     with temporary_path(path) as tmp, open(tmp, mode, **kwargs) as f:
         yield f
 
@@ -102,12 +102,6 @@ def atomic_open(path: PathLike, mode: str = "w", **kwargs) -> Iterator:
 def write_text(path: PathLike, text: str) -> Path:
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(text)
-    return Path(path)
-
-
-def write_bytes(path: PathLike, data: bytes) -> Path:
-    with atomic_open(path, "wb") as f:
-        f.write(data)
     return Path(path)
 
 
