@@ -85,7 +85,7 @@ class Trainer:
 
     @property
     def renderer(self):
-        """The NeRF stage's renderer (kept for callers that predate stages)."""
+        """The stage's renderer (the NeRF stage's field, background and occupancy grid)."""
         return self.stage.renderer
 
     # ------------------------------------------------------------------ state
