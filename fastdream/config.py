@@ -94,6 +94,9 @@ class OutputConfig:
     checkpoint_every: int = 1000    # 0: only at the end (and on Ctrl-C)
     keep_checkpoints: int = 3       # older step_*.pt files are removed (0 keeps all)
     log_every: int = 100            # --quiet / non-tty: a log line every N steps
+    metrics_every: int = 50         # metrics.jsonl: device values read back in one go every N steps
+    tensorboard: bool = False       # also log the metrics to DIR/tensorboard (needs the tensorboard package)
+    report: bool = True             # write report.html at the end of the run
     mesh: bool = True
     mesh_resolution: int = 256
     mesh_threshold: float = 10.0    # density iso-level of the surface

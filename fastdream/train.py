@@ -48,7 +48,7 @@ CHECKPOINT_KIND = "run"
 SHADINGS = ("albedo", "lambertian", "textureless")
 OUTPUT_NAMES = ("checkpoints", "previews", "config.yaml", "metrics.json", "mesh.obj", "mesh.mtl", "mesh.ply",
                 "mesh.glb", "mesh_albedo.png", "turntable.mp4", "turntable.gif", "turntable_textureless.mp4",
-                "turntable_textureless.gif")
+                "turntable_textureless.gif", "metrics.jsonl", "report.html", "tensorboard")
 
 
 def _on_step(trainer: "Trainer", step: int) -> None:
@@ -264,8 +264,12 @@ class Trainer:
         if (step + 1) % cfg.grid.update_every == 0:
             step_size = self.renderer.step_size
             self.renderer.grid.update(step, lambda x: field.density(x) * step_size, generator=self.generator)
+        n_rays = cfg.batch_size * cfg.width * cfg.height
+        metrics = {**{f"loss_{k}": v for k, v in terms.items()}, "loss": loss.detach(), "sds_grad_norm": sds.grad_norm,
+                   "t": sds.t.float().mean(), "occupancy": self.renderer.grid.binary.float().mean()}
         return {"loss": values[0], "finite": finite, "shading": shading, "n_samples": out.n_samples,
-                "terms": dict(zip(terms, values[1:-1]))}
+                "samples_per_ray": out.n_samples / max(n_rays, 1), "terms": dict(zip(terms, values[1:-1])),
+                "metrics": metrics}
 
     # ------------------------------------------------------------------ loop
     def _install_sigint(self):
@@ -297,14 +301,16 @@ class Trainer:
 
     def train(self) -> bool:
         """Run until config.steps. Returns False when interrupted (a checkpoint was saved)."""
-        from tqdm import tqdm
+        from .metrics_log import MetricsLog
+        from .progress import progress
 
         cfg = self.config
         total = cfg.steps
-        bar = tqdm(total=total, initial=self.step, disable=self.quiet, dynamic_ncols=True, unit="it",
-                   desc="fastdream", file=sys.stderr, smoothing=0.1)
+        bar = progress(total, "fastdream", every=cfg.output.log_every if cfg.output.log_every > 0 else None,
+                       initial=self.step, quiet=self.quiet)
+        metrics_log = MetricsLog(self.out_dir, cfg.output.metrics_every, cfg.output.tensorboard,
+                                 resume_step=self.step if self.step > 0 else None)
         previous = self._install_sigint()
-        start_step, t0 = self.step, time.perf_counter()
         try:
             while self.step < total:
                 if self._stop_requested:
@@ -329,17 +335,15 @@ class Trainer:
                             f"{self.step}); stopping. {kept} Lower the learning rates (--set optim.lr_hash=..., "
                             "optim.lr_mlp=...), the guidance scale, or use float32 guidance (--set guidance.dtype=float32), "
                             "then continue with --resume.")
-                bar.update(1)
-                if not self.quiet and (self.step % 5 == 0 or self.step == total):
+                metrics_log.record({"step": self.step, "time": round(self.train_time, 4), "shading": result["shading"],
+                                    "samples_per_ray": round(result["samples_per_ray"], 3), "skipped": self.n_skipped},
+                                   result["metrics"])
+                if self.step % 5 == 0 or self.step == total:
                     bar.set_postfix(loss=f"{self.last_loss:.4g}", skipped=self.n_skipped, refresh=False)
-                if self.quiet and cfg.output.log_every > 0 and (self.step % cfg.output.log_every == 0 or self.step == total):
-                    now = time.perf_counter()
-                    rate = (self.step - start_step) / max(now - t0, 1e-9)
-                    eta = (total - self.step) / max(rate, 1e-9)
-                    log.info("step %d/%d  loss %.4g  %.2f it/s  ETA %s  skipped %d", self.step, total, self.last_loss,
-                             rate, time.strftime("%H:%M:%S", time.gmtime(eta)), self.n_skipped)
+                bar.update(1)
                 o = cfg.output
                 if o.preview_every > 0 and self.step % o.preview_every == 0 and self.step < total:
+                    metrics_log.flush()  # a live view shows the curve up to the new preview
                     self.preview()
                 if (o.checkpoint_every > 0 and self.step % o.checkpoint_every == 0 and self.step < total
                         and self.consecutive_nonfinite == 0):  # never checkpoint in the middle of a non-finite streak
@@ -347,11 +351,13 @@ class Trainer:
                 _on_step(self, self.step)
         except KeyboardInterrupt:
             bar.close()
+            metrics_log.close()
             path = self.save()
             log.info("fastdream: interrupted at step %d; checkpoint saved to %s. Continue with --resume.", self.step, path)
             return False
         finally:
             bar.close()
+            metrics_log.close()
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
         return True
