@@ -75,3 +75,15 @@ def test_progress_is_tqdm_on_a_terminal_and_lines_otherwise():
     assert not isinstance(progress(10, "x", stream=Tty()), LineProgress)
     bar = progress(10, "x", every=3)
     assert isinstance(bar, LineProgress) and bar.every == 3
+
+
+def test_export_phases_show_progress_with_eta(tmp_path, scene_path, caplog):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(_ref_args(scene_path, out, 2, *NO_OUTPUTS)) == 0
+    with caplog.at_level(logging.INFO, logger="fastdream"):
+        assert main(["export", str(out), "--device", "cpu", "--video-frames", "16", "--mesh-resolution", "32",
+                     "--set", "output.mesh=true", "--set", "output.video=true"]) == 0
+    for phase in ("density grid", "turntable (albedo)", "turntable (textureless)"):
+        lines = [m for m in caplog.messages if m.startswith(phase)]
+        assert lines and "ETA" in lines[-1], (phase, caplog.messages)
+    assert any(m.startswith("turntable (albedo) 16/16") for m in caplog.messages)
