@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "fastdream.fit",        # fit
     "fastdream.evaluate",   # eval
     "fastdream.batch",      # batch
+    "fastdream.view",       # view
 ]
 
 

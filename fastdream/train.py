@@ -507,6 +507,10 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
         "checkpoint": os.path.relpath(trainer.last_checkpoint, out_dir) if trainer.last_checkpoint else None,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if config.output.report:
+        from .report import write_report
+
+        log.info("fastdream: report %s", write_report(out_dir))
     log.info("fastdream: done in %.1fs (%s it/s); outputs in %s", metrics["wall_time_s"], metrics["it_per_s"], out_dir)
     metrics["trainer"] = trainer
     return metrics
@@ -556,7 +560,12 @@ def export(out_dir, checkpoint=None, device: Optional[str] = None, overrides: Op
         raise FastDreamError(f"Checkpoint {checkpoint} does not match its own configuration ({str(exc).splitlines()[0]}).") from None
     renderer.eval()
     log.info("fastdream: exporting %s (step %d)", checkpoint, int(state["step"]))
-    return export_outputs(renderer, out_dir, config.output, log.info)
+    written = export_outputs(renderer, out_dir, config.output, log.info)
+    if config.output.report:
+        from .report import write_report
+
+        written["report"] = str(write_report(out_dir))
+    return written
 
 
 def _cmd_run(args) -> int:
