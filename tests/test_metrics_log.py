@@ -87,3 +87,18 @@ def test_export_phases_show_progress_with_eta(tmp_path, scene_path, caplog):  # 
         lines = [m for m in caplog.messages if m.startswith(phase)]
         assert lines and "ETA" in lines[-1], (phase, caplog.messages)
     assert any(m.startswith("turntable (albedo) 16/16") for m in caplog.messages)
+
+
+def test_tensorboard_gets_the_same_scalars(tmp_path, scene_path):  # noqa: F811
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'fastdream[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(_ref_args(scene_path, out, 4, *NO_OUTPUTS, "output.tensorboard=true", "output.metrics_every=3")) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    rows = read_metrics(out / "metrics.jsonl")
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    assert {"train/sds_grad_norm", "train/t", "train/occupancy", "train/samples_per_ray"} <= set(events.Tags()["scalars"])
