@@ -50,10 +50,10 @@ def density_grid(field, resolution: int = 256, chunk: int = 2**18) -> np.ndarray
 
 
 @torch.no_grad()
-def query_albedo(field, points: np.ndarray, chunk: int = 2**16) -> np.ndarray:
+def query_albedo(field, points: np.ndarray, chunk: int = 2**16, desc: str = "vertex colours") -> np.ndarray:
     device = field.aabb.device
     parts = []
-    with progress(len(points), "texture bake", unit="texel") as bar:
+    with progress(len(points), desc, unit="point") as bar:
         for start in range(0, len(points), chunk):
             pts = torch.as_tensor(points[start:start + chunk], dtype=torch.float32, device=device)
             _, albedo, _ = field.query(pts, need_normals=False)
@@ -219,7 +219,7 @@ def bake_texture(field, mesh, folder: Path, size: int = 1024, name: str = "mesh"
     filled = np.zeros((size, size), bool)
     if len(face_ids):
         points = np.einsum("nk,nkc->nc", bary, v[vmap][tfaces][face_ids])
-        image[texels[:, 1], texels[:, 0]] = query_albedo(field, points)
+        image[texels[:, 1], texels[:, 0]] = query_albedo(field, points, desc="texture bake")
         filled[texels[:, 1], texels[:, 0]] = True
     image = dilate_texture(image, filled)
     image_path = folder / f"{name}_albedo.png"

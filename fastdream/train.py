@@ -7,10 +7,11 @@ the orientation loss and the opacity regulariser, take an Adam step (hash table 
 rate than the MLPs) and, every `grid.update_every` steps, update the occupancy grid.
 
 Outputs (DIR defaults to outputs/<prompt slug>): config.yaml, previews/step_XXXXX.png,
-checkpoints/step_XXXXXXX.pt (atomic), and at the end mesh.obj/.mtl/.ply/.glb, turntable.mp4,
-turntable_textureless.mp4 and metrics.json. `--resume` continues exactly where the last checkpoint
-left off (parameters, Adam moments, occupancy grid, step and every random generator), so a resumed run
-equals an uninterrupted one; Ctrl-C writes a checkpoint at the last completed step and exits.
+checkpoints/step_XXXXXXX.pt (atomic), metrics.jsonl (per-step metrics, fastdream/metrics_log.py), and at
+the end mesh.obj/.mtl/.ply/.glb, turntable.mp4, turntable_textureless.mp4, metrics.json and report.html.
+`--resume` continues exactly where the last checkpoint left off (parameters, Adam moments, occupancy
+grid, step and every random generator), so a resumed run equals an uninterrupted one;
+Ctrl-C writes a checkpoint at the last completed step and exits.
 
 Randomness: one torch.Generator on the training device (seed) drives cameras, lights, shading choices
 and occupancy-grid updates; the guidance draws t and noise from its own generator (seed + 1); the
