@@ -58,11 +58,13 @@ class _Silent(LineProgress):
 
 
 def progress(total: int, desc: str, every: Optional[int] = None, initial: int = 0, quiet: bool = False,
-             unit: str = "it", stream=None):
+             unit: str = "it", stream=None, line_desc: Optional[str] = None):
     """A tqdm bar on a terminal, else a LineProgress logging every `every` units (default: about 10 lines).
 
     quiet: no bar even on a terminal; lines still come every `every` units when `every` is given.
+    line_desc: what the plain lines start with (default desc).
     """
+    line_desc = line_desc or desc
     stream = stream or sys.stderr
     tty = hasattr(stream, "isatty") and stream.isatty()
     if tty and not quiet:
@@ -70,5 +72,5 @@ def progress(total: int, desc: str, every: Optional[int] = None, initial: int = 
 
         return tqdm(total=total, initial=initial, dynamic_ncols=True, unit=unit, desc=desc, file=stream, smoothing=0.1)
     if quiet and every is None:
-        return _Silent(total, desc, 1, initial, unit)
-    return LineProgress(total, desc, every or max(1, (total - initial) // 10), initial, unit)
+        return _Silent(total, line_desc, 1, initial, unit)
+    return LineProgress(total, line_desc, every or max(1, (total - initial) // 10), initial, unit)

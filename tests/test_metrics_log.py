@@ -56,7 +56,7 @@ def test_non_tty_run_logs_plain_lines(tmp_path, scene_path, capsys, caplog):  # 
         assert main(args) == 0
     err = capsys.readouterr().err
     assert "\r" not in err
-    lines = [m for m in caplog.messages if m.startswith("fastdream ") and "/6" in m]
+    lines = [m for m in caplog.messages if m.startswith("step ") and "/6" in m]
     assert [m.split()[1] for m in lines] == ["2/6", "4/6", "6/6"], lines
     assert all("ETA" in m for m in lines)
 

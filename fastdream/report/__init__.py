@@ -12,10 +12,10 @@ import base64
 import json
 import logging
 import mimetypes
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from .. import atomic
 from ..metrics_log import FILENAME as METRICS_LOG, read_metrics
 
 log = logging.getLogger("fastdream")
@@ -136,21 +136,14 @@ def render_page(data: Dict[str, Any], viewer_src: Optional[str] = None) -> str:
             .replace("{{VIEWER}}", viewer))
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def write_report(folder) -> Path:
     """Write FOLDER/report.html (self-contained) for a run folder."""
     folder = Path(folder)
-    return _write_atomic(folder / REPORT, render_page(run_data(folder)))
+    return atomic.write_text(folder / REPORT, render_page(run_data(folder)))
 
 
 def write_index(folder) -> Path:
     """Write FOLDER/index.html for a batch folder: cards linking to each run's report.html."""
     folder = Path(folder)
     data = index_data(folder, run_href=lambda run: f"{run.name}/{REPORT}")
-    return _write_atomic(folder / INDEX, render_page(data))
+    return atomic.write_text(folder / INDEX, render_page(data))
