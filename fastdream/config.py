@@ -202,6 +202,7 @@ NUMERIC_RANGES: Dict[str, str] = {
     "guidance.reference_resolution": "[2, inf)",
     "output.preview_every": "[0, inf)", "output.preview_views": "[1, inf)", "output.preview_resolution": "[16, inf)",
     "output.checkpoint_every": "[0, inf)", "output.keep_checkpoints": "[0, inf)", "output.log_every": "[0, inf)",
+    "output.metrics_every": "[1, inf)",
     "output.mesh_resolution": "[8, inf)", "output.mesh_threshold": "(-inf, inf)", "output.mesh_min_component": "[0, 1]",
     "output.texture_resolution": "[16, inf)", "output.video_frames": "[1, inf)", "output.video_resolution": "[16, inf)",
     "output.video_fps": "[1, inf)", "output.video_elevation": "[-90, 90]", "output.view_distance": "[0, inf)",
