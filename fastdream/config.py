@@ -95,6 +95,9 @@ class OutputConfig:
     checkpoint_every: int = 1000    # 0: only at the end (and on Ctrl-C)
     keep_checkpoints: int = 3       # older step_*.pt files are removed (0 keeps all)
     log_every: int = 100            # --quiet / non-tty: a log line every N steps
+    metrics_every: int = 50         # metrics.jsonl: device values read back in one go every N steps
+    tensorboard: bool = False       # also log the metrics to DIR/tensorboard (needs the tensorboard package)
+    report: bool = True             # write report.html at the end of the run
     mesh: bool = True
     mesh_resolution: int = 256
     mesh_threshold: float = 10.0    # density iso-level of the surface
@@ -206,6 +209,7 @@ NUMERIC_RANGES: Dict[str, str] = {
     "guidance.reference_resolution": "[2, inf)",
     "output.preview_every": "[0, inf)", "output.preview_views": "[1, inf)", "output.preview_resolution": "[16, inf)",
     "output.checkpoint_every": "[0, inf)", "output.keep_checkpoints": "[0, inf)", "output.log_every": "[0, inf)",
+    "output.metrics_every": "[1, inf)",
     "output.mesh_resolution": "[8, inf)", "output.mesh_threshold": "(-inf, inf)", "output.mesh_min_component": "[0, 1]",
     "output.texture_resolution": "[16, inf)", "output.video_frames": "[1, inf)", "output.video_resolution": "[16, inf)",
     "output.video_fps": "[1, inf)", "output.video_elevation": "[-90, 90]", "output.view_distance": "[0, inf)",

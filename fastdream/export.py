@@ -26,6 +26,7 @@ import torch
 
 from . import atomic
 from .cameras import orbit_cameras
+from .progress import progress
 
 log = logging.getLogger("fastdream")
 
@@ -42,22 +43,26 @@ def density_grid(field, resolution: int = 256, chunk: int = 2**18) -> np.ndarray
     flat = out.reshape(resolution, -1)
     yz = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), -1).reshape(-1, 3 - 1)
     per_slab = max(1, chunk // yz.shape[0])
-    for start in range(0, resolution, per_slab):
-        xs = axes[0][start:start + per_slab]
-        pts = torch.cat([xs[:, None, None].expand(-1, yz.shape[0], 1), yz[None].expand(xs.shape[0], -1, -1)], -1).reshape(-1, 3)
-        sigma = field.density(pts.to(device)).float().cpu()
-        flat[start:start + xs.shape[0]] = torch.nan_to_num(sigma, nan=0.0, posinf=1e6).reshape(xs.shape[0], -1).numpy()
+    with progress(resolution, "density grid", unit="slice") as bar:
+        for start in range(0, resolution, per_slab):
+            xs = axes[0][start:start + per_slab]
+            pts = torch.cat([xs[:, None, None].expand(-1, yz.shape[0], 1), yz[None].expand(xs.shape[0], -1, -1)], -1).reshape(-1, 3)
+            sigma = field.density(pts.to(device)).float().cpu()
+            flat[start:start + xs.shape[0]] = torch.nan_to_num(sigma, nan=0.0, posinf=1e6).reshape(xs.shape[0], -1).numpy()
+            bar.update(xs.shape[0])
     return out
 
 
 @torch.no_grad()
-def query_albedo(field, points: np.ndarray, chunk: int = 2**16) -> np.ndarray:
+def query_albedo(field, points: np.ndarray, chunk: int = 2**16, desc: str = "vertex colours") -> np.ndarray:
     device = field.aabb.device
     parts = []
-    for start in range(0, len(points), chunk):
-        pts = torch.as_tensor(points[start:start + chunk], dtype=torch.float32, device=device)
-        _, albedo, _ = field.query(pts, need_normals=False)
-        parts.append(albedo.float().clamp(0, 1).cpu().numpy())
+    with progress(len(points), desc, unit="point") as bar:
+        for start in range(0, len(points), chunk):
+            pts = torch.as_tensor(points[start:start + chunk], dtype=torch.float32, device=device)
+            _, albedo, _ = field.query(pts, need_normals=False)
+            parts.append(albedo.float().clamp(0, 1).cpu().numpy())
+            bar.update(len(pts))
     return np.concatenate(parts) if parts else np.zeros((0, 3), np.float32)
 
 
@@ -219,7 +224,7 @@ def bake_texture(field, mesh, folder: Path, size: int = 1024, name: str = "mesh"
     filled = np.zeros((size, size), bool)
     if len(face_ids):
         points = np.einsum("nk,nkc->nc", bary, v[vmap][tfaces][face_ids])
-        image[texels[:, 1], texels[:, 0]] = query_albedo(field, points)
+        image[texels[:, 1], texels[:, 0]] = query_albedo(field, points, desc="texture bake")
         filled[texels[:, 1], texels[:, 0]] = True
     image = dilate_texture(image, filled)
     image_path = folder / f"{name}_albedo.png"
@@ -292,8 +297,11 @@ def render_turntable(renderer, n_frames: int = 120, resolution: int = 256, shadi
                      batch: int = 8) -> np.ndarray:
     """(n_frames, H, W, 3) uint8 frames of a 360 degree orbit."""
     cams = orbit(renderer, n_frames, resolution, elevation, distance, fov)
-    frames = [render_views(renderer, cams[i:i + batch], shading)
-              for i in range(0, n_frames, batch)]
+    frames = []
+    with progress(n_frames, f"turntable ({shading})", unit="frame") as bar:
+        for i in range(0, n_frames, batch):
+            frames.append(render_views(renderer, cams[i:i + batch], shading))
+            bar.update(len(frames[-1]))
     return np.concatenate(frames)
 
 

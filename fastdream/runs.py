@@ -45,7 +45,7 @@ log = logging.getLogger("fastdream")
 
 OUTPUT_NAMES = ("checkpoints", "previews", "config.yaml", "metrics.json", "mesh.obj", "mesh.mtl", "mesh.ply",
                 "mesh.glb", "mesh_albedo.png", "turntable.mp4", "turntable.gif", "turntable_textureless.mp4",
-                "turntable_textureless.gif")
+                "turntable_textureless.gif", "metrics.jsonl", "report.html", "tensorboard")
 
 
 def slugify(prompt: str, max_len: int = 60) -> str:
@@ -168,6 +168,10 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
         "checkpoint": os.path.relpath(trainer.last_checkpoint, out_dir) if trainer.last_checkpoint else None,
     }
     atomic.write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if config.output.report:
+        from .report import write_report
+
+        log.info("fastdream: report %s", write_report(out_dir))
     speed = f"{metrics['it_per_s']} it/s" if metrics["it_per_s"] else "no training step this time: outputs re-exported"
     log.info("fastdream: done in %.1fs (%s); outputs in %s", metrics["wall_time_s"], speed, out_dir)
     metrics["trainer"] = trainer
@@ -255,4 +259,9 @@ def export(out_dir, checkpoint=None, device: Optional[str] = None, overrides: Op
     loaded = load_run(out_dir, device=device, checkpoint=checkpoint, overrides=overrides, configure=configure)
     log.info("fastdream: exporting %s (step %d)", loaded.checkpoint, loaded.step)
     with use_backend(loaded.config.backend):
-        return loaded.stage.export(Path(out_dir), loaded.config.output, log.info)
+        written = loaded.stage.export(Path(out_dir), loaded.config.output, log.info)
+    if loaded.config.output.report:
+        from .report import write_report
+
+        written["report"] = str(write_report(out_dir))
+    return written

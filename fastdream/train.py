@@ -175,7 +175,10 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.stage.after_step(step, self.generator)
-        return {"loss": values[0], "finite": finite, **result.info, "terms": dict(zip(terms, values[1:-1]))}
+        # Device values for metrics.jsonl: read back in one go every output.metrics_every steps, not here.
+        metrics = {**{f"loss_{k}": v for k, v in terms.items()}, "loss": loss.detach(), **result.metrics}
+        return {"loss": values[0], "finite": finite, **result.info, "terms": dict(zip(terms, values[1:-1])),
+                "metrics": metrics}
 
     # ------------------------------------------------------------------ loop
     def _install_stop_handlers(self) -> Dict[int, Any]:
@@ -208,14 +211,16 @@ class Trainer:
     def train(self) -> bool:
         """Run until config.steps. Returns False when stopped by a signal: after one, at the next step boundary with
         a checkpoint (saved_on_stop); after a second one, at once and without writing anything."""
-        from tqdm import tqdm
+        from .metrics_log import MetricsLog
+        from .progress import progress
 
         cfg = self.config
         total = cfg.steps
-        bar = tqdm(total=total, initial=self.step, disable=self.quiet, dynamic_ncols=True, unit="it",
-                   desc="fastdream", file=sys.stderr, smoothing=0.1)
+        bar = progress(total, "fastdream", every=cfg.output.log_every if cfg.output.log_every > 0 else None,
+                       initial=self.step, quiet=self.quiet, line_desc="step")
+        metrics_log = MetricsLog(self.out_dir, cfg.output.metrics_every, cfg.output.tensorboard,
+                                 resume_step=self.step if self.step > 0 else None)
         previous = self._install_stop_handlers()
-        start_step, t0 = self.step, time.perf_counter()
         try:
             while self.step < total:
                 if self._stop_requested:
@@ -242,17 +247,15 @@ class Trainer:
                             "optim.lr_mlp=...), the guidance scale, or use float32 guidance (--set guidance.dtype=float32), "
                             "then continue with --resume.")
                 self._in_step = False  # parameters, optimizer, grid, random state and counters agree on self.step
-                bar.update(1)
-                if not self.quiet and (self.step % 5 == 0 or self.step == total):
+                row = {"step": self.step, "time": round(self.train_time, 4), "skipped": self.n_skipped}
+                row.update({k: result[k] for k in ("shading", "samples_per_ray") if k in result})
+                metrics_log.record(row, result["metrics"])
+                if self.step % 5 == 0 or self.step == total:
                     bar.set_postfix(loss=f"{self.last_loss:.4g}", skipped=self.n_skipped, refresh=False)
-                if self.quiet and cfg.output.log_every > 0 and (self.step % cfg.output.log_every == 0 or self.step == total):
-                    now = time.perf_counter()
-                    rate = (self.step - start_step) / max(now - t0, 1e-9)
-                    eta = (total - self.step) / max(rate, 1e-9)
-                    log.info("step %d/%d  loss %.4g  %.2f it/s  ETA %s  skipped %d", self.step, total, self.last_loss,
-                             rate, time.strftime("%H:%M:%S", time.gmtime(eta)), self.n_skipped)
+                bar.update(1)
                 o = cfg.output
                 if o.preview_every > 0 and self.step % o.preview_every == 0 and self.step < total:
+                    metrics_log.flush()  # a live view shows the curve up to the new preview
                     self.preview()
                 if (o.checkpoint_every > 0 and self.step % o.checkpoint_every == 0 and self.step < total
                         and self.consecutive_nonfinite == 0):  # never checkpoint in the middle of a non-finite streak
@@ -270,6 +273,7 @@ class Trainer:
             return False
         finally:
             bar.close()
+            metrics_log.close()  # the rows of completed steps
             for signum, handler in previous.items():
                 if handler is not None:
                     signal.signal(signum, handler)

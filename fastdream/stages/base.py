@@ -27,10 +27,12 @@ import torch
 @dataclass
 class StepLoss:
     """A stage's loss for one batch: the total (a scalar tensor), its named terms (detached scalar tensors,
-    read back with the loss in one host sync) and what the loop reports (e.g. the shading used)."""
+    read back with the loss in one host sync), what the loop reports (e.g. the shading used) and device
+    scalars for metrics.jsonl (read back every output.metrics_every steps, never per step)."""
     loss: torch.Tensor
     terms: Dict[str, torch.Tensor] = field(default_factory=dict)
     info: Dict[str, Any] = field(default_factory=dict)
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Stage(abc.ABC):

@@ -85,7 +85,11 @@ class NeRFStage(Stage):
             sp = opacity_sparsity(opacity)
             loss = loss + cfg.reg.opacity_sparsity * sp
             terms["sparsity"] = sp.detach()
-        return StepLoss(loss, terms, {"shading": shading, "n_samples": out.n_samples})
+        n_rays = cfg.batch_size * cfg.width * cfg.height
+        info = {"shading": shading, "n_samples": out.n_samples, "samples_per_ray": out.n_samples / max(n_rays, 1)}
+        metrics = {"sds_grad_norm": sds.grad_norm, "t": sds.t.float().mean(),
+                   "occupancy": self.renderer.grid.binary.float().mean()}
+        return StepLoss(loss, terms, info, metrics)
 
     def after_step(self, step: int, generator: torch.Generator) -> None:
         if (step + 1) % self.config.grid.update_every == 0:
