@@ -2,7 +2,8 @@
 
 Each step: pick the shading mode (albedo only for the first `shading.albedo_only_fraction` of the run,
 then random), render the sampled cameras, score the renders with the guidance (view-dependent prompts
-are the guidance's job: it gets the cameras), add the orientation loss and the opacity regularisers;
+are the guidance's job: it gets the cameras), add the orientation loss and the opacity regularisers, and for image-to-3D the reconstruction of the input
+photo at its fixed camera (colour inside the photo's mask, opacity toward the mask);
 after the optimizer step, every `grid.update_every` steps, update the occupancy grid. Parameter groups:
 the hash table at a higher learning rate than the MLPs, and the learned background.
 """
@@ -36,6 +37,28 @@ class NeRFStage(Stage):
         super().__init__(config, device)
         self.renderer = build_run_renderer(config, device)
         self.renderer.train()
+        self.input_camera = None
+        self.input_rgb = self.input_mask = None  # (1, H, W, 3), (1, H, W, 1) at the render resolution
+
+    def set_input_view(self, photo, camera) -> None:
+        import torch.nn.functional as F
+
+        size = (camera.height, camera.width)
+        rgba = torch.cat([photo.rgb * photo.mask, photo.mask])[None]
+        rgba = F.interpolate(rgba, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        mask = rgba[3:].clamp(0, 1)
+        rgb = torch.where(mask > 1e-4, rgba[:3] / mask.clamp_min(1e-4), torch.zeros_like(rgba[:3])).clamp(0, 1)
+        self.input_camera = camera.to(self.device)
+        self.input_rgb = rgb.permute(1, 2, 0)[None].to(self.device)
+        self.input_mask = mask.permute(1, 2, 0)[None].to(self.device)
+
+    def reconstruction_loss(self):
+        """(colour term, opacity term) at the input camera: squared colour error inside the photo's mask, and
+        squared error of the rendered opacity against the mask, each a mean over pixels."""
+        out = self.renderer.render(self.input_camera, shading="albedo", need_normals=False)
+        rgb = ((out.rgb - self.input_rgb) ** 2 * self.input_mask).mean()
+        mask = ((out.opacity.reshape(self.input_mask.shape) - self.input_mask) ** 2).mean()
+        return rgb, mask
 
     @property
     def scene_radius(self) -> float:
@@ -85,6 +108,10 @@ class NeRFStage(Stage):
             sp = opacity_sparsity(opacity)
             loss = loss + cfg.reg.opacity_sparsity * sp
             terms["sparsity"] = sp.detach()
+        if self.input_camera is not None:
+            rgb, mask = self.reconstruction_loss()
+            loss = loss + cfg.image.rgb_weight * rgb + cfg.image.mask_weight * mask
+            terms["input_rgb"], terms["input_mask"] = rgb.detach(), mask.detach()
         return StepLoss(loss, terms, {"shading": shading, "n_samples": out.n_samples})
 
     def after_step(self, step: int, generator: torch.Generator) -> None:
