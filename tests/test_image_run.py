@@ -45,6 +45,19 @@ def test_tiny_zero123_image_run_writes_every_output(tmp_path, photo, capsys):
         assert len(trimesh.load(out / name, force="mesh").faces) > 0, name
     assert _count_frames(out / "turntable.mp4") == 3 and _count_frames(out / "turntable_textureless.mp4") == 3
     assert (out / "previews" / "step_00002.png").exists() and (out / "previews" / "step_00004.png").exists()
+    # the input photo beside the reconstruction: a first preview column (photo over the render at its camera)
+    # and the left half of every turntable frame
+    import imageio.v3 as iio
+
+    from fastdream.image_input import load_input_image
+
+    preview = iio.imread(out / "previews" / "step_00004.png")
+    assert preview.shape == (2 * 32, 3 * 32, 3)  # 2 orbit views + the input column, at preview_resolution 32
+    expected = load_input_image(photo, resolution=32).on_background() * 255
+    assert np.abs(preview[:32, :32].astype(float) - expected.permute(1, 2, 0).numpy()).mean() < 2.0
+    frame = next(iter(iio.imiter(out / "turntable.mp4")))
+    assert frame.shape[:2] == (32, 64)
+    assert np.abs(frame[:, :32].astype(float) - expected.permute(1, 2, 0).numpy()).mean() < 12.0  # video codec
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["n_skipped"] == 0
     config = yaml.safe_load((out / "config.yaml").read_text())
@@ -95,6 +108,7 @@ def test_image_run_errors_are_clear_and_write_nothing(tmp_path, photo, capsys):
     assert "--image" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_image_run_recovers_the_reference_scene(tmp_path):
     """The photo is a render of the demo scene from the input camera; the novel-view guidance is the exact denoiser
     of the scene at each camera (its pose relative to the input view is its pose in the scene's frame). The run

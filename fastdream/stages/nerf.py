@@ -38,6 +38,7 @@ class NeRFStage(Stage):
         self.renderer = build_run_renderer(config, device)
         self.renderer.train()
         self.input_camera = None
+        self.input_photo = None  # (3, R, R) the photo over the background, kept in checkpoints for previews/exports
         self.input_rgb = self.input_mask = None  # (1, H, W, 3), (1, H, W, 1) at the render resolution
 
     def set_input_view(self, photo, camera) -> None:
@@ -48,6 +49,7 @@ class NeRFStage(Stage):
         rgba = F.interpolate(rgba, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
         mask = rgba[3:].clamp(0, 1)
         rgb = torch.where(mask > 1e-4, rgba[:3] / mask.clamp_min(1e-4), torch.zeros_like(rgba[:3])).clamp(0, 1)
+        self.input_photo = photo.on_background(self.config.background_color).cpu()
         self.input_camera = camera.to(self.device)
         self.input_rgb = rgb.permute(1, 2, 0)[None].to(self.device)
         self.input_mask = mask.permute(1, 2, 0)[None].to(self.device)
@@ -120,10 +122,26 @@ class NeRFStage(Stage):
             self.renderer.grid.update(step, lambda x: field.density(x) * step_size, generator=generator)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"renderer": self.renderer.state_dict()}
+        state = {"renderer": self.renderer.state_dict()}
+        if self.input_photo is not None:
+            state["input_photo"] = (self.input_photo * 255).round().to(torch.uint8)
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.renderer.load_state_dict(state["renderer"])
+        if "input_photo" in state:
+            self.input_photo = state["input_photo"].float() / 255
+
+    def _input_view(self):
+        """(photo, its camera) for previews of an image-to-3D run, else None."""
+        if self.input_photo is None:
+            return None
+        from ..cameras import orbit_cameras
+
+        im = self.config.image
+        camera = orbit_cameras(1, 64, 64, elevation_deg=im.elevation, distance=im.distance * self.scene_radius,
+                               fov_y_deg=im.fov)
+        return self.input_photo, camera
 
     def view_distance(self, output) -> float:
         from ..export import view_distance
@@ -134,9 +152,10 @@ class NeRFStage(Stage):
         from ..export import write_preview
 
         return write_preview(self.renderer, path, output.preview_views, output.preview_resolution,
-                             output.video_elevation, self.view_distance(output), output.view_fov)
+                             output.video_elevation, self.view_distance(output), output.view_fov,
+                             input_view=self._input_view())
 
     def export(self, out_dir: Path, output, say: Callable[..., None]) -> Dict[str, str]:
         from ..export import export_outputs
 
-        return export_outputs(self.renderer, out_dir, output, say)
+        return export_outputs(self.renderer, out_dir, output, say, input_photo=self.input_photo)
