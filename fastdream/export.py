@@ -339,13 +339,27 @@ def image_grid(rows: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
 
 
+def photo_tile(photo: torch.Tensor, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 of an input photo (3, H, W) in [0, 1], to show beside renders."""
+    import torch.nn.functional as F
+
+    tile = F.interpolate(photo[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (tile[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
 def write_preview(renderer, path, n_views: int = 4, resolution: int = 128, elevation: float = 15.0,
-                  distance: Optional[float] = None, fov: float = 45.0) -> Path:
-    """A grid of views: colour on top, textureless below."""
+                  distance: Optional[float] = None, fov: float = 45.0, input_view=None) -> Path:
+    """A grid of views: colour on top, textureless below. `input_view` (photo (3,H,W), its camera) of an
+    image-to-3D run adds a first column: the photo above the reconstruction seen from the photo's camera."""
     import imageio.v2 as imageio
 
     cams = orbit(renderer, n_views, resolution, elevation, distance, fov, start_azimuth=0.0)
-    grid = image_grid([render_views(renderer, cams, "albedo"), render_views(renderer, cams, "textureless")])
+    rows = [render_views(renderer, cams, "albedo"), render_views(renderer, cams, "textureless")]
+    if input_view is not None:
+        photo, camera = input_view
+        seen = render_views(renderer, camera.with_resolution(resolution, resolution), "albedo")
+        rows = [np.concatenate([photo_tile(photo, resolution)[None], rows[0]]), np.concatenate([seen, rows[1]])]
+    grid = image_grid(rows)
     path = Path(path)
     with atomic.temporary_path(path) as tmp:
         imageio.imwrite(tmp, grid)
@@ -354,8 +368,9 @@ def write_preview(renderer, path, n_views: int = 4, resolution: int = 128, eleva
 
 # ---------------------------------------------------------------------------------------------- everything
 
-def export_outputs(renderer, folder, output_config, log_fn=None) -> Dict[str, str]:
-    """Mesh files and turntables into folder, following an OutputConfig; returns {kind: path}."""
+def export_outputs(renderer, folder, output_config, log_fn=None, input_photo: Optional[torch.Tensor] = None) -> Dict[str, str]:
+    """Mesh files and turntables into folder, following an OutputConfig; returns {kind: path}. An image-to-3D
+    run's `input_photo` (3, H, W) is shown at the left of every turntable frame."""
     folder = Path(folder)
     o = output_config
     say = log_fn or log.info
@@ -373,6 +388,9 @@ def export_outputs(renderer, folder, output_config, log_fn=None) -> Dict[str, st
         for shading, name in (("albedo", "turntable.mp4"), ("textureless", "turntable_textureless.mp4")):
             frames = render_turntable(renderer, o.video_frames, o.video_resolution, shading, o.video_elevation,
                                       distance, o.view_fov)
+            if input_photo is not None:
+                tile = photo_tile(input_photo, o.video_resolution)
+                frames = np.concatenate([np.broadcast_to(tile, frames.shape), frames], axis=2)
             written[f"video_{shading}"] = str(write_video(frames, folder / name, o.video_fps))
     return written
 

@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .cameras import sample_cameras
+from .cameras import orbit_cameras, sample_cameras
 from .checkpoint import checkpoint_name, save_checkpoint
 from .config import RunConfig, config_to_dict
 from .errors import FastDreamError
@@ -42,8 +42,28 @@ def _on_step(trainer: "Trainer", step: int) -> None:
     """Called after every completed step (tests patch it to interrupt a run)."""
 
 
-def build_guidance(config: RunConfig, device: torch.device):
-    """The guidance the configuration names (see `fastdream.guidance.registry`), conditioned on its prompt."""
+def input_camera(config: RunConfig, scene_radius: float, width: int, height: int, device=None):
+    """The fixed camera of an image-to-3D run's input photo: azimuth 0 (the object's front), `image.elevation`,
+    `image.distance` scene radii, `image.fov` degrees."""
+    im = config.image
+    return orbit_cameras(1, width, height, elevation_deg=im.elevation, distance=im.distance * scene_radius,
+                         fov_y_deg=im.fov, device=device or "cpu")
+
+
+def load_input_view(config: RunConfig, scene_radius: float, device: torch.device):
+    """(photo, its camera) of an image-to-3D run (`image.path`), or None for text-to-3D."""
+    if not config.image.path:
+        return None
+    from .image_input import load_input_image
+
+    im = config.image
+    photo = load_input_image(im.path, resolution=im.resolution, border_ratio=im.border_ratio, recenter=im.recenter)
+    return photo, input_camera(config, scene_radius, config.width, config.height, device)
+
+
+def build_guidance(config: RunConfig, device: torch.device, input_view=None):
+    """The guidance the configuration names (see `fastdream.guidance.registry`), conditioned on its prompt, or
+    on the input photo (over the run's background colour) and its camera for image-to-3D."""
     from .guidance import Condition, build_guidance as build
 
     g = config.guidance
@@ -54,7 +74,11 @@ def build_guidance(config: RunConfig, device: torch.device):
                      reference_scene=g.reference_scene, reference_resolution=g.reference_resolution,
                      render_config=config.render, grid_resolution=config.grid.resolution,
                      background_color=config.background_color)
-    guidance.set_condition(Condition(prompt=config.prompt, negative_prompt=g.negative_prompt))
+    image = pose = None
+    if input_view is not None:
+        photo, pose = input_view
+        image = photo.on_background(config.background_color)
+    guidance.set_condition(Condition(prompt=config.prompt, negative_prompt=g.negative_prompt, image=image, pose=pose))
     return guidance
 
 
@@ -71,7 +95,10 @@ class Trainer:
         o = config.optim
         self.optimizer = torch.optim.Adam(self.stage.param_groups(o), betas=tuple(o.betas), eps=o.eps)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.guidance = build_guidance(config, self.device)
+        input_view = load_input_view(config, self.stage.scene_radius, self.device)  # before the model: fail fast
+        self.guidance = build_guidance(config, self.device, input_view)
+        if input_view is not None:
+            self.stage.set_input_view(*input_view)
         self.step = 0
         self.n_skipped = 0
         self.consecutive_nonfinite = 0
