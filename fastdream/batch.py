@@ -19,7 +19,9 @@ Options for the runs are passed through unchanged: ``--steps --seed --model --gu
 --device --config --set`` and, for anything else, ``--run-arg=--FLAG`` (repeatable).
 
 Resuming: run the same command again. A prompt whose folder holds ``metrics.json`` (written by `fastdream
-run` when it finishes) is skipped. A half-written folder (interrupted, crashed, machine lost) is resumed
+run` when it finishes) is skipped; when the batch's options (``--steps``, ``--set``, ...) differ from the
+configuration that run was made with, the skip is printed with the differences (and listed under
+``changed`` in the summary), since a finished run is never overwritten. A half-written folder (interrupted, crashed, machine lost) is resumed
 from its newest checkpoint (``--resume``) when it has one, and restarted from scratch (``--force``)
 otherwise. Prompts that failed are retried on the next invocation.
 
@@ -78,6 +80,39 @@ def is_finished(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return not (isinstance(data, dict) and data.get("finished") is False)
+
+
+def changed_options(folder: Path, config_file: Optional[str], overrides: Sequence[str],
+                    flags: Dict[str, Any]) -> List[str]:
+    """What this batch's run options (a config file, --set overrides and the dedicated flags of `fastdream run`)
+    would change in the configuration a finished run in folder was made with, as "key: old -> new" ([] when
+    nothing, or when the folder has no readable config.yaml)."""
+    from .config import build_config, config_to_dict, load_config_file
+    from .runs import apply_flags
+
+    config_path = Path(folder) / "config.yaml"
+    if not config_path.is_file():
+        return []
+    try:
+        saved = load_config_file(config_path)
+        before = _flatten(config_to_dict(saved))  # build_config below updates saved in place
+        wanted = build_config(config_file, list(overrides), saved)
+        apply_flags(wanted, {k: v for k, v in flags.items() if v is not None})
+    except FastDreamError:  # options `fastdream run` itself will report
+        return []
+    after = _flatten(config_to_dict(wanted))
+    return [f"{key}: {before[key]!r} -> {after.get(key)!r}" for key in before
+            if key != "prompt" and after.get(key) != before[key]]
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "options":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def has_checkpoint(folder: Path) -> bool:
@@ -375,9 +410,10 @@ def run_ray(jobs: List[Dict[str, Any]], summary: Summary, address: str, device: 
 
 def run_batch(prompts_file, out, run_args: Sequence[str], *, ray: Optional[str] = None, gpus: Optional[str] = None,
               workers: Optional[int] = None, device: Optional[str] = None, cpus_per_task: float = 1.0,
-              echo: Callable[..., None] = print) -> int:
+              changes: Optional[Callable[[Path], List[str]]] = None, echo: Callable[..., None] = print) -> int:
     """Run every prompt of `prompts_file` (see the module docstring) with `fastdream run` arguments `run_args`;
-    returns the exit code (0 all done or skipped, 1 some failed, 130 interrupted). Progress goes to `echo`."""
+    returns the exit code (0 all done or skipped, 1 some failed, 130 interrupted). `changes(folder)` says what
+    these arguments would change in a finished run's configuration (see changed_options). Progress goes to `echo`."""
     from .evaluate import read_prompts
 
     prompts = read_prompts(prompts_file)
@@ -404,6 +440,12 @@ def run_batch(prompts_file, out, run_args: Sequence[str], *, ray: Optional[str] 
         if is_finished(folder):
             record["status"] = "skipped"
             record["error"] = None
+            changed = changes(folder) if changes is not None else []
+            if changed:
+                record["changed"] = changed
+                echo(f"fastdream batch: skipping {prompt!r}: finished earlier with other options "
+                      f"({'; '.join(changed)}); delete {folder} (or use another --out) to run it with these.",
+                      flush=True)
             continue
         jobs.append({"prompt": prompt, "folder": str(folder), "log": record["log"], "run_args": run_args,
                      "_record": record})

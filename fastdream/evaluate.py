@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from . import atomic
 from .errors import FastDreamError
 
 log = logging.getLogger("fastdream.eval")
@@ -475,7 +476,8 @@ def _save_strip(root: Path, run_dir: Path, renders: Dict[str, Any]) -> None:
 
     root.mkdir(parents=True, exist_ok=True)
     rows = [np.concatenate(list(np.asarray(renders[k])), axis=1) for k in RENDER_TYPES]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(root / f"{run_dir.name}.png")
+    with atomic.temporary_path(root / f"{run_dir.name}.png") as tmp:
+        Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
 
 
 def format_table(report: Dict[str, Any]) -> str:

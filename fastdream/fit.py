@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,12 +16,13 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from . import _backend
+from . import _backend, atomic
 from .checkpoint import checkpoint_name, save_checkpoint
 from .data import PosedImages, load_dataset
 from .errors import FastDreamError
 from .export import psnr_from_mse
 from .field import FieldConfig
+from .output_folder import check_output_folder, clear_outputs, is_nonempty, refuse_overlap
 from .renderer import RenderConfig, Renderer, build_renderer
 from .runtime import resolve_device
 
@@ -186,8 +186,7 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
         "train_source": str(train.source),
         "test_source": str(test.source),
     }
-    with open(out_dir / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2)
+    atomic.write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -198,18 +197,21 @@ def _write_views(folder: Path, predictions, data: PosedImages, limit: int) -> No
     folder.mkdir(parents=True, exist_ok=True)
     for k, pred in enumerate(predictions[:limit]):
         pair = torch.cat([pred, data.images[k]], dim=1).numpy()
-        Image.fromarray((pair * 255.0 + 0.5).clip(0, 255).astype(np.uint8)).save(folder / f"view_{k:03d}.png")
+        with atomic.temporary_path(folder / f"view_{k:03d}.png") as tmp:
+            Image.fromarray((pair * 255.0 + 0.5).clip(0, 255).astype(np.uint8)).save(tmp)
 
 
-def prepare_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FastDreamError(f"--out {out} exists and is a file, not a folder; choose another --out.")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise FastDreamError(f"The output folder {out} already exists and is not empty. fastdream will not overwrite "
-                                 "an earlier run: choose another --out, or pass --force to delete its contents and start over.")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+FIT_OUTPUTS = ("checkpoints", "test_views", "metrics.json", "demo_data")
+
+
+def prepare_out_dir(out: Path, force: bool, data: Optional[Path] = None) -> None:
+    """Refuse an unusable or occupied --out (or one holding the dataset); with force, remove only fit's outputs."""
+    check_output_folder(out)
+    refuse_overlap(out, [data])
+    if is_nonempty(out) and not force:
+        raise FastDreamError(f"The output folder {out} already exists and is not empty. fastdream will not overwrite "
+                             "an earlier run: choose another --out, or pass --force to replace its fit outputs "
+                             f"({', '.join(FIT_OUTPUTS)}; other files are left alone).")
 
 
 def _parse_background(text: str):
@@ -231,8 +233,10 @@ def fit_folder(out, data=None, demo: bool = False, force: bool = False, steps: O
                progress: bool = True) -> Dict[str, object]:
     """`fastdream fit` as a function: fit DATA (a dataset folder) or the demo scene, writing the checkpoint,
     metrics.json and held-out views to `out`; returns the metrics."""
-    if steps is not None and steps < 1:
-        raise FastDreamError(f"--steps must be at least 1, got {steps}.")
+    for flag, value in (("--steps", steps), ("--rays", rays), ("--resolution", resolution),
+                        ("--max-test-views", max_test_views), ("--threads", threads)):
+        if value is not None and value < 1:
+            raise FastDreamError(f"{flag} must be at least 1, got {value}.")
     if demo and data is not None:
         raise FastDreamError("Give either a DATA_DIR or --demo, not both.")
     if not demo and data is None:
@@ -242,23 +246,25 @@ def fit_folder(out, data=None, demo: bool = False, force: bool = False, steps: O
             raise FastDreamError("Give --out OUT, the folder for the checkpoint and metrics.json.")
         out = "fastdream-fit-demo"
     out = Path(out)
+    _backend.requested_backend()  # a bad FASTDREAM_BACKEND is reported before any data is read
     background = _parse_background(background)
     device = str(resolve_device(device))
     if threads is not None:
-        if threads < 1:
-            raise FastDreamError(f"--threads must be at least 1, got {threads}.")
         torch.set_num_threads(threads)
-    prepare_out_dir(out, force)
+    prepare_out_dir(out, force, None if demo else Path(data))
     t0 = time.perf_counter()
     if demo:
         from .demo import write_demo_dataset
 
+        clear_outputs(out, FIT_OUTPUTS)
         data_dir = write_demo_dataset(out / "demo_data")
         field_config, render_config, config = demo_configs(steps)
+        train, test = load_dataset(data_dir, resolution=resolution, background=background)
     else:
         data_dir = Path(data)
         field_config, render_config, config = default_configs(steps)
-    train, test = load_dataset(data_dir, resolution=resolution, background=background)
+        train, test = load_dataset(data_dir, resolution=resolution, background=background)
+        clear_outputs(out, FIT_OUTPUTS)  # only once the data has loaded: a typo in DATA_DIR must not cost the old fit
     prep_seconds = time.perf_counter() - t0
     config.background, config.seed, config.max_test_views = background, seed, max_test_views
     if rays is not None:
@@ -267,7 +273,6 @@ def fit_folder(out, data=None, demo: bool = False, force: bool = False, steps: O
              len(train), len(test), train.width, train.height, config.steps, _backend.backend_name(device), device)
     metrics = fit(train, test, out, field_config, render_config, config, device=device, progress=progress)
     metrics["prep_seconds"] = prep_seconds
+    atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     metrics["out"] = str(out)
-    with open(out / "metrics.json", "w") as f:
-        json.dump({k: v for k, v in metrics.items() if k != "out"}, f, indent=2)
     return metrics

@@ -9,29 +9,34 @@ Outputs (DIR defaults to outputs/<prompt slug>): config.yaml, previews/step_XXXX
 checkpoints/step_XXXXXXX.pt (atomic), and at the end mesh.obj/.mtl/.ply/.glb, turntable.mp4,
 turntable_textureless.mp4 and metrics.json. `--resume` continues exactly where the last checkpoint
 left off (parameters, Adam moments, occupancy grid, step and every random generator), so a resumed run
-equals an uninterrupted one; Ctrl-C writes a checkpoint at the last completed step and exits.
+equals an uninterrupted one (given the same --steps: the shading and timestep schedules follow the total,
+and a changed total is warned about). Ctrl-C or SIGTERM writes a checkpoint at the last completed step and
+exits (130 / 143); a second signal stops at once without writing, keeping the last checkpoint.
 
 `load_run()` is the one way back from a folder to a trained stage (config + checkpoint + modules),
 used by `export()`, `fastdream eval` and anyone else reading finished runs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from . import _backend, atomic
+from ._backend import use_backend
+from .atomic import remove_stale_temporaries
 from .checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint
 from .config import RunConfig, apply_overrides, build_config, config_from_dict, save_config
-from ._backend import use_backend
 from .errors import FastDreamError
 from .guidance import registry as guidance_registry
+from .output_folder import check_output_folder, clear_outputs, is_nonempty, remove_if_created
 from .runtime import device_name, is_oom, peak_memory, resolve_device, versions
 from .stages import Stage, build_stage
 from .train import CHECKPOINT_KIND, Trainer
@@ -44,28 +49,19 @@ OUTPUT_NAMES = ("checkpoints", "previews", "config.yaml", "metrics.json", "mesh.
 
 
 def slugify(prompt: str, max_len: int = 60) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")
-    return slug[:max_len].rstrip("_") or "run"
+    """The default output folder name: the prompt's ASCII words joined by "_". A prompt with characters the
+    slug cannot show (any non-ASCII, or no letters at all) also gets 8 hex digits of its SHA-1, so that
+    "一只猫" and "一只狗" do not share a folder."""
+    slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:max_len].rstrip("_")
+    if slug and prompt.isascii():
+        return slug
+    return f"{slug or 'run'}_{hashlib.sha1(prompt.encode('utf-8')).hexdigest()[:8]}"
 
 
 OOM_KNOBS = ("Reduce memory with: --set batch_size=1; smaller renders (--set width=64 --set height=64); fewer "
              "samples per ray (--set render.samples_per_ray=256); a smaller hash table (--set field.log2_hashmap_size=17); "
              "fewer rays per chunk for previews/export (--set render.chunk_rays=8192, --mesh-resolution 128); for Stable "
              "Diffusion guidance --set guidance.options.latent_mode=linear or guidance.dtype=float16; or --device cpu.")
-
-
-def _is_nonempty(folder: Path) -> bool:
-    return folder.is_dir() and any(folder.iterdir())
-
-
-def _clear_outputs(folder: Path) -> None:
-    """--force: remove what fastdream wrote there (other files are left alone)."""
-    for name in OUTPUT_NAMES:
-        p = folder / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
 
 
 def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides: Optional[List[str]] = None,
@@ -84,16 +80,20 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
         raise FastDreamError("--resume and --force contradict each other: --resume continues the run in the output "
                              "folder, --force deletes it and starts over. Pass one.")
     out_dir = Path(out_dir) if out_dir else Path("outputs") / slugify(prompt)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FastDreamError(f"The output folder {out_dir} is a file, not a folder; choose another --out.")
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    # Everything a user can get wrong is checked here, before any model loads (minutes with real SD).
+    _backend.requested_backend()
+    check_output_folder(out_dir)
 
     state = None
-    if _is_nonempty(out_dir) and not (resume or force):
+    if is_nonempty(out_dir) and not (resume or force):
         raise FastDreamError(f"The output folder {out_dir} already exists and is not empty. Pass --resume to continue "
                              "its run from the last checkpoint, --force to start over (deleting its fastdream outputs), "
                              "or --out to choose another folder.")
-    if resume and _is_nonempty(out_dir):
+    if resume and is_nonempty(out_dir):
+        removed = remove_stale_temporaries([out_dir, out_dir / "checkpoints", out_dir / "previews"])
+        if removed:
+            log.info("fastdream: removed %d temporary file(s) left by an interrupted write in %s", removed, out_dir)
         ckpt = latest_checkpoint(out_dir / "checkpoints")
         if ckpt is None:
             raise FastDreamError(f"Nothing to resume in {out_dir}: it has no checkpoints/step_*.pt. Start over with --force.")
@@ -106,26 +106,31 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
     if state is None:
         base = build_config(config_file, overrides or [], config)
     config = base
-    _apply_cli(config, cli)
+    apply_flags(config, cli)
     config.prompt = prompt if state is None else (config.prompt or prompt)
     if state is not None and config.prompt != prompt:
         log.warning("fastdream: the run in %s was for %r; continuing it (the prompt given now, %r, is ignored).",
                     out_dir, config.prompt, prompt)
+    if state is not None:
+        _warn_schedule_change(state, config)
+    config.validate()
     family = guidance_registry.get(config.guidance.kind)
     if family.configure_run is not None and state is None:
         family.configure_run(config)
-    config.validate()
+        config.validate()
     device = resolve_device(config.device)
+    existed_before = out_dir.exists()
+    trainer = None
 
     with use_backend(config.backend):  # the run's ops backend, for training and export
+        _backend.use_native(device)  # the native backend without a usable extension fails here, not in step 1
         try:
             trainer = Trainer(config, out_dir, quiet=quiet, device=device)
             if force and out_dir.exists():  # only once the model loaded: a typo in --model must not cost the old run
-                _clear_outputs(out_dir)
+                clear_outputs(out_dir, OUTPUT_NAMES)
             if state is not None:
                 trainer.load_state_dict(state, str(ckpt))
                 trainer.last_checkpoint = ckpt
-            out_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, out_dir / "config.yaml")
             if not quiet:
                 log.info("fastdream: %r -> %s (%d steps on %s, guidance %s)", prompt, out_dir, config.steps, device,
@@ -134,14 +139,19 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
             time_before = trainer.train_time
             completed = trainer.train()
             if not completed:
-                return {"interrupted": True, "step": trainer.step, "checkpoint": str(trainer.last_checkpoint)}
+                return {"interrupted": True, "signal": trainer.stop_signal, "step": trainer.step,
+                        "checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
+                        "saved": trainer.saved_on_stop}
+            trainer.check_finite_parameters()
             if trainer.last_checkpoint is None or trainer.last_checkpoint.name != checkpoint_name(trainer.step):
                 trainer.save()
             trainer.preview()
             outputs = trainer.stage.export(out_dir, config.output, log.info)
             run_versions = versions(device)
-        except RuntimeError as exc:
-            if is_oom(exc):
+        except BaseException as exc:
+            if trainer is None or trainer.step == 0:  # failed before its first step: nothing worth keeping was written
+                remove_if_created(out_dir, existed_before)
+            if isinstance(exc, RuntimeError) and is_oom(exc):
                 first = str(exc).strip().splitlines()[0]
                 raise FastDreamError(f"Out of memory on {device} ({first}). {OOM_KNOBS}") from None
             raise
@@ -157,13 +167,24 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
         "seed": config.seed, "outputs": {k: os.path.relpath(v, out_dir) for k, v in outputs.items()},
         "checkpoint": os.path.relpath(trainer.last_checkpoint, out_dir) if trainer.last_checkpoint else None,
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    log.info("fastdream: done in %.1fs (%s it/s); outputs in %s", metrics["wall_time_s"], metrics["it_per_s"], out_dir)
+    atomic.write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    speed = f"{metrics['it_per_s']} it/s" if metrics["it_per_s"] else "no training step this time: outputs re-exported"
+    log.info("fastdream: done in %.1fs (%s); outputs in %s", metrics["wall_time_s"], speed, out_dir)
     metrics["trainer"] = trainer
     return metrics
 
 
-def _apply_cli(config: RunConfig, cli: Dict[str, Any]) -> None:
+def _warn_schedule_change(state: Dict[str, Any], config: RunConfig) -> None:
+    """Resuming with another --steps: the schedules that follow progress = step / steps change from here on."""
+    before = int((state.get("config") or {}).get("steps", config.steps))
+    if before != config.steps:
+        log.warning("fastdream: this run was set up for %d steps and now runs to %d. The schedules that depend on the "
+                    "total (the albedo-only phase, the guidance's timestep range and annealing) follow the new total "
+                    "from step %d on, so the result will differ from a straight %d-step run.",
+                    before, config.steps, int(state["step"]) + 1, config.steps)
+
+
+def apply_flags(config: RunConfig, cli: Dict[str, Any]) -> None:
     if "steps" in cli:
         config.steps = int(cli["steps"])
     if "seed" in cli:

@@ -3,8 +3,9 @@
 Each step: sample cameras and a point light (DreamFusion's ranges), ask the stage for the loss of that
 batch, take an Adam step over the stage's parameter groups (skipped, with the gradients dropped, when
 the loss or a gradient is not finite), then let the stage do its per-step housekeeping. The loop owns
-the step counter, the NaN guard, Ctrl-C, atomic checkpoints (with every random generator's state, so
-that a resumed run equals an uninterrupted one), progress and previews.
+the step counter, the NaN guard, Ctrl-C and SIGTERM (a checkpoint at the last completed step; a second
+signal stops at once without writing), atomic checkpoints (with every random generator's state, so that
+a resumed run equals an uninterrupted one), progress and previews.
 
 Randomness: one torch.Generator on the training device (seed) drives cameras, lights and whatever the
 stage draws (shading choices, occupancy-grid updates); the guidance draws t and noise from its own
@@ -33,6 +34,8 @@ from .stages import build_stage
 log = logging.getLogger("fastdream")
 
 CHECKPOINT_KIND = "run"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal number, as a shell reports them
 
 
 def _on_step(trainer: "Trainer", step: int) -> None:
@@ -76,10 +79,13 @@ class Trainer:
         self.last_checkpoint: Optional[Path] = None
         self.last_loss = float("nan")
         self._stop_requested = False
+        self._in_step = False
+        self.stop_signal: Optional[str] = None  # "SIGINT" / "SIGTERM" once a stop was asked for
+        self.saved_on_stop = False
 
     @property
     def renderer(self):
-        """The NeRF stage's renderer (kept for callers that predate stages)."""
+        """The stage's renderer (the NeRF stage's field, background and occupancy grid)."""
         return self.stage.renderer
 
     # ------------------------------------------------------------------ state
@@ -123,7 +129,20 @@ class Trainer:
         self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
         self.train_time = float(state.get("train_time", 0.0))
 
+    def check_finite_parameters(self) -> None:
+        """Raise (before anything is written) when a parameter went NaN/inf: such a model must not replace a good checkpoint."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            kept = (f"The last good checkpoint is kept: {self.last_checkpoint}." if self.last_checkpoint
+                    else "No checkpoint had been written yet.")
+            raise FastDreamError(
+                f"The model's parameters are no longer finite (NaN or inf) at step {self.step}; nothing was saved or "
+                f"exported. {kept} Lower the learning rates (--set optim.lr_hash=..., optim.lr_mlp=...) or the guidance "
+                "scale, or clip gradients (--set optim.grad_clip=1), then continue from the checkpoint with --resume "
+                "(those --set values apply to the resumed run) or start over with --force.")
+
     def save(self) -> Path:
+        self.check_finite_parameters()
         path = self.out_dir / "checkpoints" / checkpoint_name(self.step)
         save_checkpoint(path, self.state_dict())
         self.last_checkpoint = path
@@ -159,39 +178,50 @@ class Trainer:
         return {"loss": values[0], "finite": finite, **result.info, "terms": dict(zip(terms, values[1:-1]))}
 
     # ------------------------------------------------------------------ loop
-    def _install_sigint(self):
+    def _install_stop_handlers(self) -> Dict[int, Any]:
+        """SIGINT (Ctrl-C) and SIGTERM (schedulers, `timeout`, Ray) ask the loop to stop at the next step boundary
+        and save; a second one stops at once (see train()). Returns the previous handlers."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
 
         def handler(signum, frame):
-            if self._stop_requested:  # second Ctrl-C: stop right now
+            name = signal.Signals(signum).name
+            if self._stop_requested:  # a second signal: stop right now
                 raise KeyboardInterrupt
             self._stop_requested = True
-            print("\nfastdream: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+            self.stop_signal = name
+            again = "Ctrl-C" if signum == signal.SIGINT else name
+            print(f"\nfastdream: {name} received: stopping after this step and saving a checkpoint ({again} again to "
+                  "stop at once, without saving)", file=sys.stderr, flush=True)
 
-        try:
-            return signal.signal(signal.SIGINT, handler)
-        except ValueError:
-            return None
+        previous = {}
+        for signum in STOP_SIGNALS:
+            try:
+                previous[signum] = signal.signal(signum, handler)
+            except ValueError:
+                pass
+        return previous
 
     def preview(self) -> Path:
         return self.stage.preview(self.out_dir / "previews" / f"step_{self.step:05d}.png", self.config.output)
 
     def train(self) -> bool:
-        """Run until config.steps. Returns False when interrupted (a checkpoint was saved)."""
+        """Run until config.steps. Returns False when stopped by a signal: after one, at the next step boundary with
+        a checkpoint (saved_on_stop); after a second one, at once and without writing anything."""
         from tqdm import tqdm
 
         cfg = self.config
         total = cfg.steps
         bar = tqdm(total=total, initial=self.step, disable=self.quiet, dynamic_ncols=True, unit="it",
                    desc="fastdream", file=sys.stderr, smoothing=0.1)
-        previous = self._install_sigint()
+        previous = self._install_stop_handlers()
         start_step, t0 = self.step, time.perf_counter()
         try:
             while self.step < total:
                 if self._stop_requested:
                     raise KeyboardInterrupt
                 t_step = time.perf_counter()
+                self._in_step = True
                 result = self.train_step(self.step)
                 self.step += 1
                 self.train_time += time.perf_counter() - t_step
@@ -211,6 +241,7 @@ class Trainer:
                             f"{self.step}); stopping. {kept} Lower the learning rates (--set optim.lr_hash=..., "
                             "optim.lr_mlp=...), the guidance scale, or use float32 guidance (--set guidance.dtype=float32), "
                             "then continue with --resume.")
+                self._in_step = False  # parameters, optimizer, grid, random state and counters agree on self.step
                 bar.update(1)
                 if not self.quiet and (self.step % 5 == 0 or self.step == total):
                     bar.set_postfix(loss=f"{self.last_loss:.4g}", skipped=self.n_skipped, refresh=False)
@@ -229,11 +260,17 @@ class Trainer:
                 _on_step(self, self.step)
         except KeyboardInterrupt:
             bar.close()
-            path = self.save()
-            log.info("fastdream: interrupted at step %d; checkpoint saved to %s. Continue with --resume.", self.step, path)
+            if self.stop_signal is None:
+                self.stop_signal = "SIGINT"
+            # Stopped part-way through a step (a second signal), the parameters, Adam moments and random
+            # generators are half-way into the next step: a checkpoint of them would resume a different run.
+            if not self._in_step:
+                self.save()
+                self.saved_on_stop = True
             return False
         finally:
             bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
         return True

@@ -11,7 +11,8 @@ ROOT = Path(fastdream.__file__).parent
 
 LAYERS = [
     ("base", ["fastdream", "fastdream._version", "fastdream.errors", "fastdream._backend", "fastdream._C",
-              "fastdream.runtime", "fastdream.diagnostics", "fastdream.checkpoint"]),
+              "fastdream.runtime", "fastdream.diagnostics", "fastdream.checkpoint", "fastdream.atomic",
+              "fastdream.output_folder"]),
     ("ops", ["fastdream.ops", "fastdream.ops.*"]),
     ("engine", ["fastdream.cameras", "fastdream.field", "fastdream.occupancy", "fastdream.renderer",
                 "fastdream.regularizers", "fastdream.export", "fastdream.data", "fastdream.demo"]),

@@ -522,7 +522,6 @@ def _opcheck_cases():
     ggx = torch.randn(10, 3, dtype=torch.float64)
     o, d = _march_rays(n=16)
     aabb = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
-    box = torch.cat([aabb[:3], aabb[3:], aabb[3:] - aabb[:3]])
     binary = torch.rand(4, 4, 4, generator=torch.Generator().manual_seed(0)) > 0.3
     sc = _scene(6, 9, torch.float64)
     off = nat.ray_offsets(sc["ray_indices"], 6)
@@ -536,7 +535,7 @@ def _opcheck_cases():
         "hash_encode_fwd_half": (x.float(), p.half(), *la),
         "hash_encode_bwd": (gy.requires_grad_(), x.detach().requires_grad_(), p.detach().requires_grad_(), *la, True, True),
         "hash_encode_bwd_bwd": (ggx, gy.detach(), x.detach(), p.detach(), *la, True, True),
-        "march_rays": (o, d, box, binary, 0.0, 1e10, 0.1, 0.01, 1e10),
+        "march_rays": (o, d, aabb, binary, 0.0, 1e10, 0.1, 0.01, 1e10),
         "occupancy_update": (torch.rand(60), torch.randint(0, 60, (20,)), torch.rand(20), 0.95, 0.5),
         "render_weights_fwd": (sc["t_starts"].requires_grad_(), sc["t_ends"].requires_grad_(),
                                sc["sigmas"].requires_grad_(), off),

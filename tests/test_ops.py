@@ -271,3 +271,17 @@ def test_backend_is_chosen_once_and_switched_on_purpose(monkeypatch):
     with pytest.raises(FastDreamError, match="'fast' is not understood"):
         ops.use_backend("fast").__enter__()
     assert _backend.requested_backend() == start
+
+
+def test_a_bad_backend_environment_variable_is_one_clear_error():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, FASTDREAM_BACKEND="cuda-please", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-m", "fastdream.cli", "run", "a cat", "--out", "never", "--steps", "1"],
+                          env=env, cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 2 and "FASTDREAM_BACKEND='cuda-please' is not understood" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (root / "never").exists()

@@ -11,6 +11,7 @@ import sys
 from typing import List, Optional
 
 from .._version import __version__
+from ..atomic import disk_full_error, is_disk_full
 from ..errors import FastDreamError
 from .options import Parser
 
@@ -34,6 +35,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error already printed on one line
         return int(exc.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    # huggingface_hub prints through a handler of its own (as transformers and diffusers do, which do not
+    # propagate): passed on to ours too, each of its warnings would appear twice.
+    logging.getLogger("huggingface_hub").propagate = False
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -45,3 +49,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"fastdream {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        print(f"fastdream {args.command}: error: {disk_full_error(exc.filename or 'its output', exc)}", file=sys.stderr)
+        return 2

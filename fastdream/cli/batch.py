@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import List
 
-from ..batch import run_batch
+from ..batch import changed_options, run_batch
 from ..errors import FastDreamError
 from ..guidance import registry
 from .options import integer, number
@@ -27,13 +27,32 @@ def collect_run_args(args) -> List[str]:
     return out
 
 
+def run_options(run_args: List[str]):
+    """(config file, --set overrides, dedicated flags) of `fastdream run` arguments, read with run's own parser;
+    None when they do not parse (then `fastdream run` itself reports them)."""
+    from .run import add_parser as add_run_parser
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_run_parser(parser.add_subparsers(dest="command"))
+    try:
+        args, _ = parser.parse_known_args(["run", "prompt", *run_args])
+    except SystemExit:
+        return None
+    flags = dict(steps=args.steps, seed=args.seed, device=args.device, guidance=args.guidance, model=args.model,
+                 reference_scene=args.reference_scene)
+    return args.config, args.set or [], flags
+
+
 def _cmd_batch(args) -> int:
     if args.reference_scene and not Path(args.reference_scene).exists():
         raise FastDreamError(f"Reference scene {args.reference_scene} does not exist.")
     if args.reference_scene:
         args.reference_scene = str(Path(args.reference_scene).resolve())
-    return run_batch(args.prompts, args.out, collect_run_args(args), ray=args.ray, gpus=args.gpus, workers=args.workers,
-                     device=args.device, cpus_per_task=args.cpus_per_task)
+    run_args = collect_run_args(args)
+    options = run_options(run_args)
+    changes = (lambda folder: changed_options(folder, *options)) if options is not None else None
+    return run_batch(args.prompts, args.out, run_args, ray=args.ray, gpus=args.gpus, workers=args.workers,
+                     device=args.device, cpus_per_task=args.cpus_per_task, changes=changes)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -53,7 +72,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="run on Ray: 'auto', HOST:6379, ray://HOST:10001, or 'local' for a Ray instance on this machine")
     where.add_argument("--cpus-per-task", type=number(above=0.0), default=1.0, help="Ray: CPUs each task asks for (default 1)")
     run = p.add_argument_group("passed to every `fastdream run`")
-    run.add_argument("--steps", type=integer(0), default=None)
+    run.add_argument("--steps", type=integer(1), default=None)
     run.add_argument("--seed", type=integer(0), default=None)
     run.add_argument("--model", default=None, metavar="ID_OR_DIR")
     run.add_argument("--guidance", default=None, choices=registry.names())

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
+from .. import atomic
 from ..evaluate import DEFAULT_CLIP, EXAMPLE_PROMPTS, EvalProtocol, evaluate_runs, format_table, read_prompts
 from ..evaluate import __doc__ as EVAL_DOC
 from .options import integer, number
@@ -18,11 +18,7 @@ def run_eval(args) -> int:
                            device=args.device, save_renders=args.save_renders, cache_dir=args.clip_cache)
     report["prompts_file"] = str(args.prompts)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out)
+        atomic.write_text(args.json, json.dumps(report, indent=2))
     print(format_table(report))
     if args.json:
         print(f"wrote {args.json}")

@@ -34,7 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("data", nargs="?", metavar="DATA_DIR", help="dataset folder (or a transforms*.json file)")
     parser.add_argument("--demo", action="store_true", help="fit a built-in synthetic scene (written to OUT/demo_data)")
     parser.add_argument("--out", metavar="OUT", help="output folder (checkpoint, metrics.json, test views); default for --demo: ./fastdream-fit-demo")
-    parser.add_argument("--force", action="store_true", help="delete an existing non-empty --out first")
+    parser.add_argument("--force", action="store_true", help="reuse a non-empty --out: replaces its fit outputs (checkpoints, test_views, metrics.json, demo_data), leaves other files")
     parser.add_argument("--steps", type=integer(1), help="training steps (default: 2000, demo: 150)")
     parser.add_argument("--resolution", type=integer(1), metavar="W", help="downscale images to this width (keeps the aspect ratio)")
     parser.add_argument("--rays", type=integer(1), help="random rays per step (default: 4096, demo: 2048)")

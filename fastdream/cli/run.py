@@ -5,6 +5,7 @@ import logging
 import sys
 
 from .. import runs
+from ..train import EXIT_CODES
 from ..guidance import registry
 from .options import integer
 
@@ -17,9 +18,16 @@ def _cmd_run(args) -> int:
     result = runs.run(args.prompt, args.out, overrides=args.set or [], config_file=args.config, resume=args.resume,
                       force=args.force, quiet=args.quiet, cli=cli)
     if result.get("interrupted"):
-        print(f"fastdream run: interrupted at step {result['step']}; checkpoint {result['checkpoint']}. "
-              "Continue with --resume.", file=sys.stderr)
-        return 130
+        sig = result.get("signal") or "SIGINT"
+        if result.get("saved"):
+            what = f"at step {result['step']}; checkpoint {result['checkpoint']} saved"
+        else:
+            kept = f"the last checkpoint, {result['checkpoint']}, is kept" if result.get("checkpoint") else "no checkpoint yet"
+            what = (f"during step {result['step'] + 1}; nothing saved (a half-done step would not resume exactly), "
+                    f"{kept}")
+        hint = " Continue with --resume." if result.get("checkpoint") else ""
+        print(f"fastdream run: stopped by {sig} {what}.{hint}", file=sys.stderr)
+        return EXIT_CODES.get(sig, 130)
     return 0
 
 
@@ -31,7 +39,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("prompt", help="what to create, e.g. \"a vase with pink flowers\"")
     p.add_argument("--out", help="output folder (default outputs/<prompt slug>)")
     p.add_argument("--model", help="diffusion model: hub id or local diffusers folder (default per --guidance)")
-    p.add_argument("--steps", type=integer(0), help="optimisation steps (default 10000)")
+    p.add_argument("--steps", type=integer(), help="optimisation steps (default 10000)")  # range: RunConfig.validate
     p.add_argument("--seed", type=integer(0), help="random seed (default 0)")
     p.add_argument("--config", help="YAML file with configuration keys (see DIR/config.yaml of any run)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",

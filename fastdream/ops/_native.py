@@ -62,7 +62,7 @@ def _hash_encode_bwd_bwd_fake(ggx, grad_y, x, params, scales, resolutions, offse
 
 
 @torch.library.register_fake(_LIB + "march_rays")
-def _march_rays_fake(origins, directions, box, binary, near, far, step_size, cone_angle, max_step_size):
+def _march_rays_fake(origins, directions, aabb, binary, near, far, step_size, cone_angle, max_step_size):
     n = torch.library.get_ctx().new_dynamic_size()
     return origins.new_empty((n,), dtype=torch.int64), origins.new_empty((n,)), origins.new_empty((n,))
 
@@ -317,8 +317,7 @@ def march_rays(origins, directions, aabb, binary, near: float, far: float, step_
     check(step_size > 0, f"march: step_size must be > 0, got {step_size}")
     if origins.dtype not in (torch.float32, torch.float64):
         origins = origins.float()
-    box = torch.cat([aabb[:3].to(origins), aabb[3:].to(origins), (aabb[3:] - aabb[:3]).to(origins)])
-    return ops.march_rays(origins, directions.to(origins.dtype), box, binary, float(near), float(far),
+    return ops.march_rays(origins, directions.to(origins.dtype), aabb, binary, float(near), float(far),
                           float(step_size), float(cone_angle), float(max_step_size))
 
 
