@@ -38,6 +38,13 @@ TORCH_LIBRARY(fastdream, m) {
           "Tensor origins, Tensor directions, Tensor light_positions, Tensor light_intensity, Tensor ambient, "
           "Tensor rgb, Tensor opacity, Tensor depth, Tensor normal, Tensor weights, int mode, bool need_normals_grad) "
           "-> (Tensor, Tensor, Tensor)");
+    m.def("rasterize_fwd(Tensor pos, Tensor tri, int height, int width) -> (Tensor, Tensor, Tensor)");
+    m.def("rasterize_bwd(Tensor g_bary, Tensor g_depth, Tensor pos, Tensor tri, Tensor tri_id) -> Tensor");
+    m.def("interpolate_fwd(Tensor attr, Tensor tri_id, Tensor bary, Tensor tri) -> Tensor");
+    m.def("interpolate_bwd(Tensor g_out, Tensor attr, Tensor tri_id, Tensor bary, Tensor tri) -> (Tensor, Tensor)");
+    m.def("antialias_fwd(Tensor color, Tensor tri_id, Tensor depth, Tensor pos, Tensor tri) -> Tensor");
+    m.def("antialias_bwd(Tensor g_out, Tensor color, Tensor tri_id, Tensor depth, Tensor pos, Tensor tri) "
+          "-> (Tensor, Tensor)");
 }
 
 namespace {

@@ -96,3 +96,17 @@ def test_script_missing_is_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(run_all, "SCRIPTS", run_all.SCRIPTS + ("nonexistent",))
     args = run_all.build_parser().parse_args(["--device", "cpu", "--quick", "--out", str(tmp_path)])
     assert run_all.run_one("nonexistent", args) is None
+
+
+def test_raster_benchmark_quick_cpu(tmp_path):
+    """bench_raster times every backend present on an icosphere and its JSON validates."""
+    from benchmarks import bench_raster
+
+    out = tmp_path / "raster_cpu.json"
+    assert bench_raster.main(["--device", "cpu", "--quick", "--resolutions", "32", "--subdivisions", "1",
+                              "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert common.validate(data) == []
+    measured = {r["backend"] for r in data["results"] if r["median_ms"] is not None}
+    assert "reference" in measured
+    assert all(r["extra"]["coverage_32px"] > 0.2 for r in data["results"] if r["median_ms"] is not None)

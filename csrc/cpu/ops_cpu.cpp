@@ -12,6 +12,7 @@
 #include "fastdream/torch_glue.h"
 #include "../kernels/compositing_impl.h"
 #include "../kernels/marching_impl.h"
+#include "../launchers/rasterize.h"         // rasterize, interpolate, antialias (shared with CUDA)
 #include "../launchers/volume_rendering.h"  // render_weights_fwd/bwd, composite_fwd/bwd (shared with CUDA)
 
 namespace fastdream {
@@ -261,4 +262,10 @@ TORCH_LIBRARY_IMPL(fastdream, CPU, m) {
     m.impl("render_weights_bwd", &fastdream::render_weights_bwd);
     m.impl("composite_fwd", &fastdream::composite_fwd);
     m.impl("composite_bwd", &fastdream::composite_bwd);
+    m.impl("rasterize_fwd", &fastdream::rasterize_fwd);
+    m.impl("rasterize_bwd", &fastdream::rasterize_bwd);
+    m.impl("interpolate_fwd", &fastdream::interpolate_fwd);
+    m.impl("interpolate_bwd", &fastdream::interpolate_bwd);
+    m.impl("antialias_fwd", &fastdream::antialias_fwd);
+    m.impl("antialias_bwd", &fastdream::antialias_bwd);
 }

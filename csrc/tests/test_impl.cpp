@@ -9,6 +9,7 @@
 #include "kernels/compositing_impl.h"
 #include "kernels/hash_encoding_impl.h"
 #include "kernels/marching_impl.h"
+#include "kernels/rasterize_impl.h"
 
 using namespace fastdream;
 
@@ -171,11 +172,46 @@ static void test_compositing() {
     EXPECT(op == 0 && rgb[0] == 0 && depth == 0);
 }
 
+static void test_rasterize() {
+    // a triangle with w = 1, 2, 1: perspective-correct barycentrics are not the screen-space ones
+    const double p0[4] = {-1, -1, 0.5, 1}, p1[4] = {2, -2, 0, 2}, p2[4] = {-1, 1, 0.5, 1};
+    double b[3];
+    EXPECT(raster::barycentrics(p0, p1, p2, 0.0, -0.5, b));
+    EXPECT_NEAR(b[0] + b[1] + b[2], 1.0, 1e-12);
+    // the clip point sum b_i p_i projects onto the pixel centre
+    double P[4];
+    for (int k = 0; k < 4; ++k) P[k] = b[0] * p0[k] + b[1] * p1[k] + b[2] * p2[k];
+    EXPECT_NEAR(P[0] / P[3], 0.0, 1e-12);
+    EXPECT_NEAR(P[1] / P[3], -0.5, 1e-12);
+    EXPECT_NEAR(raster::depth_of(p0, p1, p2, b), P[2] / P[3], 1e-12);
+    // z-buffer keys: nearer first, ties to the lower id; pixel centres
+    EXPECT(raster::zkey(0.25f, 7) < raster::zkey(0.5f, 3));
+    EXPECT(raster::zkey(0.5f, 3) < raster::zkey(0.5f, 4));
+    EXPECT_NEAR(raster::pixel_ndc<double>(0, 4), -0.75, 0.0);
+    // one triangle over a 4 x 4 image: its left edge x = 0 lies between columns 1 and 2 (centres -0.25, 0.25)
+    const double pos[12] = {0, -2, 0, 1, 3, -2, 0, 1, 0, 3, 0, 1};
+    const int64_t tri[3] = {0, 1, 2};
+    std::vector<uint64_t> zbuf(16, raster::kEmptyKey);
+    raster::draw_triangle<double>(0, pos, tri, 4, 4, zbuf.data());
+    EXPECT(zbuf[1] == raster::kEmptyKey && zbuf[2] != raster::kEmptyKey && zbuf[15] != raster::kEmptyKey);
+    // antialias: pixel 1 (background) and pixel 2 (covered): the edge is at alpha = 1/2 from pixel 2's centre
+    // (x = 0.25) to pixel 1's (x = -0.25), so neither pixel blends; moved to x = -0.1 (alpha 0.7), pixel 1 takes
+    // w = 0.2 of pixel 2's colour
+    const raster::EdgeHit<double> h = raster::pair_hit<double>(0, 1, 0, 2, -1, 0, 0.0, 0.0, 4, 4, pos, tri);
+    EXPECT(!h.hit);
+    const double moved[12] = {-0.1, -2, 0, 1, 3, -2, 0, 1, -0.1, 3, 0, 1};
+    const raster::EdgeHit<double> hm = raster::pair_hit<double>(0, 1, 0, 2, -1, 0, 0.0, 0.0, 4, 4, moved, tri);
+    EXPECT(hm.hit && !hm.p_occludes);
+    EXPECT_NEAR(hm.alpha, 0.7, 1e-12);
+    EXPECT_NEAR(hm.w, 0.2, 1e-12);
+}
+
 int main() {
     test_grid_index();
     test_encode_level();
     test_marching();
     test_compositing();
+    test_rasterize();
     if (failures == 0) std::printf("all impl checks passed\n");
     return failures == 0 ? 0 : 1;
 }

@@ -19,6 +19,7 @@ from .compositing import composite_reference
 from .hash_encoding import (DEFAULT_PER_LEVEL_SCALE, HashGridLayout, check_hash_encode_inputs, default_per_level_scale,
                             hash_encode_reference, hash_grid_layout, hash_grid_n_params)
 from .marching import march_rays_reference, occupancy_update_reference, ray_aabb_intersect
+from .rasterization import antialias_reference, interpolate_reference, rasterize_reference
 from .shading import SHADING_MODES, shade, shading_code
 from .volume_rendering import accumulate_along_rays as _accumulate_along_rays
 from .volume_rendering import render_weights_reference
@@ -26,7 +27,8 @@ from .volume_rendering import render_weights_reference
 __all__ = [
     "hash_encode", "hash_grid_n_params", "hash_grid_layout", "HashGridLayout", "default_per_level_scale",
     "DEFAULT_PER_LEVEL_SCALE", "render_weights", "accumulate_along_rays", "march_rays", "occupancy_update", "ray_aabb_intersect",
-    "composite", "shade", "SHADING_MODES", "shading_code", "use_backend", "set_backend", "backend_name",
+    "composite", "shade", "SHADING_MODES", "shading_code", "rasterize", "interpolate", "antialias", "use_backend",
+    "set_backend", "backend_name",
 ]
 
 _cached_layout = lru_cache(maxsize=64)(hash_grid_layout)
@@ -109,3 +111,38 @@ def composite(t_starts: torch.Tensor, t_ends: torch.Tensor, sigmas: torch.Tensor
                                  light_positions, light_intensity, ambient, mode)
     return composite_reference(t_starts, t_ends, ray_indices, n_rays, sigmas, albedo, normals, origins, directions,
                                light_positions, light_intensity, ambient, mode)
+
+
+def rasterize(pos: torch.Tensor, tri: torch.Tensor, *, resolution: tuple[int, int]):
+    """Triangle rasterization with a z-buffer (nvdiffrast's rasterize).
+
+    pos (B, V, 4) clip-space vertices (one mesh seen by B cameras), tri (F, 3) int64; resolution (H, W).
+    Returns (tri_id (B, H, W) int64, -1 where no triangle covers the pixel; bary (B, H, W, 2) the
+    perspective-correct barycentrics (b0, b1) of the triangle's first two vertices; depth (B, H, W) = z / w).
+    bary and depth are differentiable w.r.t. pos. Conventions: see ops.rasterization."""
+    height, width = (int(v) for v in resolution)
+    if _backend.use_native(pos.device):
+        from . import _native
+        return _native.rasterize(pos, tri, height, width)
+    return rasterize_reference(pos, tri, height, width)
+
+
+def interpolate(attr: torch.Tensor, tri_id: torch.Tensor, bary: torch.Tensor, *, tri: torch.Tensor) -> torch.Tensor:
+    """Vertex attributes attr (V, C) at the pixels of rasterize's (tri_id, bary): (B, H, W, C), zeros off the mesh.
+    Differentiable w.r.t. attr and bary (so, through rasterize, w.r.t. the vertex positions)."""
+    if _backend.use_native(attr.device):
+        from . import _native
+        return _native.interpolate(attr, tri_id, bary, tri)
+    return interpolate_reference(attr, tri_id, bary, tri)
+
+
+def antialias(color: torch.Tensor, tri_id: torch.Tensor, depth: torch.Tensor, *, pos: torch.Tensor,
+              tri: torch.Tensor) -> torch.Tensor:
+    """Silhouette antialiasing (nvdiffrast's antialias): color (B, H, W, C) rendered from rasterize's
+    (tri_id, depth) of the mesh (pos (B, V, 4), tri (F, 3)) is blended across silhouette edges by the pixel
+    area the edge leaves uncovered, so the outline is differentiable w.r.t. pos. Returns (B, H, W, C),
+    differentiable w.r.t. color and pos. See ops.rasterization.antialias_reference."""
+    if _backend.use_native(color.device):
+        from . import _native
+        return _native.antialias(color, tri_id, depth, pos, tri)
+    return antialias_reference(color, tri_id, depth, pos, tri)

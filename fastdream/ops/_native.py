@@ -11,6 +11,8 @@ Gradients:
 - render_weights: to sigmas, t_starts and t_ends (first order only).
 - composite: to sigmas, albedo and normals (first order only). When t_starts/t_ends, rays, lights,
   light_intensity or ambient require grad, composite() falls back to the reference (exact autograd).
+- rasterize: barycentrics and depth to the clip-space vertex positions; interpolate: to the attributes
+  and the barycentrics; antialias: to the colours and the vertex positions (first order only).
 - march_rays / occupancy_update: no gradients.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..errors import check
 from .compositing import composite_reference
 from .hash_encoding import HashGridLayout
 from .marching import check_march_inputs, check_occupancy_update_inputs
+from .rasterization import check_mesh_inputs
 from .shading import shading_code
 from .volume_rendering import check_packed
 
@@ -94,6 +97,38 @@ def _composite_bwd_fake(g_rgb, g_opacity, g_depth, g_normal, g_weights, t_starts
                         normal, weights, mode, need_normals_grad):
     gn = sigmas.new_empty((sigmas.shape[0], 3)) if (need_normals_grad and normals is not None) else sigmas.new_empty((0,))
     return torch.empty_like(sigmas), sigmas.new_empty((sigmas.shape[0], 3)), gn
+
+
+@torch.library.register_fake(_LIB + "rasterize_fwd")
+def _rasterize_fwd_fake(pos, tri, height, width):
+    b = pos.shape[0]
+    return (pos.new_empty((b, height, width), dtype=torch.int64), pos.new_empty((b, height, width, 2)),
+            pos.new_empty((b, height, width)))
+
+
+@torch.library.register_fake(_LIB + "rasterize_bwd")
+def _rasterize_bwd_fake(g_bary, g_depth, pos, tri, tri_id):
+    return torch.empty_like(pos)
+
+
+@torch.library.register_fake(_LIB + "interpolate_fwd")
+def _interpolate_fwd_fake(attr, tri_id, bary, tri):
+    return attr.new_empty((*tri_id.shape, attr.shape[1]))
+
+
+@torch.library.register_fake(_LIB + "interpolate_bwd")
+def _interpolate_bwd_fake(g_out, attr, tri_id, bary, tri):
+    return torch.empty_like(attr), attr.new_empty((*tri_id.shape, 2))
+
+
+@torch.library.register_fake(_LIB + "antialias_fwd")
+def _antialias_fwd_fake(color, tri_id, depth, pos, tri):
+    return torch.empty_like(color)
+
+
+@torch.library.register_fake(_LIB + "antialias_bwd")
+def _antialias_bwd_fake(g_out, color, tri_id, depth, pos, tri):
+    return torch.empty_like(color), pos.new_empty(pos.shape, dtype=color.dtype)
 
 
 # ----------------------------------------------------------------------------- autograd formulas
@@ -193,6 +228,52 @@ def _comp_backward(ctx, g_rgb, g_opacity, g_depth, g_normal, g_weights):
 torch.library.register_autograd(_LIB + "composite_fwd", _comp_backward, setup_context=_comp_setup)
 
 
+def _raster_setup(ctx, inputs, output):
+    pos, tri, _, _ = inputs
+    ctx.mark_non_differentiable(output[0])
+    ctx.save_for_backward(pos, tri, output[0])
+
+
+def _raster_backward(ctx, _g_id, g_bary, g_depth):
+    pos, tri, tri_id = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    g_bary = torch.zeros((*tri_id.shape, 2), dtype=pos.dtype, device=pos.device) if g_bary is None else g_bary
+    g_depth = torch.zeros(tri_id.shape, dtype=pos.dtype, device=pos.device) if g_depth is None else g_depth
+    return ops.rasterize_bwd(g_bary, g_depth, pos, tri, tri_id), None, None, None
+
+
+torch.library.register_autograd(_LIB + "rasterize_fwd", _raster_backward, setup_context=_raster_setup)
+
+
+def _interp_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _interp_backward(ctx, g_out):
+    attr, tri_id, bary, tri = ctx.saved_tensors
+    g_attr, g_bary = ops.interpolate_bwd(g_out, attr, tri_id, bary, tri)
+    return (g_attr if ctx.needs_input_grad[0] else None, None,
+            g_bary.to(bary.dtype) if ctx.needs_input_grad[2] else None, None)
+
+
+torch.library.register_autograd(_LIB + "interpolate_fwd", _interp_backward, setup_context=_interp_setup)
+
+
+def _aa_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _aa_backward(ctx, g_out):
+    color, tri_id, depth, pos, tri = ctx.saved_tensors
+    g_color, g_pos = ops.antialias_bwd(g_out, color, tri_id, depth, pos, tri)
+    return (g_color if ctx.needs_input_grad[0] else None, None, None,
+            g_pos.to(pos.dtype) if ctx.needs_input_grad[3] else None, None)
+
+
+torch.library.register_autograd(_LIB + "antialias_fwd", _aa_backward, setup_context=_aa_setup)
+
+
 # ----------------------------------------------------------------------------- public functions
 def layout_args(layout: HashGridLayout):
     """The layout as the op's list arguments (scales, resolutions, offsets, hashed, n_features)."""
@@ -270,3 +351,17 @@ def composite(t_starts, t_ends, ray_indices, n_rays: int, sigmas, albedo, normal
         origins.to(dt), directions.to(dt), light_positions.to(dt), _per_ray(light_intensity, n_rays, sigmas.to(dt)),
         _per_ray(ambient, n_rays, sigmas.to(dt)), code)
     return rgb, opacity, depth, normal, weights
+
+
+def rasterize(pos: torch.Tensor, tri: torch.Tensor, height: int, width: int):
+    check_mesh_inputs(pos, tri)
+    return ops.rasterize_fwd(pos.to(_compute_dtype(pos)), tri, int(height), int(width))
+
+
+def interpolate(attr: torch.Tensor, tri_id: torch.Tensor, bary: torch.Tensor, tri: torch.Tensor):
+    return ops.interpolate_fwd(attr.to(_compute_dtype(attr)), tri_id, bary, tri)
+
+
+def antialias(color: torch.Tensor, tri_id: torch.Tensor, depth: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor):
+    check_mesh_inputs(pos, tri)
+    return ops.antialias_fwd(color.to(_compute_dtype(color)), tri_id, depth, pos, tri)
