@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import random
 import platform
 import re
 import shutil
@@ -103,7 +104,8 @@ def build_optimizer(renderer, config: RunConfig) -> torch.optim.Adam:
     bg = [p for p in renderer.background.parameters() if p.requires_grad]
     if bg:
         groups.append({"params": bg, "lr": o.lr_background, "name": "background"})
-    return torch.optim.Adam(groups, betas=tuple(o.betas), eps=o.eps)
+    # fused: one kernel for all parameters, step counters kept on the device (no .item() per step)
+    return torch.optim.Adam(groups, betas=tuple(o.betas), eps=o.eps, fused=True)
 
 
 def build_guidance(config: RunConfig, device: torch.device):
@@ -155,6 +157,7 @@ class Trainer:
         self.renderer.train()
         self.optimizer = build_optimizer(self.renderer, config)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.shading_rng = random.Random(config.seed)  # drawn on the host: no device read per step
         self.guidance = build_guidance(config, self.device)
         self.step = 0
         self.n_skipped = 0
@@ -166,7 +169,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
-        rng = {"generator": self.generator.get_state(), "torch_cpu": torch.get_rng_state()}
+        rng = {"generator": self.generator.get_state(), "torch_cpu": torch.get_rng_state(),
+               "shading": self.shading_rng.getstate()}
         gen = getattr(self.guidance, "generator", None)
         if isinstance(gen, torch.Generator):
             rng["guidance"] = gen.get_state()
@@ -191,6 +195,8 @@ class Trainer:
             self.generator.set_state(rng["generator"].cpu() if self.device.type == "cpu" else rng["generator"])
         if "torch_cpu" in rng:
             torch.set_rng_state(rng["torch_cpu"])
+        if "shading" in rng:
+            self.shading_rng.setstate(rng["shading"])
         gen = getattr(self.guidance, "generator", None)
         if "guidance" in rng and isinstance(gen, torch.Generator):
             gen.set_state(rng["guidance"])
@@ -214,12 +220,12 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def choose_shading(self, step: int) -> str:
         s = self.config.shading
-        u = float(torch.rand((), generator=self.generator, device=self.device))
+        u = self.shading_rng.random()
         if step < s.albedo_only_fraction * self.config.steps:
             return "albedo"
-        probs = torch.tensor([s.albedo, s.lambertian, s.textureless], dtype=torch.float64)
-        cdf = torch.cumsum(probs / probs.sum(), 0)
-        return SHADINGS[min(int((cdf <= u).sum()), 2)]
+        probs = [s.albedo, s.lambertian, s.textureless]
+        cdf = [sum(probs[:i + 1]) / sum(probs) for i in range(3)]
+        return SHADINGS[min(sum(c <= u for c in cdf), 2)]
 
     def train_step(self, step: int) -> Dict[str, Any]:
         cfg = self.config

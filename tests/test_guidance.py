@@ -254,7 +254,7 @@ def test_cfg_mixes_cond_and_uncond_with_scale(sd):
 
 
 def test_nonfinite_gradient_zeroed_and_counted(sd_folder):
-    g = load_guidance(sd_folder, "cpu", seed=0)
+    g = load_guidance(sd_folder, "cpu", seed=0, nonfinite_check_every=1)
     g.set_prompt("a chair")
     real = g.predict_noise
 

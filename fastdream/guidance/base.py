@@ -28,7 +28,7 @@ training: linearly in ``progress`` ("linear") or in sqrt(progress) ("sqrt").
 Non-finite gradient entries are zeroed. ``SDSOutput.n_nonfinite`` is a 0-dim int64 *tensor* on the
 guidance device (``int(out.n_nonfinite)`` reads it; that synchronizes) so the step itself never
 waits for the GPU. A ``RuntimeWarning`` with the count is issued every ``nonfinite_check_every``
-calls (one host sync per that many steps) and on every call when running on the CPU (free there).
+calls (one host sync per that many steps).
 """
 from __future__ import annotations
 
@@ -338,7 +338,7 @@ class Guidance(abc.ABC):
     def _account_nonfinite(self, n: torch.Tensor) -> None:
         self._calls += 1
         self._nonfinite_total += n
-        if self.device.type == "cpu" or self._calls % self.options.nonfinite_check_every == 0:
+        if self._calls % self.options.nonfinite_check_every == 0:
             self.report_nonfinite()
 
     def report_nonfinite(self) -> int:
