@@ -401,3 +401,17 @@ def test_bad_device_and_dtype(sd_folder):
     if not torch.cuda.is_available():
         with pytest.raises(FastDreamError, match="CUDA"):
             load_guidance(sd_folder, "cuda")
+
+
+def test_fp16_on_cuda_runs_without_autocast():
+    """fp16/bf16 networks get their inputs in their dtype; autocast (float32 norms, casts back) stays off on CUDA.
+    Checked on the chosen code path (no GPU here): the context the guidance enters for a CUDA fp16 model."""
+    import warnings
+
+    g = object.__new__(StableDiffusionGuidance)
+    for device, dtype in (("cuda", torch.float16), ("cuda", torch.bfloat16), ("cpu", torch.float32)):
+        g.device, g.dtype = torch.device(device), dtype
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "CUDA is not available" on a CPU-only machine
+            ctx = g._autocast()
+        assert ctx.device == device and not ctx._enabled
