@@ -181,13 +181,14 @@ def count_steps(trainer, first_step: int, n_steps: int) -> Dict:
 
 
 def build_trainer(kind: str, device: str, tmp: Path, steps: int = 10000):
-    from fastdream.train import Trainer, prepare_reference
+    from fastdream.guidance import registry
+    from fastdream.train import Trainer
 
     if kind == "reference":
         from fastdream.demo import save_demo_scene
 
         config = default_config("reference", scene=str(save_demo_scene(tmp / "scene.npz", resolution=32)), steps=steps)
-        prepare_reference(config)
+        registry.get("reference").configure_run(config)  # the scene's box and background, as `fastdream run` does
     else:
         sys.path.insert(0, str(common.REPO_ROOT / "tests"))
         import tiny_models

@@ -168,6 +168,18 @@ def test_prompt_errors(sd_folder):
             g.set_prompt(bad)
 
 
+def test_prompts_too_long_for_the_text_encoder_are_warned_about(sd, deepfloyd, caplog):
+    """The tiny tokenizers read 16 tokens (CLIP in SD reads 77): a longer prompt is cut, and the user is told."""
+    for g in (sd, deepfloyd):
+        with caplog.at_level("WARNING", logger="fastdream"):
+            caplog.clear()
+            g.set_prompt("cup")
+            assert "tokens long" not in caplog.text
+            g.set_prompt("a " + "very " * 30 + "tall chair")
+        assert "tokens long" in caplog.text and "reads only 16" in caplog.text, type(g).__name__
+        g.set_prompt("a chair")
+
+
 # ---------------------------------------------------------------------------- SDS maths
 def test_timesteps_and_annealing(sd):
     assert sd.timestep_range(0.0) == (20, 980)
@@ -401,6 +413,129 @@ def test_bad_device_and_dtype(sd_folder):
     if not torch.cuda.is_available():
         with pytest.raises(FastDreamError, match="CUDA"):
             load_guidance(sd_folder, "cuda")
+
+
+# ---------------------------------------------------------------------------- registry
+def test_builtin_families_are_registered_with_their_defaults():
+    from fastdream.guidance import registry
+
+    assert registry.names() == ("sd", "if", "reference")
+    assert registry.default_model("sd") == "stabilityai/stable-diffusion-2-1-base"
+    assert registry.default_model("if") == "DeepFloyd/IF-I-XL-v1.0"
+    assert not registry.get("reference").needs_model
+    with pytest.raises(FastDreamError, match="Unknown guidance 'zero123'"):
+        registry.get("zero123")
+    with pytest.raises(FastDreamError, match="IFSuperResolutionPipeline"):
+        registry.detect("IFSuperResolutionPipeline", None, "x")
+    with pytest.raises(FastDreamError, match="supports"):
+        registry.detect("KandinskyPipeline", None, "x")
+
+
+def test_a_new_family_is_one_registration(monkeypatch, sd_folder, tmp_path):
+    """Registering a family makes it a --guidance choice, a valid guidance.kind, a detectable model folder and a
+    buildable guidance; nothing else is edited."""
+    import json
+
+    from fastdream.cli import build_parser
+    from fastdream.config import RunConfig
+    from fastdream.guidance import Condition, GuidanceFamily, build_guidance, load_guidance, registry
+    from fastdream.train import build_guidance as run_guidance
+
+    made = []
+
+    class ImageConditioned(StableDiffusionGuidance):  # reads a reference image and its pose, and the text
+        conditioning = ("text", "image", "pose")
+
+    def create(source, *, device, dtype, options, **context):
+        made.append((source, context))
+        g = load_guidance(sd_folder, device, seed=0)
+        g.__class__ = ImageConditioned
+        return g
+
+    folder = tmp_path / "novelview-model"  # a model folder of the new family: its model_index.json names it
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "NovelViewPipeline"}))
+    family = GuidanceFamily(name="novelview", description="an image-conditioned test family", create=create,
+                            default_model=str(folder), recognise=lambda cls, unet: cls == "NovelViewPipeline",
+                            conditioning=("text", "image", "pose"))
+    monkeypatch.setitem(registry._FAMILIES, "novelview", family)
+
+    assert build_parser().parse_args(["run", "x", "--guidance", "novelview"]).guidance == "novelview"
+    config = RunConfig(prompt="a chair")
+    config.guidance.kind = "novelview"
+    config.validate()
+    assert config.model == str(folder)
+    g = build_guidance("novelview", "", "cpu")
+    assert isinstance(g, ImageConditioned) and made[-1][0] == str(folder)
+    assert isinstance(load_guidance(folder, "cpu"), ImageConditioned)  # found from the folder alone
+    assert isinstance(build_guidance("novelview", str(sd_folder), "cpu"), StableDiffusionGuidance)  # the folder wins
+    # an image-conditioned family refuses a text-only condition, which is what a text run gives it
+    with pytest.raises(FastDreamError, match="needs a reference image"):
+        run_guidance(config, torch.device("cpu"))
+    g.set_condition(Condition(prompt="a chair", image=torch.zeros(3, 8, 8)))
+    assert g.prompt == "a chair"
+
+
+def test_text_guidance_refuses_an_image_condition(sd):
+    from fastdream.guidance import Condition
+
+    with pytest.raises(FastDreamError, match="text only"):
+        sd.set_condition(Condition(prompt="a chair", image=torch.zeros(3, 8, 8)))
+    sd.set_condition(Condition(prompt="a chair"))
+    assert sd.prompt == "a chair"
+
+
+@pytest.fixture
+def no_network_hub(monkeypatch, tmp_path):
+    """A hub that cannot be reached (HF_HUB_OFFLINE unset), an empty cache in tmp_path, and a trap on downloads."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the hub client was called (it would retry for half a minute)")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    return tmp_path / "hub-cache"
+
+
+def test_without_network_an_uncached_model_fails_at_once(no_network_hub, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FastDreamError, match="cannot be reached") as info:
+        load_guidance("fastdream-tests/not-cached", "cpu")
+    assert "not in the local Hugging Face cache" in str(info.value) and "huggingface-cli download" in str(info.value)
+
+
+def test_a_cached_model_loads_without_network(no_network_hub, sd_folder):
+    import shutil
+
+    from fastdream.guidance import resolve_model
+
+    repo = no_network_hub / "models--fastdream-tests--tiny-sd"
+    shutil.copytree(sd_folder, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    source, index, is_local = resolve_model("fastdream-tests/tiny-sd")
+    assert is_local and source == str(repo / "snapshots" / "0123abcd") and index["_class_name"] == "StableDiffusionPipeline"
+    g = load_guidance("fastdream-tests/tiny-sd", "cpu", seed=0)
+    g.set_prompt("a chair")
+    # an incomplete snapshot (no UNet weights) is not used as if it were complete
+    for weights in (repo / "snapshots" / "0123abcd" / "unet").glob("diffusion_pytorch_model*"):
+        weights.unlink()
+    with pytest.raises(FastDreamError, match="cannot be reached"):
+        resolve_model("fastdream-tests/tiny-sd")
+
+
+def test_hub_warnings_are_printed_once():
+    code = ("import logging, huggingface_hub.utils._http; from fastdream.cli import main; main([]); "
+            "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert done.stderr.count("Retrying in 1s") == 1, done.stderr
 
 
 def test_fp16_on_cuda_runs_without_autocast():

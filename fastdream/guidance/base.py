@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -43,13 +44,15 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastDreamError
+from ..runtime import is_oom
+
+log = logging.getLogger("fastdream")
 from . import prompts as _prompts
 
 WEIGHTINGS = ("sds", "uniform", "sqrt_alpha_sigma")
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
 LATENT_MODES = ("vae", "linear")
 ANNEALS = ("linear", "sqrt")
-SHADINGS = ("albedo", "lambertian", "textureless")
 
 
 @dataclass
@@ -135,11 +138,6 @@ def out_of_memory_error(exc: BaseException, what: str = "SDS guidance") -> FastD
     return FastDreamError(f"The GPU ran out of memory during {what} ({first}). {OOM_HELP}")
 
 
-def _is_oom(exc: BaseException) -> bool:
-    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom_type is not None and isinstance(exc, oom_type)) or "out of memory" in str(exc).lower()
-
-
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear resize to size x size (antialiased when shrinking); identity when already that size."""
     h, w = images.shape[-2:]
@@ -149,12 +147,25 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
                          antialias=(h > size or w > size))
 
 
+@dataclass
+class Condition:
+    """What a guidance is conditioned on. Text families read the prompts; image-conditioned families
+    (novel-view models) read the reference image and its camera pose."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    image: Optional[torch.Tensor] = None  # (3, H, W) in [0, 1]
+    pose: Optional[Any] = None            # the reference image's camera (elevation, azimuth, distance)
+
+
 class Guidance(abc.ABC):
     """Frozen 2D diffusion prior scoring renders with SDS. Subclasses provide text encoding,
     the image -> model-input map and the noise prediction; everything else lives here."""
 
     #: model input resolution (renders are resized to this before encoding)
     resolution: int
+    #: the `Condition` fields this guidance reads (see registry.CONDITIONINGS)
+    conditioning: Tuple[str, ...] = ("text",)
 
     def __init__(self, *, options: GuidanceOptions, device: torch.device, dtype: torch.dtype,
                  alphas_cumprod: torch.Tensor):
@@ -189,6 +200,15 @@ class Guidance(abc.ABC):
         """The UNet's epsilon prediction for z_t (N, C, h, w) at timesteps t (N,) (no grad needed)."""
 
     # ------------------------------------------------------------------ prompts
+    def set_condition(self, condition: Condition) -> None:
+        """Condition the guidance; text-conditioned families take the prompts (see set_prompt)."""
+        if condition.image is not None and "image" not in self.conditioning:
+            raise FastDreamError(f"{type(self).__name__} is conditioned on text only; it cannot take a reference image.")
+        if "image" in self.conditioning and condition.image is None:
+            raise FastDreamError(f"{type(self).__name__} needs a reference image (and its camera pose) to condition on.")
+        if "text" in self.conditioning:
+            self.set_prompt(condition.prompt, condition.negative_prompt)
+
     def set_prompt(self, prompt: str, negative_prompt: str = "") -> None:
         """Validate the prompt and cache the per-view (and negative) text embeddings.
 
@@ -206,9 +226,23 @@ class Guidance(abc.ABC):
         prompt = prompt.strip()
         negative = negative_prompt.strip() or self.options.negative_prompt.strip()
         texts = _prompts.view_prompts(prompt) if self.options.view_dependent else [prompt]
+        self._warn_if_truncated(texts + [negative])
         emb = self.embed_texts(texts + [negative])  # one text-encoder call for all unseen strings
         self._cond, self._uncond = emb[:-1], emb[-1]
         self.prompt, self.negative_prompt = prompt, negative
+
+    def _warn_if_truncated(self, texts: Sequence[str]) -> None:
+        """The text encoder reads a fixed number of tokens (77 for SD's CLIP); say so when a prompt is cut."""
+        tokenizer = getattr(self, "tokenizer", None)
+        limit = getattr(self, "max_length", None) or getattr(tokenizer, "model_max_length", None)
+        if tokenizer is None or not limit or limit > 100_000:  # no tokenizer, or no limit
+            return
+        lengths = {t: len(tokenizer(t, truncation=False, verbose=False).input_ids) for t in texts if t}
+        longest = max(lengths, key=lengths.get, default=None)
+        if longest is not None and lengths[longest] > limit:
+            log.warning("fastdream: the prompt %r is %d tokens long (with the view suffix and start/end tokens), but "
+                        "the text encoder reads only %d; the rest is cut off and ignored. Shorten the prompt.",
+                        longest, lengths[longest], limit)
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, L, D) embeddings of ``texts``, computed in one text-encoder call for the unseen ones."""
@@ -326,7 +360,7 @@ class Guidance(abc.ABC):
                 z = self.encode_images(images.to(self.device))
             return self.sds_from_latents(z, cond, uncond, progress, t=t, noise=noise)
         except RuntimeError as exc:
-            if _is_oom(exc):
+            if is_oom(exc):
                 raise out_of_memory_error(exc) from None
             raise
 
