@@ -10,7 +10,9 @@ folder ``DIR/<slug>-<hash>`` (the prompt in lowercase words joined by dashes, cu
 8 hex digits of its SHA-1, so names are stable when the file is reordered or extended) holding exactly
 what `fastdream run` writes there. ``DIR/summary.json`` lists every prompt with its status (done,
 skipped, failed, interrupted, pending), folder, seconds, exit code, worker and error, and is rewritten
-atomically whenever a prompt finishes; each prompt's output goes to ``DIR/logs/<folder>.log``.
+atomically whenever a prompt finishes; each prompt's output goes to ``DIR/logs/<folder>.log``. At the end
+``DIR/index.html`` shows one card per prompt (thumbnail, status, time, CLIP R-Precision from any
+`fastdream eval --json` report saved in DIR) linking to each run's report.html.
 
 Isolation: each prompt runs as its own process (``python -m fastdream.cli run PROMPT --out FOLDER ...``),
 so a crash, an out-of-memory or a hung CUDA context in one prompt cannot take the batch (or the other
@@ -415,6 +417,7 @@ def run_batch(prompts_file, out, run_args: Sequence[str], *, ray: Optional[str] 
     returns the exit code (0 all done or skipped, 1 some failed, 130 interrupted). `changes(folder)` says what
     these arguments would change in a finished run's configuration (see changed_options). Progress goes to `echo`."""
     from .evaluate import read_prompts
+    from .report import write_index
 
     prompts = read_prompts(prompts_file)
     out = Path(out).expanduser().resolve()
@@ -481,6 +484,7 @@ def run_batch(prompts_file, out, run_args: Sequence[str], *, ray: Optional[str] 
             if r["status"] in ("running", "pending", "queued"):
                 r["status"], r["error"] = "interrupted", "stopped with the batch"
         summary.write(finished=False)
+        write_index(out)
         echo(f"fastdream batch: interrupted; rerun the same command to resume. Summary: {summary.path}", file=sys.stderr)
         return 130
     finally:
@@ -488,7 +492,8 @@ def run_batch(prompts_file, out, run_args: Sequence[str], *, ray: Optional[str] 
             signal.signal(signal.SIGTERM, previous)
     summary.write(finished=True)
     counts = summary.counts()
-    echo("fastdream batch: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f"; summary: {summary.path}")
+    echo("fastdream batch: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f"; summary: {summary.path}; "
+         f"index: {write_index(out)}")
     return 1 if counts.get("failed") else 0
 
 

@@ -45,7 +45,7 @@ log = logging.getLogger("fastdream")
 
 OUTPUT_NAMES = ("checkpoints", "previews", "config.yaml", "metrics.json", "mesh.obj", "mesh.mtl", "mesh.ply",
                 "mesh.glb", "mesh_albedo.png", "turntable.mp4", "turntable.gif", "turntable_textureless.mp4",
-                "turntable_textureless.gif")
+                "turntable_textureless.gif", "metrics.jsonl", "report.html", "tensorboard")
 
 
 def slugify(prompt: str, max_len: int = 60) -> str:
@@ -69,18 +69,22 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
         cli: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """`fastdream run` as a function. Returns a summary dict (also written as metrics.json).
 
-    cli: values of dedicated flags (steps, seed, device, guidance kind, model, reference scene), applied last.
+    cli: values of dedicated flags (steps, seed, device, guidance kind, model, reference scene, image), applied
+    last. With an input image (`image`) the prompt may be empty: the photo is the front view of the object
+    (image-to-3D, Zero-1-to-3 guidance by default).
     """
     wall0 = time.perf_counter()
-    if not isinstance(prompt, str) or not prompt.strip():
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    image = cli.get("image")
+    prompt = prompt.strip() if isinstance(prompt, str) else ""
+    if not prompt and not image:
         raise FastDreamError("The prompt is empty: describe the object to create, e.g. "
-                             "fastdream run \"a vase with pink flowers\".")
-    prompt = prompt.strip()
+                             "fastdream run \"a vase with pink flowers\", or turn a photo into 3D with "
+                             "fastdream run --image photo.png.")
     if resume and force:
         raise FastDreamError("--resume and --force contradict each other: --resume continues the run in the output "
                              "folder, --force deletes it and starts over. Pass one.")
-    out_dir = Path(out_dir) if out_dir else Path("outputs") / slugify(prompt)
-    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    out_dir = Path(out_dir) if out_dir else Path("outputs") / slugify(prompt or Path(str(image)).stem)
     # Everything a user can get wrong is checked here, before any model loads (minutes with real SD).
     _backend.requested_backend()
     check_output_folder(out_dir)
@@ -117,6 +121,9 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
     family = guidance_registry.get(config.guidance.kind)
     if family.configure_run is not None and state is None:
         family.configure_run(config)
+        config.validate()
+    if config.image.path and state is None:
+        follow_input_view(config)
         config.validate()
     device = resolve_device(config.device)
     existed_before = out_dir.exists()
@@ -168,10 +175,25 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
         "checkpoint": os.path.relpath(trainer.last_checkpoint, out_dir) if trainer.last_checkpoint else None,
     }
     atomic.write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if config.output.report:
+        from .report import write_report
+
+        log.info("fastdream: report %s", write_report(out_dir))
     speed = f"{metrics['it_per_s']} it/s" if metrics["it_per_s"] else "no training step this time: outputs re-exported"
     log.info("fastdream: done in %.1fs (%s); outputs in %s", metrics["wall_time_s"], speed, out_dir)
     metrics["trainer"] = trainer
     return metrics
+
+
+def follow_input_view(config: RunConfig) -> None:
+    """Image-to-3D: training cameras, previews and turntables at the input camera's distance and field of view
+    (the novel-view model is trained on views that share them), elevations over threestudio's -10..80 degrees."""
+    im = config.image
+    focal = 0.5 / math.tan(math.radians(im.fov) / 2)  # focal length / image height
+    config.camera.distance_range = (im.distance, im.distance)
+    config.camera.focal_range = (focal, focal)
+    config.camera.elevation_range = (-10.0, 80.0)
+    config.output.view_distance, config.output.view_fov = im.distance, im.fov
 
 
 def _warn_schedule_change(state: Dict[str, Any], config: RunConfig) -> None:
@@ -199,6 +221,10 @@ def apply_flags(config: RunConfig, cli: Dict[str, Any]) -> None:
         config.guidance.reference_scene = str(cli["reference_scene"])
         if "guidance" not in cli:
             config.guidance.kind = "reference"
+    if "image" in cli:
+        config.image.path = str(cli["image"])
+        if "guidance" not in cli and "reference_scene" not in cli:
+            config.guidance.kind = "zero123"
 
 
 @dataclass
@@ -255,4 +281,9 @@ def export(out_dir, checkpoint=None, device: Optional[str] = None, overrides: Op
     loaded = load_run(out_dir, device=device, checkpoint=checkpoint, overrides=overrides, configure=configure)
     log.info("fastdream: exporting %s (step %d)", loaded.checkpoint, loaded.step)
     with use_backend(loaded.config.backend):
-        return loaded.stage.export(Path(out_dir), loaded.config.output, log.info)
+        written = loaded.stage.export(Path(out_dir), loaded.config.output, log.info)
+    if loaded.config.output.report:
+        from .report import write_report
+
+        written["report"] = str(write_report(out_dir))
+    return written

@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .cameras import sample_cameras
+from .cameras import orbit_cameras, sample_cameras
 from .checkpoint import checkpoint_name, save_checkpoint
 from .config import RunConfig, config_to_dict
 from .errors import FastDreamError
@@ -42,8 +42,28 @@ def _on_step(trainer: "Trainer", step: int) -> None:
     """Called after every completed step (tests patch it to interrupt a run)."""
 
 
-def build_guidance(config: RunConfig, device: torch.device):
-    """The guidance the configuration names (see `fastdream.guidance.registry`), conditioned on its prompt."""
+def input_camera(config: RunConfig, scene_radius: float, width: int, height: int, device=None):
+    """The fixed camera of an image-to-3D run's input photo: azimuth 0 (the object's front), `image.elevation`,
+    `image.distance` scene radii, `image.fov` degrees."""
+    im = config.image
+    return orbit_cameras(1, width, height, elevation_deg=im.elevation, distance=im.distance * scene_radius,
+                         fov_y_deg=im.fov, device=device or "cpu")
+
+
+def load_input_view(config: RunConfig, scene_radius: float, device: torch.device):
+    """(photo, its camera) of an image-to-3D run (`image.path`), or None for text-to-3D."""
+    if not config.image.path:
+        return None
+    from .image_input import load_input_image
+
+    im = config.image
+    photo = load_input_image(im.path, resolution=im.resolution, border_ratio=im.border_ratio, recenter=im.recenter)
+    return photo, input_camera(config, scene_radius, config.width, config.height, device)
+
+
+def build_guidance(config: RunConfig, device: torch.device, input_view=None):
+    """The guidance the configuration names (see `fastdream.guidance.registry`), conditioned on its prompt, or
+    on the input photo (over the run's background colour) and its camera for image-to-3D."""
     from .guidance import Condition, build_guidance as build
 
     g = config.guidance
@@ -54,7 +74,11 @@ def build_guidance(config: RunConfig, device: torch.device):
                      reference_scene=g.reference_scene, reference_resolution=g.reference_resolution,
                      render_config=config.render, grid_resolution=config.grid.resolution,
                      background_color=config.background_color)
-    guidance.set_condition(Condition(prompt=config.prompt, negative_prompt=g.negative_prompt))
+    image = pose = None
+    if input_view is not None:
+        photo, pose = input_view
+        image = photo.on_background(config.background_color)
+    guidance.set_condition(Condition(prompt=config.prompt, negative_prompt=g.negative_prompt, image=image, pose=pose))
     return guidance
 
 
@@ -72,7 +96,10 @@ class Trainer:
         # fused: one kernel for all parameters, step counters kept on the device (no .item() per step)
         self.optimizer = torch.optim.Adam(self.stage.param_groups(o), betas=tuple(o.betas), eps=o.eps, fused=True)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.guidance = build_guidance(config, self.device)
+        input_view = load_input_view(config, self.stage.scene_radius, self.device)  # before the model: fail fast
+        self.guidance = build_guidance(config, self.device, input_view)
+        if input_view is not None:
+            self.stage.set_input_view(*input_view)
         self.step = 0
         self.n_skipped = 0
         self.consecutive_nonfinite = 0
@@ -176,7 +203,10 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.stage.after_step(step, self.generator)
-        return {"loss": values[0], "finite": finite, **result.info, "terms": dict(zip(terms, values[1:-1]))}
+        # Device values for metrics.jsonl: read back in one go every output.metrics_every steps, not here.
+        metrics = {**{f"loss_{k}": v for k, v in terms.items()}, "loss": loss.detach(), **result.metrics}
+        return {"loss": values[0], "finite": finite, **result.info, "terms": dict(zip(terms, values[1:-1])),
+                "metrics": metrics}
 
     # ------------------------------------------------------------------ loop
     def _install_stop_handlers(self) -> Dict[int, Any]:
@@ -209,14 +239,16 @@ class Trainer:
     def train(self) -> bool:
         """Run until config.steps. Returns False when stopped by a signal: after one, at the next step boundary with
         a checkpoint (saved_on_stop); after a second one, at once and without writing anything."""
-        from tqdm import tqdm
+        from .metrics_log import MetricsLog
+        from .progress import progress
 
         cfg = self.config
         total = cfg.steps
-        bar = tqdm(total=total, initial=self.step, disable=self.quiet, dynamic_ncols=True, unit="it",
-                   desc="fastdream", file=sys.stderr, smoothing=0.1)
+        bar = progress(total, "fastdream", every=cfg.output.log_every if cfg.output.log_every > 0 else None,
+                       initial=self.step, quiet=self.quiet, line_desc="step")
+        metrics_log = MetricsLog(self.out_dir, cfg.output.metrics_every, cfg.output.tensorboard,
+                                 resume_step=self.step if self.step > 0 else None)
         previous = self._install_stop_handlers()
-        start_step, t0 = self.step, time.perf_counter()
         try:
             while self.step < total:
                 if self._stop_requested:
@@ -243,17 +275,15 @@ class Trainer:
                             "optim.lr_mlp=...), the guidance scale, or use float32 guidance (--set guidance.dtype=float32), "
                             "then continue with --resume.")
                 self._in_step = False  # parameters, optimizer, grid, random state and counters agree on self.step
-                bar.update(1)
-                if not self.quiet and (self.step % 5 == 0 or self.step == total):
+                row = {"step": self.step, "time": round(self.train_time, 4), "skipped": self.n_skipped}
+                row.update({k: result[k] for k in ("shading", "samples_per_ray") if k in result})
+                metrics_log.record(row, result["metrics"])
+                if self.step % 5 == 0 or self.step == total:
                     bar.set_postfix(loss=f"{self.last_loss:.4g}", skipped=self.n_skipped, refresh=False)
-                if self.quiet and cfg.output.log_every > 0 and (self.step % cfg.output.log_every == 0 or self.step == total):
-                    now = time.perf_counter()
-                    rate = (self.step - start_step) / max(now - t0, 1e-9)
-                    eta = (total - self.step) / max(rate, 1e-9)
-                    log.info("step %d/%d  loss %.4g  %.2f it/s  ETA %s  skipped %d", self.step, total, self.last_loss,
-                             rate, time.strftime("%H:%M:%S", time.gmtime(eta)), self.n_skipped)
+                bar.update(1)
                 o = cfg.output
                 if o.preview_every > 0 and self.step % o.preview_every == 0 and self.step < total:
+                    metrics_log.flush()  # a live view shows the curve up to the new preview
                     self.preview()
                 if (o.checkpoint_every > 0 and self.step % o.checkpoint_every == 0 and self.step < total
                         and self.consecutive_nonfinite == 0):  # never checkpoint in the middle of a non-finite streak
@@ -271,6 +301,7 @@ class Trainer:
             return False
         finally:
             bar.close()
+            metrics_log.close()  # the rows of completed steps
             for signum, handler in previous.items():
                 if handler is not None:
                     signal.signal(signum, handler)

@@ -29,7 +29,7 @@ def test_good_numbers_parse():
 
 def test_every_command_is_listed():
     names = set(build_parser()._subparsers._group_actions[0].choices)
-    assert names == {"run", "export", "fit", "eval", "batch", "doctor"}
+    assert names == {"run", "export", "fit", "eval", "batch", "view", "doctor"}
 
 
 def test_doctor_prints_the_backend(capsys):

@@ -419,12 +419,13 @@ def test_bad_device_and_dtype(sd_folder):
 def test_builtin_families_are_registered_with_their_defaults():
     from fastdream.guidance import registry
 
-    assert registry.names() == ("sd", "if", "reference")
+    assert registry.names() == ("sd", "if", "reference", "zero123")
     assert registry.default_model("sd") == "stabilityai/stable-diffusion-2-1-base"
     assert registry.default_model("if") == "DeepFloyd/IF-I-XL-v1.0"
     assert not registry.get("reference").needs_model
-    with pytest.raises(FastDreamError, match="Unknown guidance 'zero123'"):
-        registry.get("zero123")
+    assert registry.default_model("zero123") == "bennyguo/zero123-xl-diffusers"
+    with pytest.raises(FastDreamError, match="Unknown guidance 'zero124'"):
+        registry.get("zero124")
     with pytest.raises(FastDreamError, match="IFSuperResolutionPipeline"):
         registry.detect("IFSuperResolutionPipeline", None, "x")
     with pytest.raises(FastDreamError, match="supports"):

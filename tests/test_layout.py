@@ -12,13 +12,15 @@ ROOT = Path(fastdream.__file__).parent
 LAYERS = [
     ("base", ["fastdream", "fastdream._version", "fastdream.errors", "fastdream._backend", "fastdream._C",
               "fastdream.runtime", "fastdream.diagnostics", "fastdream.checkpoint", "fastdream.atomic",
-              "fastdream.output_folder"]),
+              "fastdream.output_folder", "fastdream.progress"]),
     ("ops", ["fastdream.ops", "fastdream.ops.*"]),
     ("engine", ["fastdream.cameras", "fastdream.field", "fastdream.occupancy", "fastdream.renderer",
-                "fastdream.regularizers", "fastdream.export", "fastdream.data", "fastdream.demo"]),
+                "fastdream.regularizers", "fastdream.export", "fastdream.data", "fastdream.demo",
+                "fastdream.image_input"]),
     ("guidance", ["fastdream.guidance", "fastdream.guidance.*"]),
     ("training", ["fastdream.config", "fastdream.stages", "fastdream.stages.*", "fastdream.train", "fastdream.runs",
-                  "fastdream.fit", "fastdream.evaluate", "fastdream.batch"]),
+                  "fastdream.fit", "fastdream.evaluate", "fastdream.batch", "fastdream.metrics_log", "fastdream.report",
+                  "fastdream.view"]),
     ("cli", ["fastdream.cli", "fastdream.cli.*"]),
 ]
 

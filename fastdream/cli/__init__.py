@@ -15,7 +15,7 @@ from ..atomic import disk_full_error, is_disk_full
 from ..errors import FastDreamError
 from .options import Parser
 
-COMMAND_MODULES = [f"fastdream.cli.{name}" for name in ("run", "export", "fit", "eval", "batch", "doctor")]
+COMMAND_MODULES = [f"fastdream.cli.{name}" for name in ("run", "export", "fit", "eval", "batch", "view", "doctor")]
 
 
 def build_parser() -> argparse.ArgumentParser:

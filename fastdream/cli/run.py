@@ -1,4 +1,5 @@
-"""`fastdream run PROMPT`: text to 3D (see fastdream.runs.run)."""
+"""`fastdream run PROMPT` (text to 3D) and `fastdream run --image PHOTO [PROMPT]` (image to 3D); see
+fastdream.runs.run."""
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,12 @@ def _cmd_run(args) -> int:
     if not args.quiet:
         logging.getLogger("fastdream").setLevel(logging.INFO)
     cli = {"steps": args.steps, "seed": args.seed, "device": args.device, "guidance": args.guidance,
-           "model": args.model, "reference_scene": args.reference_scene}
-    result = runs.run(args.prompt, args.out, overrides=args.set or [], config_file=args.config, resume=args.resume,
+           "model": args.model, "reference_scene": args.reference_scene, "image": args.image}
+    if not args.prompt and not args.image:
+        print("fastdream run: error: give a PROMPT (text to 3D) or --image PHOTO (image to 3D) (see fastdream run "
+              "--help)", file=sys.stderr)
+        return 2
+    result = runs.run(args.prompt or "", args.out, overrides=args.set or [], config_file=args.config, resume=args.resume,
                       force=args.force, quiet=args.quiet, cli=cli)
     if result.get("interrupted"):
         sig = result.get("signal") or "SIGINT"
@@ -36,7 +41,10 @@ def add_parser(subparsers) -> None:
         "run", help="text to 3D: optimise a radiance field with SDS, then export a mesh and turntable videos",
         description="Optimise a hash-grid radiance field from a text prompt with Score Distillation Sampling "
                     "(DreamFusion), then write mesh.obj/.ply/.glb, turntable videos and metrics.json.")
-    p.add_argument("prompt", help="what to create, e.g. \"a vase with pink flowers\"")
+    p.add_argument("prompt", nargs="?", help="what to create, e.g. \"a vase with pink flowers\" (optional with --image)")
+    p.add_argument("--image", help="image to 3D: a photo of the object (RGBA PNG whose alpha is the object's mask, or "
+                                   "RGB with rembg installed) seen as the front view; settings under image.* "
+                                   "(elevation 0, distance 3.8 scene radii, 20 degree field of view by default)")
     p.add_argument("--out", help="output folder (default outputs/<prompt slug>)")
     p.add_argument("--model", help="diffusion model: hub id or local diffusers folder (default per --guidance)")
     p.add_argument("--steps", type=integer(), help="optimisation steps (default 10000)")  # range: RunConfig.validate

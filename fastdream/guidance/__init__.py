@@ -6,7 +6,7 @@
     out = guidance(images, cameras, "albedo", progress)   # images (B,3,H,W) in [0,1], requires grad
     out.loss.backward()                                   # d loss / d images == SDS gradient
 
-Model families (Stable Diffusion, DeepFloyd IF, the reference scene) register themselves in
+Model families (Stable Diffusion, DeepFloyd IF, the reference scene, Zero-1-to-3) register themselves in
 `registry` when this package is imported; a new family is one new module here, imported below.
 Importing this package does not import diffusers/transformers; only loading a model does.
 """
@@ -21,10 +21,11 @@ from .registry import GuidanceFamily, register
 from .stable_diffusion import StableDiffusionGuidance  # noqa: E402
 from .deepfloyd import DeepFloydIFGuidance  # noqa: E402
 from .reference import ReferenceSceneGuidance  # noqa: E402
+from .zero123 import Zero123Guidance  # noqa: E402
 
 __all__ = [
     "Guidance", "GuidanceOptions", "SDSOutput", "Condition", "StableDiffusionGuidance", "DeepFloydIFGuidance",
-    "ReferenceSceneGuidance", "load_guidance", "build_guidance", "registry", "GuidanceFamily", "register",
+    "ReferenceSceneGuidance", "Zero123Guidance", "load_guidance", "build_guidance", "registry", "GuidanceFamily", "register",
     "resolve_model", "DEFAULT_MODEL", "VIEWS", "view_index", "view_name", "view_prompt", "view_prompts",
     "view_weights", "WEIGHTINGS", "ATTENTION_BACKENDS", "LATENT_MODES", "OOM_HELP", "out_of_memory_error",
 ]

@@ -201,6 +201,8 @@ def model_family(index: Optional[dict], source: str, is_local: bool) -> str:
     """The registered family ('sd', 'if', ...) of a diffusers pipeline, from model_index.json `_class_name`
     (or, without one, the UNet's config)."""
     cls = (index or {}).get("_class_name", "") or ""
+    if isinstance(cls, (list, tuple)):  # a custom pipeline names (module, class)
+        cls = str(cls[-1])
     unet = None
     if not cls and is_local:
         try:
@@ -287,16 +289,19 @@ def load_guidance(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, device:
 
     ``options`` is a GuidanceOptions (or None for defaults); keyword arguments override its fields,
     e.g. ``load_guidance("stabilityai/stable-diffusion-2-1-base", "cuda", guidance_scale=50)``.
-    The family (Stable Diffusion, DeepFloyd IF, ...) is the registered one that recognises the folder.
+    The family (Stable Diffusion, DeepFloyd IF, ...) is the registered one that recognises the folder; without
+    ``options`` its option defaults (`GuidanceFamily.option_defaults`) apply under the keyword overrides.
     dtype: None -> float16 on CUDA, float32 on CPU.
     """
     from .base import GuidanceOptions
 
-    opts = GuidanceOptions.from_kwargs(options, **option_overrides)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     source, index, is_local = resolve_model(name_or_path)
     family = registry.get(model_family(index, str(name_or_path), is_local))
+    if options is None:  # the family's own defaults (e.g. zero123's CFG scale) under the explicit overrides
+        option_overrides = {**family.option_defaults, **option_overrides}
+    opts = GuidanceOptions.from_kwargs(options, **option_overrides)
     return family.create(source, device=dev, dtype=dt, options=opts)
 
 

@@ -9,6 +9,9 @@ to x0, eps_hat = (x_t - sqrt(ab) x0) / sqrt(1-ab). The SDS gradient w(t) (eps_ha
 equals w(t) sqrt(ab) / sqrt(1-ab) (x - x0): a randomly weighted photometric loss against the scene,
 delivered through the same noise sampling, weighting, surrogate loss, optimiser and occupancy grid as
 text-to-3D. A run that recovers the scene checks the whole loop end to end, without model weights.
+For image-to-3D runs (``--image``, a render of the scene from the input camera) the same scene is the exact
+novel-view denoiser: each camera's clean image is the scene seen from that camera, whose pose relative to
+the input view is its pose in the scene's frame (the input camera sits at azimuth 0).
 
 The model input z is the render in [-1, 1] (pixel space, like DeepFloyd IF), at the render resolution.
 
@@ -216,6 +219,11 @@ class ReferenceSceneGuidance(Guidance):
     def aabb(self) -> Tuple[float, ...]:
         return tuple(float(v) for v in self.scene["aabb"])
 
+    def set_condition(self, condition) -> None:
+        """The scene is the condition: a prompt, an input image (a render of the scene) and its pose are accepted
+        and not needed, so text-to-3D and image-to-3D runs both check against the scene."""
+        self.set_prompt(condition.prompt or "the reference scene")
+
     # --------------------------------------------------------------- Guidance hooks
     def _encode_text(self, texts: List[str]) -> torch.Tensor:
         return torch.zeros(len(texts), 1, 1, device=self.device)  # the scene is the "prompt"
@@ -275,4 +283,5 @@ def _configure_run(config) -> None:
 
 register(GuidanceFamily(
     name="reference", description="the exact denoiser of a known scene (no model weights)", needs_model=False,
+    conditioning=("text", "image", "pose"),
     create=_create_reference, option_defaults={"view_dependent": False}, configure_run=_configure_run))

@@ -138,6 +138,8 @@ class StableDiffusionGuidance(Guidance):
 
 
 def _is_stable_diffusion(pipeline_class: str, unet_config: Optional[dict]) -> bool:
+    if "zero1to3" in pipeline_class.lower() or "zero123" in pipeline_class.lower():
+        return False  # a novel-view model (zero123 family)
     if "StableDiffusion" in pipeline_class or "LatentDiffusion" in pipeline_class:
         if any(k in pipeline_class for k in ("XL", "3", "Upscale", "Depth", "Inpaint")):
             raise FastDreamError(
@@ -145,7 +147,8 @@ def _is_stable_diffusion(pipeline_class: str, unet_config: Optional[dict]) -> bo
                 "pipelines and DeepFloyd IF stage I (default 'stabilityai/stable-diffusion-2-1-base').")
         return True
     # no model_index.json: a latent UNet (4 input channels) is taken for Stable Diffusion
-    return not pipeline_class and (unet_config or {}).get("in_channels") != 3
+    # (3 channels: a pixel-space IF UNet; 8: a zero123 UNet that also reads the input image's latents)
+    return not pipeline_class and (unet_config or {}).get("in_channels") not in (3, 8)
 
 
 register(GuidanceFamily(

@@ -6,6 +6,7 @@ progress and previews. A stage owns its modules and everything specific to them:
 
 * ``param_groups(optim)``: Adam parameter groups (each with ``lr`` and a ``name``);
 * ``loss(cameras, step, progress, guidance, generator)``: the loss of one batch of sampled cameras;
+* ``set_input_view(photo, camera)``: image-to-3D only: the input photo to reconstruct at its camera;
 * ``after_step(step, generator)``: housekeeping after the optimizer step (e.g. the occupancy grid);
 * ``state_dict()`` / ``load_state_dict()``: its modules' state, stored at the top level of a checkpoint
   next to ``"stage": name``;
@@ -27,10 +28,12 @@ import torch
 @dataclass
 class StepLoss:
     """A stage's loss for one batch: the total (a scalar tensor), its named terms (detached scalar tensors,
-    read back with the loss in one host sync) and what the loop reports (e.g. the shading used)."""
+    read back with the loss in one host sync), what the loop reports (e.g. the shading used) and device
+    scalars for metrics.jsonl (read back every output.metrics_every steps, never per step)."""
     loss: torch.Tensor
     terms: Dict[str, torch.Tensor] = field(default_factory=dict)
     info: Dict[str, Any] = field(default_factory=dict)
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Stage(abc.ABC):
@@ -52,6 +55,12 @@ class Stage(abc.ABC):
     @abc.abstractmethod
     def loss(self, cameras, step: int, progress: float, guidance, generator: torch.Generator) -> StepLoss:
         ...
+
+    def set_input_view(self, photo, camera) -> None:
+        """Image-to-3D: the input photo (an `image_input.InputImage`) and its fixed camera, to reconstruct."""
+        from ..errors import FastDreamError
+
+        raise FastDreamError(f"The {self.name!r} stage cannot be trained from an input image.")
 
     def after_step(self, step: int, generator: torch.Generator) -> None:
         """Called after every step (finite or skipped), before the step counter advances."""
