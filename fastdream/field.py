@@ -71,6 +71,9 @@ class HashGridField(nn.Module):
         aabb = torch.as_tensor(aabb, dtype=torch.float32).reshape(-1)
         check(aabb.shape == (6,) and bool((aabb[3:] > aabb[:3]).all()), f"field aabb must be (xmin, ymin, zmin, xmax, ymax, zmax), got {aabb.tolist()}")
         self.register_buffer("aabb", aabb)
+        self._cache_box()
+        # the box is a buffer (a checkpoint may bring another): refresh the host copies after loading
+        self.register_load_state_dict_post_hook(lambda module, keys: module._cache_box())
         self.encoding_kwargs = dict(n_levels=cfg.n_levels, n_features_per_level=cfg.n_features_per_level,
                                     log2_hashmap_size=cfg.log2_hashmap_size, base_resolution=cfg.base_resolution,
                                     per_level_scale=cfg.per_level_scale)
@@ -78,9 +81,20 @@ class HashGridField(nn.Module):
         self.encoding_params = nn.Parameter(torch.empty(n_params).uniform_(-cfg.init_scale, cfg.init_scale))
         self.mlp = _mlp(cfg.n_levels * cfg.n_features_per_level, cfg.hidden_dim, cfg.n_hidden_layers, 4)
 
+    def _cache_box(self) -> None:
+        # Host copies of the box's sizes: reading them from the buffer every step would sync with the GPU.
+        size = self.aabb[3:] - self.aabb[:3]
+        self._scene_radius = float(size.max()) / 2
+        self._diagonal = float(torch.linalg.vector_norm(size))
+
     @property
     def scene_radius(self) -> float:
-        return float((self.aabb[3:] - self.aabb[:3]).max()) / 2
+        return self._scene_radius
+
+    @property
+    def diagonal(self) -> float:
+        """Length of the box's diagonal (a host float)."""
+        return self._diagonal
 
     @property
     def centre(self) -> torch.Tensor:

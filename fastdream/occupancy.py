@@ -53,12 +53,11 @@ class OccupancyGrid(nn.Module):
         else:
             quarter = max(n_cells // 4, 1)
             uniform = torch.randint(0, n_cells, (quarter,), device=device, generator=generator)
-            occupied = torch.nonzero(self.binary.reshape(-1)).reshape(-1)
-            if occupied.numel() > 0:
-                pick = torch.randint(0, occupied.numel(), (quarter,), device=device, generator=generator)
-                indices = torch.cat([uniform, occupied[pick]])
-            else:
-                indices = uniform
+            # occupied cells drawn with multinomial, not gathered with nonzero (whose size the host must read);
+            # the tiny floor makes an empty grid draw uniformly
+            weights = self.binary.reshape(-1).float() + 1e-9
+            occupied = torch.multinomial(weights, quarter, replacement=True, generator=generator)
+            indices = torch.cat([uniform, occupied])
         estimates = torch.cat([opacity_fn(self.cell_centres(part, generator)).reshape(-1).float()
                                for part in indices.split(self.chunk)])
         occupancy, binary = ops.occupancy_update(self.occupancy, indices=indices, estimates=estimates,

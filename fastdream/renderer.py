@@ -62,8 +62,10 @@ class Renderer(nn.Module):
 
     @property
     def step_size(self) -> float:
-        size = self.field.aabb[3:] - self.field.aabb[:3]
-        return float(torch.linalg.vector_norm(size)) / self.config.samples_per_ray
+        diagonal = getattr(self.field, "diagonal", None)  # a host float on fastdream's fields (no device read)
+        if diagonal is None:
+            diagonal = float(torch.linalg.vector_norm(self.field.aabb[3:] - self.field.aabb[:3]))
+        return diagonal / self.config.samples_per_ray
 
     def sample(self, origins: torch.Tensor, directions: torch.Tensor):
         cfg = self.config
@@ -75,7 +77,8 @@ class Renderer(nn.Module):
                 _, trans, alphas = ops.render_weights(t_starts, t_ends, sigmas, ray_indices=ray_indices,
                                                         n_rays=origins.shape[0])
                 keep = (trans >= cfg.early_stop_eps) & (alphas >= cfg.alpha_threshold)
-            ray_indices, t_starts, t_ends = ray_indices[keep], t_starts[keep], t_ends[keep]
+                kept = keep.nonzero().squeeze(1)  # one compaction for the three arrays
+            ray_indices, t_starts, t_ends = ray_indices[kept], t_starts[kept], t_ends[kept]
         return ray_indices, t_starts, t_ends
 
     def render_rays(self, origins: torch.Tensor, directions: torch.Tensor, shading: str = "albedo",

@@ -93,7 +93,8 @@ class Trainer:
             torch.cuda.manual_seed_all(config.seed)
         self.stage = build_stage(config.stage, config, self.device)
         o = config.optim
-        self.optimizer = torch.optim.Adam(self.stage.param_groups(o), betas=tuple(o.betas), eps=o.eps)
+        # fused: one kernel for all parameters, step counters kept on the device (no .item() per step)
+        self.optimizer = torch.optim.Adam(self.stage.param_groups(o), betas=tuple(o.betas), eps=o.eps, fused=True)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         input_view = load_input_view(config, self.stage.scene_radius, self.device)  # before the model: fail fast
         self.guidance = build_guidance(config, self.device, input_view)

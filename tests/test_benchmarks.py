@@ -110,3 +110,28 @@ def test_raster_benchmark_quick_cpu(tmp_path):
     measured = {r["backend"] for r in data["results"] if r["median_ms"] is not None}
     assert "reference" in measured
     assert all(r["extra"]["coverage_32px"] > 0.2 for r in data["results"] if r["median_ms"] is not None)
+
+
+def test_train_step_host_syncs_counted_and_bounded(tmp_path):
+    """The real Trainer.train_step (reference guidance, 16x16, a grid-update step past the albedo warm-up)
+    under bench_overhead's counter: the only host syncs left are the marcher's output size and the
+    keep-mask compaction (per render: the run's and the reference's) and the one loss readback."""
+    import torch
+
+    from benchmarks import bench_overhead
+
+    trainer = bench_overhead.build_trainer("reference", "cpu", tmp_path)
+    trainer.config.width = trainer.config.height = 16
+    assert trainer.optimizer.defaults["fused"]  # fused Adam: step counters stay on the device
+    step = 16 * 64 - 1  # past the albedo warm-up, and (step + 1) % update_every == 0
+    trainer.train_step(step - 1)
+    counts = bench_overhead.count_steps(trainer, step, 1)
+    assert counts["sync_ops"] == {"fastdream::march_rays": 2, "aten::nonzero": 2, "Tensor.tolist": 1}
+    assert counts["max_syncs"] == 5 and counts["ops"] > 100
+
+    counter = bench_overhead.OpCounter()  # the counter sees what the step no longer does
+    x = torch.ones(4)
+    with counter:
+        float(x.sum()), x[x > 0], torch.nonzero(x), x.tolist()
+    assert counter.syncs == 4 and set(counter.sync_ops) == {"aten::_local_scalar_dense", "aten::index",
+                                                            "aten::nonzero", "Tensor.tolist"}

@@ -142,10 +142,13 @@ class VoxelField(nn.Module):
         self.resolution = tuple(density.shape)
         voxel = float(((self.aabb[3:] - self.aabb[:3]) / torch.tensor(self.resolution)).min())
         self.normal_epsilon = normal_epsilon_voxels * voxel
+        size = self.aabb[3:] - self.aabb[:3]  # host copies: read every render, they must not sync
+        self._scene_radius = float(size.max()) / 2
+        self.diagonal = float(torch.linalg.vector_norm(size))
 
     @property
     def scene_radius(self) -> float:
-        return float((self.aabb[3:] - self.aabb[:3]).max()) / 2
+        return self._scene_radius
 
     @property
     def centre(self) -> torch.Tensor:

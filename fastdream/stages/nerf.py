@@ -9,6 +9,7 @@ the hash table at a higher learning rate than the MLPs, and the learned backgrou
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -37,6 +38,7 @@ class NeRFStage(Stage):
         super().__init__(config, device)
         self.renderer = build_run_renderer(config, device)
         self.renderer.train()
+        self.shading_rng = random.Random(config.seed)  # drawn on the host: no device read per step
         self.input_camera = None
         self.input_photo = None  # (3, R, R) the photo over the background, kept in checkpoints for previews/exports
         self.input_rgb = self.input_mask = None  # (1, H, W, 3), (1, H, W, 1) at the render resolution
@@ -81,12 +83,12 @@ class NeRFStage(Stage):
 
     def choose_shading(self, step: int, generator: torch.Generator) -> str:
         s = self.config.shading
-        u = float(torch.rand((), generator=generator, device=self.device))
+        u = self.shading_rng.random()
         if step < s.albedo_only_fraction * self.config.steps:
             return "albedo"
-        probs = torch.tensor([s.albedo, s.lambertian, s.textureless], dtype=torch.float64)
-        cdf = torch.cumsum(probs / probs.sum(), 0)
-        return SHADING_MODES[min(int((cdf <= u).sum()), 2)]
+        probs = [s.albedo, s.lambertian, s.textureless]
+        cdf = [sum(probs[:i + 1]) / sum(probs) for i in range(3)]
+        return SHADING_MODES[min(sum(c <= u for c in cdf), 2)]
 
     def loss(self, cameras, step: int, progress: float, guidance, generator: torch.Generator) -> StepLoss:
         cfg = self.config
@@ -126,13 +128,15 @@ class NeRFStage(Stage):
             self.renderer.grid.update(step, lambda x: field.density(x) * step_size, generator=generator)
 
     def state_dict(self) -> Dict[str, Any]:
-        state = {"renderer": self.renderer.state_dict()}
+        state = {"renderer": self.renderer.state_dict(), "shading_rng": self.shading_rng.getstate()}
         if self.input_photo is not None:
             state["input_photo"] = (self.input_photo * 255).round().to(torch.uint8)
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.renderer.load_state_dict(state["renderer"])
+        if "shading_rng" in state:
+            self.shading_rng.setstate(state["shading_rng"])
         if "input_photo" in state:
             self.input_photo = state["input_photo"].float() / 255
 
