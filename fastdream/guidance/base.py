@@ -12,8 +12,16 @@ Jacobian is skipped: the UNet runs under ``torch.no_grad``.
 Gradient application. ``SDSOutput.loss`` is a surrogate whose gradient w.r.t. z is *exactly*
 g = w(t) * (eps_hat - eps) (after zeroing non-finite entries and optional clipping): it is built as
 ``sum(z * g) - sum(z.detach() * g) + 0.5 * sum(g**2)``, so autograd hands back g bit-for-bit and the
-value equals 0.5 * ||g||^2 (handy for logging). The batch is summed, not averaged (as in
-stable-dreamfusion's SpecifyGradient): each image receives its own SDS gradient.
+value equals 0.5 * ||g||^2 (handy for logging). Over a batch of B images the surrogate is *averaged*
+(gradient g / B per image, value 0.5 * ||g||^2 / B), as both peers do (threestudio's
+``guidance/stable_diffusion_guidance.py``: ``mse_loss(..., reduction="sum") / batch_size``;
+stable-dreamfusion's ``guidance/sd_utils.py``: ``... / latents.shape[0]``): the balance between SDS and
+the regularisers (which are means over rays) then does not change with the batch size.
+
+Prediction types. The UNet's output is read according to the scheduler's ``prediction_type``:
+"epsilon" is used as is; "v_prediction" (e.g. stabilityai/stable-diffusion-2-1, 768 px) is converted
+to the noise it implies, eps = sqrt(alpha_bar) * v + sqrt(1 - alpha_bar) * z_t, before guidance and
+the SDS gradient. Any other type ("sample", ...) is refused with a ``FastDreamError``.
 
 Weightings w(t) (``GuidanceOptions.weighting``), with alpha_bar the cumulative product of alphas
 and sigma^2 = 1 - alpha_bar:
@@ -50,6 +58,8 @@ ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
 LATENT_MODES = ("vae", "linear")
 ANNEALS = ("linear", "sqrt")
 SHADINGS = ("albedo", "lambertian", "textureless")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+VIEW_SELECTIONS = ("paper", "hard", "interpolate")
 
 
 @dataclass
@@ -68,7 +78,10 @@ class GuidanceOptions:
     compile_unet: bool = False  # torch.compile the UNet (first steps slow, later ones faster)
     latent_mode: str = "vae"  # SD only: "vae" (exact, VAE encoder) | "linear" (RGB->latent 1x1 map at latent res)
     view_dependent: bool = True  # append ", front view" etc. to the prompt per camera
-    interpolate_views: bool = False  # blend view embeddings instead of picking one
+    # "paper" (default): blend front/side/back by azimuth, hard switch to overhead above view_overhead_deg
+    # (DreamFusion); "hard": pick one view (threestudio / stable-dreamfusion); "interpolate": blend, with
+    # overhead ramped in linearly from view_overhead_deg to 90 degrees. See ``prompts``.
+    view_selection: str = "paper"
     view_front_deg: float = 45.0  # |azimuth| <= this: front
     view_back_deg: float = 45.0  # |azimuth| >= 180 - this: back
     view_overhead_deg: float = 60.0  # elevation > this: overhead
@@ -96,6 +109,8 @@ class GuidanceOptions:
             bad(f"grad_clip must be positive or None, got {self.grad_clip}.")
         if not self.guidance_scale >= 0:
             bad(f"guidance_scale must be >= 0, got {self.guidance_scale}.")
+        if self.view_selection not in VIEW_SELECTIONS:
+            bad(f"view_selection={self.view_selection!r}; choose one of {VIEW_SELECTIONS}.")
         if not (0 <= self.view_overhead_deg < 90):
             bad(f"view_overhead_deg must lie in [0, 90), got {self.view_overhead_deg}.")
         if self.nonfinite_check_every < 1:
@@ -117,7 +132,7 @@ class GuidanceOptions:
 class SDSOutput:
     loss: torch.Tensor  # scalar surrogate; d(loss)/d(images) is exactly the SDS gradient
     t: torch.Tensor  # (B,) sampled integer timesteps
-    grad_norm: torch.Tensor  # L2 norm of the applied gradient over the batch (detached)
+    grad_norm: torch.Tensor  # L2 norm over the batch of w(t) (eps_hat - eps), before the 1/B average (detached)
     n_nonfinite: Union[int, torch.Tensor]  # 0-dim int64 tensor: non-finite entries zeroed this call
 
 
@@ -157,7 +172,13 @@ class Guidance(abc.ABC):
     resolution: int
 
     def __init__(self, *, options: GuidanceOptions, device: torch.device, dtype: torch.dtype,
-                 alphas_cumprod: torch.Tensor):
+                 alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
+        if prediction_type not in PREDICTION_TYPES:
+            raise FastDreamError(
+                f"The diffusion model's scheduler predicts {prediction_type!r}, which SDS guidance does not support: "
+                f"only {' and '.join(repr(p) for p in PREDICTION_TYPES)} models can be used (Stable Diffusion 1.x/2.x "
+                "and DeepFloyd IF are); pick another --model.")
+        self.prediction_type = prediction_type
         self.options = options.validate()
         self.device = torch.device(device)
         self.dtype = dtype
@@ -235,8 +256,9 @@ class Guidance(abc.ABC):
             azim = torch.as_tensor(cameras.azimuth_deg).to(self.device, torch.float32, non_blocking=True).reshape(-1)
             if elev.shape[0] != batch_size:
                 raise FastDreamError(f"Got {batch_size} images but {elev.shape[0]} cameras; they must match.")
-            if o.interpolate_views:
-                w = _prompts.view_weights(elev, azim, overhead_deg=o.view_overhead_deg).to(cond.dtype)
+            if o.view_selection != "hard":
+                w = _prompts.view_weights(elev, azim, overhead_deg=o.view_overhead_deg,
+                                          overhead_ramp=o.view_selection == "interpolate").to(cond.dtype)
                 c = torch.einsum("bv,vld->bld", w, cond)
             else:
                 idx = _prompts.view_index(elev, azim, front_deg=o.view_front_deg, back_deg=o.view_back_deg,
@@ -282,6 +304,10 @@ class Guidance(abc.ABC):
         with torch.no_grad(), self._autocast():
             eps = self.predict_noise(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
         eps = eps.float()
+        if self.prediction_type == "v_prediction":  # v = sqrt(ab) eps - sqrt(1-ab) z  =>  eps = sqrt(ab) v + sqrt(1-ab) z_t
+            ab = self.alphas_cumprod[torch.cat([t, t]).to(self.device, torch.long)].view(-1, 1, 1, 1)
+            zz = torch.cat([z_t, z_t]).float()
+            eps = ab.sqrt() * eps + (1.0 - ab).sqrt() * zz
         eps_u, eps_c = eps[:n], eps[n:]
         eps_hat = eps_u + self.options.guidance_scale * (eps_c - eps_u)
         return eps_hat, eps_c, eps_u
@@ -307,9 +333,9 @@ class Guidance(abc.ABC):
         grad = torch.where(finite, grad, torch.zeros_like(grad))
         if self.options.grad_clip is not None:
             grad = grad.clamp(-self.options.grad_clip, self.options.grad_clip)
-        # d/dz of the first term is exactly grad (cast to z's dtype by autograd); the other two terms
-        # carry no gradient and only make the value 0.5*||grad||^2 (the first two cancel exactly).
-        loss = (z.float() * grad).sum() - (z32 * grad).sum() + 0.5 * grad.pow(2).sum()
+        # d/dz of the first term is exactly grad / b (cast to z's dtype by autograd); the other two terms
+        # carry no gradient and only make the value 0.5*||grad||^2 / b (the first two cancel exactly).
+        loss = ((z.float() * grad).sum() - (z32 * grad).sum() + 0.5 * grad.pow(2).sum()) / b
         self._account_nonfinite(n_nonfinite)
         return SDSOutput(loss=loss, t=t, grad_norm=grad.norm().detach(), n_nonfinite=n_nonfinite)
 
