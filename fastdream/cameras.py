@@ -67,6 +67,10 @@ class CameraSamplerConfig:
     focal_range: Tuple[float, float] = (0.7, 1.35)          # focal length = multiplier * image height
     light_distance_range: Tuple[float, float] = (0.8, 1.5)  # times the scene radius
     light_position_perturb: float = 1.0                      # std of the jitter of the light around the camera direction
+    # The diffuse light is drawn in light_intensity_range and then scaled by (1 - ambient), so that
+    # ambient + diffuse <= 1 and lit albedo never exceeds 1: stable-dreamfusion's
+    # ``ratio + (1 - ratio) * lambertian`` (nerf/renderer.py) and threestudio's ambient 0.1 + diffuse 0.9
+    # (``materials/diffuse_with_point_light_material.py``) cap the light the same way.
     light_intensity_range: Tuple[float, float] = (0.7, 1.0)
     ambient_range: Tuple[float, float] = (0.1, 0.4)
 
@@ -130,10 +134,12 @@ def sample_cameras(batch_size: int, width: int, height: int, scene_radius: float
     jitter = torch.randn(batch_size, 3, generator=generator, device=gen_device) * cfg.light_position_perturb
     light_dir = torch.nn.functional.normalize(direction + jitter, dim=-1)
     light_position = light_dir * (draw(cfg.light_distance_range) * scene_radius)[:, None]
+    intensity = draw(cfg.light_intensity_range)
+    ambient = draw(cfg.ambient_range)
     cams = CameraBatch(
         c2w=c2w, fx=focal, fy=focal.clone(), cx=torch.full_like(focal, width / 2), cy=torch.full_like(focal, height / 2),
         width=width, height=height, elevation_deg=elevation, azimuth_deg=azimuth, distance=distance,
-        light_position=light_position, light_intensity=draw(cfg.light_intensity_range), ambient=draw(cfg.ambient_range),
+        light_position=light_position, light_intensity=intensity * (1.0 - ambient).clamp_min(0.0), ambient=ambient,
     )
     return cams.to(device)
 

@@ -1,8 +1,17 @@
 """The radiance field: hash-grid encoding -> tiny MLP -> density and albedo; plus a background model.
 
 DreamFusion's field is view-independent: it outputs density and an albedo, shading is done by the
-renderer from normals = -grad(density)/|grad(density)|. A Gaussian "blob" of density is added around
-the centre so that optimisation starts from an object rather than empty space.
+renderer from normals = -grad(density)/|grad(density)|. A "blob" of pre-activation density is added
+around the centre so that optimisation starts from an object rather than empty space.
+
+The blob's default is threestudio's DreamFusion recipe (``configs/dreamfusion-sd.yaml``:
+``density_bias: blob_magic3d``, scale 10, std 0.5): linear in the distance r from the centre,
+``blob_density * (1 - r / (blob_radius * R))``. It is positive inside blob_radius and negative
+outside, so space away from the centre starts transparent: at initialisation the corners of every
+training image show the background (which therefore receives gradients from the first step). The
+Gaussian shape (``blob_shape="gaussian"``, stable-dreamfusion's ``density_blob``, its defaults 5 and
+0.2) only adds density, so with the exp activation the untrained field keeps density ~1 everywhere
+and most of each image is opaque at initialisation.
 """
 from __future__ import annotations
 
@@ -29,7 +38,8 @@ class FieldConfig:
     n_hidden_layers: int = 2
     density_activation: str = "exp"     # "exp" (truncated exp, as instant-ngp) or "softplus"
     blob_density: float = 10.0          # pre-activation density added at the centre (0 disables)
-    blob_radius: float = 0.5            # in units of the scene radius
+    blob_radius: float = 0.5            # in units of the scene radius (linear: where the bias crosses 0)
+    blob_shape: str = "linear"          # "linear" (threestudio's DreamFusion) or "gaussian" (stable-dreamfusion)
     normals: str = "finite_difference"  # or "analytic" (autograd through the encoding)
     normal_epsilon: float = 0.01        # finite-difference step, in units of the scene radius
     init_scale: float = 1e-4            # hash table initialised uniformly in [-s, s], as tiny-cuda-nn
@@ -67,6 +77,7 @@ class HashGridField(nn.Module):
         super().__init__()
         self.config = cfg = config or FieldConfig()
         check(cfg.density_activation in ("exp", "softplus"), f"density_activation must be 'exp' or 'softplus', got {cfg.density_activation!r}")
+        check(cfg.blob_shape in ("linear", "gaussian"), f"blob_shape must be 'linear' or 'gaussian', got {cfg.blob_shape!r}")
         check(cfg.normals in ("finite_difference", "analytic"), f"normals must be 'finite_difference' or 'analytic', got {cfg.normals!r}")
         aabb = torch.as_tensor(aabb, dtype=torch.float32).reshape(-1)
         check(aabb.shape == (6,) and bool((aabb[3:] > aabb[:3]).all()), f"field aabb must be (xmin, ymin, zmin, xmax, ymax, zmax), got {aabb.tolist()}")
@@ -100,7 +111,10 @@ class HashGridField(nn.Module):
         if cfg.blob_density > 0:
             r2 = ((x - self.centre) ** 2).sum(-1)
             radius = cfg.blob_radius * self.scene_radius
-            pre = pre + cfg.blob_density * torch.exp(-r2 / (2 * radius * radius))
+            if cfg.blob_shape == "linear":
+                pre = pre + cfg.blob_density * (1.0 - torch.sqrt(r2 + 1e-12) / radius)
+            else:
+                pre = pre + cfg.blob_density * torch.exp(-r2 / (2 * radius * radius))
         if cfg.density_activation == "exp":
             return TruncExp.apply(pre.clamp_max(15.0))
         return F.softplus(pre)

@@ -35,7 +35,7 @@ def test_sds_gradient_is_the_exact_denoiser_residual(scene):
     ab = g.alphas_cumprod[t].view(2, 1, 1, 1)
     w = 1.0 - ab  # DreamFusion weighting
     x, x0 = images.detach() * 2 - 1, ref * 2 - 1
-    expected = 2.0 * w * ab.sqrt() / (1 - ab).sqrt() * (x - x0)  # d/dimages = 2 d/dx
+    expected = 2.0 * w * ab.sqrt() / (1 - ab).sqrt() * (x - x0) / 2  # d/dimages = 2 d/dx; the batch of 2 is averaged
     torch.testing.assert_close(images.grad, expected, rtol=1e-4, atol=1e-5)
     assert out.t.tolist() == [100, 700] and int(out.n_nonfinite) == 0
     # at the reference the gradient vanishes, whatever the noise
