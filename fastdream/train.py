@@ -38,7 +38,7 @@ import torch
 from . import __version__
 from .cameras import sample_cameras
 from .checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import RunConfig, apply_overrides, build_config, config_from_dict, config_to_dict, save_config
+from .config import PRESETS, RunConfig, apply_overrides, build_config, config_from_dict, config_to_dict, save_config
 from .errors import FastDreamError
 from .regularizers import opacity_entropy, opacity_sparsity, orientation_loss
 
@@ -227,25 +227,28 @@ class Trainer:
         cams = sample_cameras(cfg.batch_size, cfg.width, cfg.height, field.scene_radius, cfg.camera,
                               generator=self.generator, device=self.device)
         shading = self.choose_shading(step)
-        out = self.renderer.render(cams, shading=shading, need_normals=shading != "albedo")
-        images = out.rgb.permute(0, 3, 1, 2)
         progress = step / max(cfg.steps, 1)
+        reg = cfg.reg.weights(progress)
+        # the orientation loss needs normals on every step, albedo steps included
+        out = self.renderer.render(cams, shading=shading, need_normals=shading != "albedo" or reg["orient"] > 0)
+        images = out.rgb.permute(0, 3, 1, 2)
         sds = self.guidance(images, cams, shading, progress)
         loss = sds.loss
         terms = {"sds": sds.loss.detach()}
         rays = out.rays
-        if cfg.reg.orientation > 0 and rays is not None and rays.sample_normals is not None:
-            orient = orientation_loss(rays.weights, rays.sample_normals, rays.directions, rays.ray_indices)
-            loss = loss + cfg.reg.orientation * orient
-            terms["orient"] = orient.detach()
         opacity = out.opacity.reshape(-1)
-        if cfg.reg.opacity_entropy > 0:
+        if reg["orient"] > 0 and rays is not None and rays.sample_normals is not None:
+            orient = orientation_loss(rays.weights, rays.sample_normals, rays.directions, rays.ray_indices,
+                                      opacity=opacity)
+            loss = loss + reg["orient"] * orient
+            terms["orient"] = orient.detach()
+        if reg["entropy"] > 0:
             ent = opacity_entropy(opacity)
-            loss = loss + cfg.reg.opacity_entropy * ent
+            loss = loss + reg["entropy"] * ent
             terms["entropy"] = ent.detach()
-        if cfg.reg.opacity_sparsity > 0:
+        if reg["sparsity"] > 0:
             sp = opacity_sparsity(opacity)
-            loss = loss + cfg.reg.opacity_sparsity * sp
+            loss = loss + reg["sparsity"] * sp
             terms["sparsity"] = sp.detach()
         self.optimizer.zero_grad(set_to_none=True)
         # Backward runs even on a non-finite loss (its gradients are then non-finite too) so that the
@@ -415,7 +418,7 @@ def _clear_outputs(folder: Path) -> None:
 
 def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides: Optional[List[str]] = None,
         config_file=None, resume: bool = False, force: bool = False, quiet: bool = False,
-        cli: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        cli: Optional[Dict[str, Any]] = None, preset: Optional[str] = None) -> Dict[str, Any]:
     """The `run` command as a function. Returns a summary dict (also written as metrics.json).
 
     cli: values of dedicated flags (steps, seed, device, guidance kind, model, reference scene), applied last.
@@ -442,12 +445,12 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
             raise FastDreamError(f"Nothing to resume in {out_dir}: it has no checkpoints/step_*.pt. Start over with --force.")
         state = load_checkpoint(ckpt, kind=CHECKPOINT_KIND)
         base = config_from_dict(state["config"])
-        base = build_config(config_file, overrides or [], base)
+        base = build_config(config_file, overrides or [], base, preset=preset)
         log.info("fastdream: resuming %s from step %d", out_dir, int(state["step"]))
     elif resume:
         log.info("fastdream: nothing to resume in %s; starting a new run.", out_dir)
     if state is None:
-        base = build_config(config_file, overrides or [], config)
+        base = build_config(config_file, overrides or [], config, preset=preset)
     config = base
     _apply_cli(config, cli)
     config.prompt = prompt if state is None else (config.prompt or prompt)
@@ -559,7 +562,7 @@ def _cmd_run(args) -> int:
     cli = {"steps": args.steps, "seed": args.seed, "device": args.device, "guidance": args.guidance,
            "model": args.model, "reference_scene": args.reference_scene}
     result = run(args.prompt, args.out, overrides=args.set or [], config_file=args.config, resume=args.resume,
-                 force=args.force, quiet=args.quiet, cli=cli)
+                 force=args.force, quiet=args.quiet, cli=cli, preset=args.preset)
     if result.get("interrupted"):
         print(f"fastdream run: interrupted at step {result['step']}; checkpoint {result['checkpoint']}. "
               "Continue with --resume.", file=sys.stderr)
@@ -593,6 +596,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, help="optimisation steps (default 10000)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--config", help="YAML file with configuration keys (see DIR/config.yaml of any run)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named set of overrides applied before --config and --set: 'draft' is a one-minute GPU "
+                        "preview (smaller field, 32x32 renders, 1,000 steps; every other setting at its default)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a configuration key, dotted for sections (e.g. --set optim.lr_hash=0.02); repeatable")
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")

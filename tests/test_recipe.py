@@ -63,3 +63,56 @@ def test_textureless_renders_stay_in_unit_range(default_renderer):
         out = default_renderer.render(cams, shading="textureless")
     assert float(out.rgb.max()) <= 1.0 + 1e-5 and float(out.rgb.min()) >= 0.0
     assert float(out.rgb.max()) > 0.9  # some pixels are lit nearly to the cap
+
+
+def test_regulariser_weight_schedules():
+    reg = RunConfig().reg
+    assert reg.weights(0.0) == {"orient": 10.0, "entropy": 0.0, "sparsity": 1.0}
+    w = reg.weights(0.25)
+    assert w["orient"] == pytest.approx(505.0) and w["entropy"] == pytest.approx(5e-4)
+    assert reg.weights(0.5) == reg.weights(1.0) == {"orient": 1000.0, "entropy": pytest.approx(1e-3), "sparsity": 1.0}
+
+
+class _NoSDS:
+    """Guidance contributing nothing, so that one regulariser alone moves the parameters."""
+
+    def __call__(self, images, cameras, shading, progress):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(loss=images.sum() * 0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_scene(tmp_path_factory):
+    import numpy as np
+
+    from fastdream.demo import demo_scene
+
+    path = tmp_path_factory.mktemp("scene") / "scene.npz"
+    np.savez(path, **demo_scene(8))
+    return path
+
+
+@pytest.mark.parametrize("term", ["orient", "entropy", "sparsity", None])
+def test_each_regulariser_reaches_the_parameters_on_albedo_steps(tmp_path, tiny_scene, term):
+    from fastdream.config import apply_overrides
+    from fastdream.train import Trainer, prepare_reference
+
+    weights = {"orient": "reg.orientation", "entropy": "reg.opacity_entropy", "sparsity": "reg.opacity_sparsity"}
+    sets = ["steps=10", "width=8", "height=8", "field.n_levels=4", "field.log2_hashmap_size=10",
+            "field.max_resolution=64", "field.hidden_dim=16", "field.n_hidden_layers=1", "render.samples_per_ray=32",
+            "grid.resolution=16", "shading.albedo_only_fraction=1.0", "guidance.kind=reference",
+            f"guidance.reference_scene={tiny_scene}", "guidance.reference_resolution=8"]
+    sets += [f"{key}={1.0 if name == term else 0.0}" for name, key in weights.items()]
+    config = apply_overrides(RunConfig(prompt="scene", device="cpu"), sets)
+    prepare_reference(config)
+    trainer = Trainer(config, tmp_path, quiet=True, device=torch.device("cpu"))
+    trainer.guidance = _NoSDS()
+    before = trainer.renderer.field.encoding_params.detach().clone()
+    result = trainer.train_step(5)  # progress 0.5: every ramp has started
+    assert result["shading"] == "albedo" and result["finite"]
+    moved = not torch.equal(before, trainer.renderer.field.encoding_params.detach())
+    if term is None:
+        assert not moved and set(result["terms"]) == {"sds"}
+    else:
+        assert moved and result["terms"][term] > 0, result
