@@ -202,8 +202,17 @@ def test_timesteps_and_annealing(sd):
         assert sd.timestep_range(1.0) == (20, 500)
         sd.options = dataclasses.replace(old, t_max_end=0.5, t_anneal="sqrt")
         assert sd.timestep_range(0.25) == (20, 740)
+        # both bounds on a schedule
+        sd.options = dataclasses.replace(old, t_min_end=0.2, t_max_end=0.5)
+        assert sd.timestep_range(0.0) == (20, 980)
+        assert sd.timestep_range(0.5) == (110, 740)
+        assert sd.timestep_range(1.0) == (200, 500)
+        t = sd.sample_timesteps(4096, 1.0)
+        assert int(t.min()) >= 200 and int(t.max()) <= 500
     finally:
         sd.options = old
+    with pytest.raises(FastDreamError, match="t_min_end"):
+        GuidanceOptions(t_min_end=0.6, t_max_end=0.5).validate()
 
 
 @pytest.mark.parametrize("weighting", ["sds", "uniform", "sqrt_alpha_sigma"])

@@ -30,8 +30,11 @@ and sigma^2 = 1 - alpha_bar:
   "sqrt_alpha_sigma"  sqrt(alpha_bar(t)) * sigma(t)          down-weights both ends of the schedule
 
 Timesteps are integers t ~ U{round(t_min*T), ..., round(t_max*T)} (T = number of training steps,
-1000), one per image. With ``t_max_end`` set, t_max anneals from ``t_max`` to ``t_max_end`` over
-training: linearly in ``progress`` ("linear") or in sqrt(progress) ("sqrt").
+1000), one per image. Both bounds can follow a schedule: with ``t_max_end`` (``t_min_end``) set, t_max
+(t_min) moves from ``t_max`` (``t_min``) to that value over training, linearly in ``progress``
+("linear") or in sqrt(progress) ("sqrt"), as threestudio's ``min_step_percent`` / ``max_step_percent``
+accept ``[start_step, start, end, end_step]``. By default both are constant (threestudio's and
+stable-dreamfusion's DreamFusion configs).
 
 Non-finite gradient entries are zeroed. ``SDSOutput.n_nonfinite`` is a 0-dim int64 *tensor* on the
 guidance device (``int(out.n_nonfinite)`` reads it; that synchronizes) so the step itself never
@@ -70,6 +73,7 @@ class GuidanceOptions:
     t_min: float = 0.02  # lowest timestep, as a fraction of the schedule
     t_max: float = 0.98  # highest timestep at the start of training
     t_max_end: Optional[float] = None  # anneal t_max towards this value by the end (None: no annealing)
+    t_min_end: Optional[float] = None  # anneal t_min towards this value by the end (None: no annealing)
     t_anneal: str = "linear"  # "linear" | "sqrt": schedule of the annealing in progress
     weighting: str = "sds"  # "sds" (sigma^2 = 1 - alpha_bar, DreamFusion) | "uniform" | "sqrt_alpha_sigma"
     grad_clip: Optional[float] = None  # clamp each gradient entry to [-grad_clip, grad_clip] (None: off)
@@ -97,6 +101,8 @@ class GuidanceOptions:
             bad(f"need 0 <= t_min <= t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}.")
         if self.t_max_end is not None and not (self.t_min <= self.t_max_end <= 1.0):
             bad(f"t_max_end must lie in [t_min, 1], got {self.t_max_end}.")
+        if self.t_min_end is not None and not (0.0 <= self.t_min_end <= min(self.t_max, self.t_max_end or 1.0)):
+            bad(f"t_min_end must lie in [0, min(t_max, t_max_end)], got {self.t_min_end}.")
         if self.t_anneal not in ANNEALS:
             bad(f"t_anneal={self.t_anneal!r}; choose one of {ANNEALS}.")
         if self.weighting not in WEIGHTINGS:
@@ -267,19 +273,24 @@ class Guidance(abc.ABC):
         return c, self._uncond.unsqueeze(0).expand(batch_size, -1, -1)
 
     # ------------------------------------------------------------------ schedule
-    def t_max_at(self, progress: float) -> float:
-        o = self.options
-        if o.t_max_end is None:
-            return o.t_max
+    def _annealed(self, start: float, end: Optional[float], progress: float) -> float:
+        if end is None:
+            return start
         p = min(max(float(progress), 0.0), 1.0)
-        if o.t_anneal == "sqrt":
+        if self.options.t_anneal == "sqrt":
             p = math.sqrt(p)
-        return o.t_max + (o.t_max_end - o.t_max) * p
+        return start + (end - start) * p
+
+    def t_max_at(self, progress: float) -> float:
+        return self._annealed(self.options.t_max, self.options.t_max_end, progress)
+
+    def t_min_at(self, progress: float) -> float:
+        return self._annealed(self.options.t_min, self.options.t_min_end, progress)
 
     def timestep_range(self, progress: float) -> Tuple[int, int]:
         """Inclusive integer range [lo, hi] of timesteps at this training progress."""
         T = self.num_train_timesteps
-        lo = min(max(int(round(self.options.t_min * T)), 0), T - 1)
+        lo = min(max(int(round(self.t_min_at(progress) * T)), 0), T - 1)
         hi = min(max(int(round(self.t_max_at(progress) * T)), lo), T - 1)
         return lo, hi
 
