@@ -43,6 +43,12 @@ class FieldConfig:
     normals: str = "finite_difference"  # or "analytic" (autograd through the encoding)
     normal_epsilon: float = 0.01        # finite-difference step, in units of the scene radius
     init_scale: float = 1e-4            # hash table initialised uniformly in [-s, s], as tiny-cuda-nn
+    # Progressive levels (coarse first): only the first `progressive_start_levels` levels feed the MLP at
+    # the start, one more level joins every `progressive_every` of training (a fraction of the steps).
+    # Off by default, as in both peers (threestudio's ProgressiveBandHashGrid: start_level 8, one level
+    # every 500 steps; stable-dreamfusion's --progressive_level).
+    progressive_start_levels: int = 0   # 0: off (every level from the start)
+    progressive_every: float = 0.05
 
     @property
     def per_level_scale(self) -> float:
@@ -88,6 +94,15 @@ class HashGridField(nn.Module):
         n_params = ops.hash_grid_n_params(**self.encoding_kwargs)
         self.encoding_params = nn.Parameter(torch.empty(n_params).uniform_(-cfg.init_scale, cfg.init_scale))
         self.mlp = _mlp(cfg.n_levels * cfg.n_features_per_level, cfg.hidden_dim, cfg.n_hidden_layers, 4)
+        self.active_levels = cfg.n_levels  # progressive levels: set by set_progress during training
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress in [0, 1] (host float): how many hash levels feed the MLP."""
+        cfg = self.config
+        if cfg.progressive_start_levels <= 0:
+            return
+        extra = int(progress / cfg.progressive_every) if cfg.progressive_every > 0 else cfg.n_levels
+        self.active_levels = min(cfg.n_levels, cfg.progressive_start_levels + extra)
 
     @property
     def scene_radius(self) -> float:
@@ -103,6 +118,9 @@ class HashGridField(nn.Module):
     def _raw(self, x: torch.Tensor) -> torch.Tensor:
         unit = ((x - self.aabb[:3]) / (self.aabb[3:] - self.aabb[:3])).clamp(0.0, 1.0)
         features = ops.hash_encode(unit, self.encoding_params, check_range=False, **self.encoding_kwargs)
+        if self.active_levels < self.config.n_levels:  # later (finer) levels masked out: no signal, no gradient
+            keep = self.active_levels * self.config.n_features_per_level
+            features = torch.cat([features[:, :keep], torch.zeros_like(features[:, keep:])], dim=1)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
     def _density_from_raw(self, x: torch.Tensor, raw_density: torch.Tensor) -> torch.Tensor:

@@ -228,6 +228,7 @@ class Trainer:
                               generator=self.generator, device=self.device)
         shading = self.choose_shading(step)
         progress = step / max(cfg.steps, 1)
+        field.set_progress(progress)
         reg = cfg.reg.weights(progress)
         # the orientation loss needs normals on every step, albedo steps included
         out = self.renderer.render(cams, shading=shading, need_normals=shading != "albedo" or reg["orient"] > 0)

@@ -116,3 +116,29 @@ def test_each_regulariser_reaches_the_parameters_on_albedo_steps(tmp_path, tiny_
         assert not moved and set(result["terms"]) == {"sds"}
     else:
         assert moved and result["terms"][term] > 0, result
+
+
+def test_progressive_levels_feed_coarse_levels_first():
+    from fastdream.field import FieldConfig, HashGridField
+
+    cfg = FieldConfig(n_levels=4, log2_hashmap_size=10, base_resolution=4, max_resolution=64, hidden_dim=16,
+                      n_hidden_layers=1, progressive_start_levels=2, progressive_every=0.25)
+    torch.manual_seed(0)
+    field = HashGridField(config=cfg)
+    field.encoding_params.data.uniform_(-0.5, 0.5)
+    x = torch.rand(256, 3) * 2 - 1
+
+    def grad_support(progress):
+        field.set_progress(progress)
+        field.encoding_params.grad = None
+        field.density(x).sum().backward()
+        return field.encoding_params.grad != 0
+
+    assert field.active_levels == 4  # untrained / exported fields use every level
+    early, middle, late = grad_support(0.0), grad_support(0.3), grad_support(1.0)
+    assert (field.active_levels, int(early.sum()) > 0) == (4, True)
+    assert bool((early <= middle).all() and (middle <= late).all())
+    assert int(early.sum()) < int(middle.sum()) < int(late.sum())
+    off = HashGridField(config=FieldConfig(n_levels=4, log2_hashmap_size=10, base_resolution=4, max_resolution=64))
+    off.set_progress(0.0)
+    assert off.active_levels == 4  # off by default
