@@ -159,6 +159,10 @@ class RunConfig:
     aabb: Tuple[float, float, float, float, float, float] = (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0)
     background: str = "mlp"         # mlp (learned, direction-dependent) | fixed
     background_color: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # Probability, per training image, of a random solid-colour background instead of the background
+    # model (stable-dreamfusion uses 0.5: it keeps the object from hiding in the background). 0 (off)
+    # as in threestudio's DreamFusion config (``random_aug: false``).
+    random_background: float = 0.0
     max_nonfinite_steps: int = 5    # stop after this many consecutive non-finite losses
     field: FieldConfig = _field(default_factory=FieldConfig)
     render: RenderConfig = _field(default_factory=RenderConfig)
@@ -186,6 +190,9 @@ class RunConfig:
             bad("reference guidance needs a scene: --reference-scene SCENE.npz (or a .obj/.ply/.glb mesh).")
         if self.background not in ("mlp", "fixed"):
             bad(f"background must be 'mlp' or 'fixed', got {self.background!r}.")
+        if self.guidance.kind == "reference" and self.random_background > 0:
+            bad("random_background must be 0 with reference guidance: the reference scene is rendered over its "
+                "fixed background colour, so a random one would be a wrong target.")
         s = self.shading
         if min(s.albedo, s.lambertian, s.textureless) < 0 or s.albedo + s.lambertian + s.textureless <= 0:
             bad("shading probabilities must be >= 0 and not all zero.")
@@ -213,6 +220,7 @@ class RunConfig:
 NUMERIC_RANGES: Dict[str, str] = {
     "steps": "[1, inf)", "batch_size": "[1, inf)", "width": "[8, inf)", "height": "[8, inf)",
     "seed": "[0, 4611686018427387904]", "aabb": "(-inf, inf)", "background_color": "[0, 1]",
+    "random_background": "[0, 1]",
     "max_nonfinite_steps": "[1, inf)",
     "field.n_levels": "[1, inf)", "field.n_features_per_level": "[1, inf)", "field.log2_hashmap_size": "[1, 30]",
     "field.base_resolution": "[1, inf)", "field.max_resolution": "[1, inf)", "field.hidden_dim": "[1, inf)",

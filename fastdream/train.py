@@ -257,8 +257,11 @@ class Trainer:
         progress = step / max(cfg.steps, 1)
         field.set_progress(progress)
         reg = cfg.reg.weights(progress)
+        background = (self.renderer.random_solid_background(cams, cfg.random_background, self.generator)
+                      if cfg.random_background > 0 else None)
         # the orientation loss needs normals on every step, albedo steps included
-        out = self.renderer.render(cams, shading=shading, need_normals=shading != "albedo" or reg["orient"] > 0)
+        out = self.renderer.render(cams, shading=shading, need_normals=shading != "albedo" or reg["orient"] > 0,
+                                   background=background)
         images = out.rgb.permute(0, 3, 1, 2)
         sds = self.guidance(images, cams, shading, progress)
         loss = sds.loss

@@ -142,3 +142,30 @@ def test_progressive_levels_feed_coarse_levels_first():
     off = HashGridField(config=FieldConfig(n_levels=4, log2_hashmap_size=10, base_resolution=4, max_resolution=64))
     off.set_progress(0.0)
     assert off.active_levels == 4  # off by default
+
+
+def test_random_solid_backgrounds():
+    from fastdream.field import FieldConfig
+    from fastdream.renderer import build_renderer
+
+    torch.manual_seed(0)
+    renderer = build_renderer(field_config=FieldConfig(n_levels=2, log2_hashmap_size=8, max_resolution=16, hidden_dim=8,
+                                                       n_hidden_layers=1))
+    cams = sample_cameras(64, 4, 4, generator=torch.Generator().manual_seed(0))
+    _, directions = generate_rays(cams)
+    model = renderer.background(directions.reshape(-1, 3)).reshape(64, 16, 3)
+    with torch.no_grad():
+        bg = renderer.random_solid_background(cams, 0.5, torch.Generator().manual_seed(1)).reshape(64, 16, 3)
+        solid = (bg == bg[:, :1]).all(-1).all(-1)
+        assert torch.equal(bg[~solid], model[~solid])  # the other images keep the background model
+        assert 16 <= int(solid.sum()) <= 48  # about half of the images
+        assert float(bg[solid].std(0).min()) > 0.1  # random colours, not one
+        never = renderer.random_solid_background(cams, 0.0, torch.Generator().manual_seed(1)).reshape(64, 16, 3)
+        assert torch.equal(never, model)
+    # reference guidance renders its target over a fixed colour: a random one is refused
+    from fastdream.config import apply_overrides
+    from fastdream.errors import FastDreamError
+
+    with pytest.raises(FastDreamError, match="random_background must be 0 with reference guidance"):
+        apply_overrides(RunConfig(), ["random_background=0.5", "guidance.kind=reference",
+                                      "guidance.reference_scene=x.npz"]).validate()
