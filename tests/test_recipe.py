@@ -169,3 +169,21 @@ def test_random_solid_backgrounds():
     with pytest.raises(FastDreamError, match="random_background must be 0 with reference guidance"):
         apply_overrides(RunConfig(), ["random_background=0.5", "guidance.kind=reference",
                                       "guidance.reference_scene=x.npz"]).validate()
+
+
+def test_camera_jitter_moves_cameras_but_keeps_them_looking_at_the_scene():
+    base = sample_cameras(256, 8, 8, config=CameraSamplerConfig(), generator=torch.Generator().manual_seed(3))
+    jcfg = CameraSamplerConfig(position_jitter=0.1, target_jitter=0.2, up_jitter=0.02)
+    jit = sample_cameras(256, 8, 8, config=jcfg, generator=torch.Generator().manual_seed(3))
+    # the same draws for angles and distance (the jitter comes after them), the poses perturbed
+    assert torch.equal(base.elevation_deg, jit.elevation_deg) and torch.equal(base.distance, jit.distance)
+    shift = torch.linalg.vector_norm(jit.position - base.position, dim=-1)
+    assert 0.1 < float(shift.mean()) < 0.25  # std 0.1 per axis: mean length about 0.16
+    rot = jit.c2w[:, :3, :3]
+    assert torch.allclose(rot.transpose(1, 2) @ rot, torch.eye(3).expand(256, 3, 3), atol=1e-5)
+    # the optical axis passes within a few target-jitter stds of the centre
+    forward = -rot[:, :, 2]
+    miss = torch.linalg.vector_norm(torch.cross(forward, -jit.position, dim=-1), dim=-1)
+    assert float(miss.max()) < 1.0 and float(miss.mean()) > 0.05
+    # off by default: the orbit frames, exactly
+    assert torch.equal(base.c2w, sample_cameras(256, 8, 8, generator=torch.Generator().manual_seed(3)).c2w)
