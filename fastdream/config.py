@@ -30,12 +30,13 @@ from dataclasses import field as _field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from . import _backend
 from .cameras import CameraSamplerConfig
 from .errors import FastDreamError
 from .field import FieldConfig
+from .guidance import registry as guidance_registry
 from .renderer import RenderConfig
-
-GUIDANCE_KINDS = ("sd", "if", "reference")
+from .stages import STAGES
 
 #: Named sets of overrides (``fastdream run --preset NAME``). "draft": a quick preview -- a smaller hash
 #: grid and MLP, 32x32 renders, fewer samples per ray, a coarser occupancy grid and 1,000 steps (about a
@@ -46,7 +47,6 @@ PRESETS: Dict[str, Tuple[str, ...]] = {
               "field.max_resolution=256", "field.hidden_dim=32", "field.n_hidden_layers=1",
               "render.samples_per_ray=128", "grid.resolution=32"),
 }
-DEFAULT_MODELS = {"sd": "stabilityai/stable-diffusion-2-1-base", "if": "DeepFloyd/IF-I-XL-v1.0", "reference": ""}
 
 
 @dataclass
@@ -111,7 +111,7 @@ class RegularizerConfig:
 
 @dataclass
 class GuidanceConfig:
-    kind: str = "sd"                # sd | if | reference
+    kind: str = "sd"                # a registered family: sd | if | reference (fastdream.guidance.registry)
     model: str = ""                 # hub id or local diffusers folder ("" -> the kind's default model)
     guidance_scale: float = 100.0
     t_min: float = 0.02
@@ -156,6 +156,8 @@ class RunConfig:
     height: int = 64
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    backend: str = ""               # ops backend: auto | torch | native ("": the process's choice, FASTDREAM_BACKEND or auto)
+    stage: str = "nerf"             # what is trained (fastdream.stages)
     aabb: Tuple[float, float, float, float, float, float] = (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0)
     background: str = "mlp"         # mlp (learned, direction-dependent) | fixed
     background_color: Tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -184,8 +186,13 @@ class RunConfig:
         check_numbers(self)
         if self.batch_size < 1 or self.width < 8 or self.height < 8:
             bad(f"batch_size must be >= 1 and width/height >= 8, got {self.batch_size}, {self.width}x{self.height}.")
-        if self.guidance.kind not in GUIDANCE_KINDS:
-            bad(f"guidance.kind={self.guidance.kind!r}; choose one of {', '.join(GUIDANCE_KINDS)}.")
+        kinds = guidance_registry.names()
+        if self.guidance.kind not in kinds:
+            bad(f"guidance.kind={self.guidance.kind!r}; choose one of {', '.join(kinds)}.")
+        if self.stage not in STAGES:
+            bad(f"stage={self.stage!r}; choose one of {', '.join(STAGES)}.")
+        if self.backend not in ("",) + _backend.BACKENDS:
+            bad(f"backend={self.backend!r}; choose one of {', '.join(_backend.BACKENDS)} (or leave it empty).")
         if self.guidance.kind == "reference" and not self.guidance.reference_scene:
             bad("reference guidance needs a scene: --reference-scene SCENE.npz (or a .obj/.ply/.glb mesh).")
         if self.background not in ("mlp", "fixed"):
@@ -210,7 +217,7 @@ class RunConfig:
 
     @property
     def model(self) -> str:
-        return self.guidance.model or DEFAULT_MODELS[self.guidance.kind]
+        return self.guidance.model or guidance_registry.default_model(self.guidance.kind)
 
 
 # ---------------------------------------------------------------------------------------------- numbers

@@ -369,6 +369,10 @@ def export_outputs(renderer, folder, output_config, log_fn=None) -> Dict[str, st
     return written
 
 
+def psnr_from_mse(mse: float) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1] with mean squared error `mse`."""
+    return float("inf") if mse <= 0 else -10.0 * math.log10(mse)
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(torch.mean((a.float() - b.float()) ** 2))
-    return float("inf") if mse == 0 else -10.0 * math.log10(mse)
+    return psnr_from_mse(float(torch.mean((a.float() - b.float()) ** 2)))

@@ -6,7 +6,7 @@ import torch
 
 from fastdream.cameras import CameraBatch, CameraSamplerConfig, generate_rays, orbit_c2w, sample_cameras
 from fastdream.config import RunConfig
-from fastdream.train import build_run_renderer
+from fastdream.stages.nerf import build_run_renderer
 
 
 def _camera(elevation, distance, focal_multiplier, size, light_intensity=1.0, ambient=0.0):
@@ -96,7 +96,8 @@ def tiny_scene(tmp_path_factory):
 @pytest.mark.parametrize("term", ["orient", "entropy", "sparsity", None])
 def test_each_regulariser_reaches_the_parameters_on_albedo_steps(tmp_path, tiny_scene, term):
     from fastdream.config import apply_overrides
-    from fastdream.train import Trainer, prepare_reference
+    from fastdream.guidance.reference import _configure_run as prepare_reference
+    from fastdream.train import Trainer
 
     weights = {"orient": "reg.orientation", "entropy": "reg.opacity_entropy", "sparsity": "reg.opacity_sparsity"}
     sets = ["steps=10", "width=8", "height=8", "field.n_levels=4", "field.log2_hashmap_size=10",
