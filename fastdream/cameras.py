@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -67,8 +67,18 @@ class CameraSamplerConfig:
     focal_range: Tuple[float, float] = (0.7, 1.35)          # focal length = multiplier * image height
     light_distance_range: Tuple[float, float] = (0.8, 1.5)  # times the scene radius
     light_position_perturb: float = 1.0                      # std of the jitter of the light around the camera direction
+    # The diffuse light is drawn in light_intensity_range and then scaled by (1 - ambient), so that
+    # ambient + diffuse <= 1 and lit albedo never exceeds 1: stable-dreamfusion's
+    # ``ratio + (1 - ratio) * lambertian`` (nerf/renderer.py) and threestudio's ambient 0.1 + diffuse 0.9
+    # (``materials/diffuse_with_point_light_material.py``) cap the light the same way.
     light_intensity_range: Tuple[float, float] = (0.7, 1.0)
     ambient_range: Tuple[float, float] = (0.1, 0.4)
+    # Camera jitter (std of Gaussian perturbations): the position and the look-at target in scene radii,
+    # the up vector in its own units. Off by default, as the paper and stable-dreamfusion (--jitter_pose);
+    # threestudio's random camera uses camera_perturb 0.1, center_perturb 0.2, up_perturb 0.02.
+    position_jitter: float = 0.0
+    target_jitter: float = 0.0
+    up_jitter: float = 0.0
 
 
 def spherical_position(elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
@@ -93,10 +103,10 @@ def orbit_c2w(elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor, distance: 
     return c2w
 
 
-def look_at(position: torch.Tensor, target: torch.Tensor, up: Sequence[float] = (0.0, 1.0, 0.0)) -> torch.Tensor:
-    """(B,3) positions looking at (B,3) targets -> (B,4,4) OpenGL camera-to-world."""
+def look_at(position: torch.Tensor, target: torch.Tensor, up=(0.0, 1.0, 0.0)) -> torch.Tensor:
+    """(B,3) positions looking at (B,3) targets -> (B,4,4) OpenGL camera-to-world; ``up`` is (3,) or (B,3)."""
     forward = torch.nn.functional.normalize(target - position, dim=-1)
-    up_t = torch.tensor(up, dtype=position.dtype, device=position.device).expand_as(forward)
+    up_t = torch.as_tensor(up, dtype=position.dtype, device=position.device).expand_as(forward)
     right = torch.cross(forward, up_t, dim=-1)
     degenerate = torch.linalg.vector_norm(right, dim=-1, keepdim=True) < 1e-6
     alt = torch.tensor((0.0, 0.0, -1.0), dtype=position.dtype, device=position.device).expand_as(forward)
@@ -127,15 +137,28 @@ def sample_cameras(batch_size: int, width: int, height: int, scene_radius: float
     focal = draw(cfg.focal_range) * height
     c2w = orbit_c2w(elevation, azimuth, distance)
     direction = c2w[:, :3, 3] / distance[:, None]
+    if cfg.position_jitter > 0 or cfg.target_jitter > 0 or cfg.up_jitter > 0:
+        c2w = _jittered(c2w, cfg, scene_radius, generator, gen_device)
     jitter = torch.randn(batch_size, 3, generator=generator, device=gen_device) * cfg.light_position_perturb
     light_dir = torch.nn.functional.normalize(direction + jitter, dim=-1)
     light_position = light_dir * (draw(cfg.light_distance_range) * scene_radius)[:, None]
+    intensity = draw(cfg.light_intensity_range)
+    ambient = draw(cfg.ambient_range)
     cams = CameraBatch(
         c2w=c2w, fx=focal, fy=focal.clone(), cx=torch.full_like(focal, width / 2), cy=torch.full_like(focal, height / 2),
         width=width, height=height, elevation_deg=elevation, azimuth_deg=azimuth, distance=distance,
-        light_position=light_position, light_intensity=draw(cfg.light_intensity_range), ambient=draw(cfg.ambient_range),
+        light_position=light_position, light_intensity=intensity * (1.0 - ambient).clamp_min(0.0), ambient=ambient,
     )
     return cams.to(device)
+
+
+def _jittered(c2w: torch.Tensor, cfg: CameraSamplerConfig, scene_radius: float, generator, device) -> torch.Tensor:
+    """threestudio's camera perturbation: jitter the position, the look-at target and the up vector."""
+    noise = lambda: torch.randn(c2w.shape[0], 3, generator=generator, device=device)  # noqa: E731
+    position = c2w[:, :3, 3] + noise() * cfg.position_jitter * scene_radius
+    target = noise() * cfg.target_jitter * scene_radius
+    up = c2w[:, :3, 1] + noise() * cfg.up_jitter
+    return look_at(position, target, up)
 
 
 def orbit_cameras(n_views: int, width: int, height: int, elevation_deg: float = 15.0, distance: float = 1.5,

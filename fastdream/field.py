@@ -1,8 +1,17 @@
 """The radiance field: hash-grid encoding -> tiny MLP -> density and albedo; plus a background model.
 
 DreamFusion's field is view-independent: it outputs density and an albedo, shading is done by the
-renderer from normals = -grad(density)/|grad(density)|. A Gaussian "blob" of density is added around
-the centre so that optimisation starts from an object rather than empty space.
+renderer from normals = -grad(density)/|grad(density)|. A "blob" of pre-activation density is added
+around the centre so that optimisation starts from an object rather than empty space.
+
+The blob's default is threestudio's DreamFusion recipe (``configs/dreamfusion-sd.yaml``:
+``density_bias: blob_magic3d``, scale 10, std 0.5): linear in the distance r from the centre,
+``blob_density * (1 - r / (blob_radius * R))``. It is positive inside blob_radius and negative
+outside, so space away from the centre starts transparent: at initialisation the corners of every
+training image show the background (which therefore receives gradients from the first step). The
+Gaussian shape (``blob_shape="gaussian"``, stable-dreamfusion's ``density_blob``, its defaults 5 and
+0.2) only adds density, so with the exp activation the untrained field keeps density ~1 everywhere
+and most of each image is opaque at initialisation.
 """
 from __future__ import annotations
 
@@ -29,10 +38,17 @@ class FieldConfig:
     n_hidden_layers: int = 2
     density_activation: str = "exp"     # "exp" (truncated exp, as instant-ngp) or "softplus"
     blob_density: float = 10.0          # pre-activation density added at the centre (0 disables)
-    blob_radius: float = 0.5            # in units of the scene radius
+    blob_radius: float = 0.5            # in units of the scene radius (linear: where the bias crosses 0)
+    blob_shape: str = "linear"          # "linear" (threestudio's DreamFusion) or "gaussian" (stable-dreamfusion)
     normals: str = "finite_difference"  # or "analytic" (autograd through the encoding)
     normal_epsilon: float = 0.01        # finite-difference step, in units of the scene radius
     init_scale: float = 1e-4            # hash table initialised uniformly in [-s, s], as tiny-cuda-nn
+    # Progressive levels (coarse first): only the first `progressive_start_levels` levels feed the MLP at
+    # the start, one more level joins every `progressive_every` of training (a fraction of the steps).
+    # Off by default, as in both peers (threestudio's ProgressiveBandHashGrid: start_level 8, one level
+    # every 500 steps; stable-dreamfusion's --progressive_level).
+    progressive_start_levels: int = 0   # 0: off (every level from the start)
+    progressive_every: float = 0.05
 
     @property
     def per_level_scale(self) -> float:
@@ -67,6 +83,7 @@ class HashGridField(nn.Module):
         super().__init__()
         self.config = cfg = config or FieldConfig()
         check(cfg.density_activation in ("exp", "softplus"), f"density_activation must be 'exp' or 'softplus', got {cfg.density_activation!r}")
+        check(cfg.blob_shape in ("linear", "gaussian"), f"blob_shape must be 'linear' or 'gaussian', got {cfg.blob_shape!r}")
         check(cfg.normals in ("finite_difference", "analytic"), f"normals must be 'finite_difference' or 'analytic', got {cfg.normals!r}")
         aabb = torch.as_tensor(aabb, dtype=torch.float32).reshape(-1)
         check(aabb.shape == (6,) and bool((aabb[3:] > aabb[:3]).all()), f"field aabb must be (xmin, ymin, zmin, xmax, ymax, zmax), got {aabb.tolist()}")
@@ -80,6 +97,15 @@ class HashGridField(nn.Module):
         n_params = ops.hash_grid_n_params(**self.encoding_kwargs)
         self.encoding_params = nn.Parameter(torch.empty(n_params).uniform_(-cfg.init_scale, cfg.init_scale))
         self.mlp = _mlp(cfg.n_levels * cfg.n_features_per_level, cfg.hidden_dim, cfg.n_hidden_layers, 4)
+        self.active_levels = cfg.n_levels  # progressive levels: set by set_progress during training
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress in [0, 1] (host float): how many hash levels feed the MLP."""
+        cfg = self.config
+        if cfg.progressive_start_levels <= 0:
+            return
+        extra = int(progress / cfg.progressive_every) if cfg.progressive_every > 0 else cfg.n_levels
+        self.active_levels = min(cfg.n_levels, cfg.progressive_start_levels + extra)
 
     def _cache_box(self) -> None:
         # Host copies of the box's sizes: reading them from the buffer every step would sync with the GPU.
@@ -106,6 +132,9 @@ class HashGridField(nn.Module):
     def _raw(self, x: torch.Tensor) -> torch.Tensor:
         unit = ((x - self.aabb[:3]) / (self.aabb[3:] - self.aabb[:3])).clamp(0.0, 1.0)
         features = ops.hash_encode(unit, self.encoding_params, check_range=False, **self.encoding_kwargs)
+        if self.active_levels < self.config.n_levels:  # later (finer) levels masked out: no signal, no gradient
+            keep = self.active_levels * self.config.n_features_per_level
+            features = torch.cat([features[:, :keep], torch.zeros_like(features[:, keep:])], dim=1)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
     def _density_from_raw(self, x: torch.Tensor, raw_density: torch.Tensor) -> torch.Tensor:
@@ -114,7 +143,10 @@ class HashGridField(nn.Module):
         if cfg.blob_density > 0:
             r2 = ((x - self.centre) ** 2).sum(-1)
             radius = cfg.blob_radius * self.scene_radius
-            pre = pre + cfg.blob_density * torch.exp(-r2 / (2 * radius * radius))
+            if cfg.blob_shape == "linear":
+                pre = pre + cfg.blob_density * (1.0 - torch.sqrt(r2 + 1e-12) / radius)
+            else:
+                pre = pre + cfg.blob_density * torch.exp(-r2 / (2 * radius * radius))
         if cfg.density_activation == "exp":
             return TruncExp.apply(pre.clamp_max(15.0))
         return F.softplus(pre)

@@ -7,11 +7,15 @@ visible produce dark, "hollow" shading; penalise them per sample,
 
 with w_i the rendering weight of sample i, n_i its normal and d the ray direction (pointing from the
 camera into the scene, so a visible front-facing normal has n . d < 0). Summed over the samples of
-each ray and averaged over the rays.
+each ray and divided by the number of rays that see anything (opacity > 0), as threestudio does
+(``systems/dreamfusion.py``), so the term does not shrink when the object covers less of the image.
 
 Opacity regularisers on the accumulated per-ray opacity a:
   entropy   mean over rays of -(a log a + (1-a) log(1-a)): pushes rays to be empty or opaque;
   sparsity  mean sqrt(a^2 + 0.01) (DreamFusion): penalises the foreground area.
+
+Weights over training (``ramp``): a weight may move linearly from a start to an end value over the
+first fraction of the steps, then stay there (threestudio writes ``[start_step, start, end, end_step]``).
 """
 from __future__ import annotations
 
@@ -22,14 +26,29 @@ import torch
 from . import ops
 
 
+def ramp(start: float, end: float, progress: float, fraction: float) -> float:
+    """A weight going linearly from ``start`` (progress 0) to ``end`` (progress ``fraction``), then ``end``."""
+    if fraction <= 0:
+        return end
+    p = min(max(progress / fraction, 0.0), 1.0)
+    return start + (end - start) * p
+
+
 def orientation_loss(weights: torch.Tensor, normals: Optional[torch.Tensor], directions: torch.Tensor,
-                     ray_indices: torch.Tensor, n_rays: Optional[int] = None) -> torch.Tensor:
-    """weights (N,), normals (N,3) or None, directions (R,3) per ray, ray_indices (N,) -> scalar."""
+                     ray_indices: torch.Tensor, n_rays: Optional[int] = None,
+                     opacity: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """weights (N,), normals (N,3) or None, directions (R,3) per ray, ray_indices (N,) -> scalar.
+
+    Divided by the number of rays with opacity > 0 when ``opacity`` (R,) is given (a device-side count,
+    no host sync), else by ``n_rays`` (all rays)."""
     if normals is None or weights.numel() == 0:
         return directions.new_zeros(())
-    n_rays = directions.shape[0] if n_rays is None else n_rays
     facing = (normals * directions[ray_indices]).sum(-1).clamp_min(0.0)
-    return (weights.detach() * facing.pow(2)).sum() / max(n_rays, 1)
+    total = (weights.detach() * facing.pow(2)).sum()
+    if opacity is not None:
+        return total / (opacity.detach() > 0).sum().clamp_min(1)
+    n_rays = directions.shape[0] if n_rays is None else n_rays
+    return total / max(n_rays, 1)
 
 
 def opacity_entropy(opacity: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

@@ -109,6 +109,19 @@ class Renderer(nn.Module):
         return RayOutput(rgb=rgb, opacity=opacity, depth=depth, normal=normal, weights=weights,
                          ray_indices=ray_indices, sample_normals=normals, directions=directions)
 
+    def random_solid_background(self, cameras: CameraBatch, probability: float,
+                                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Per-ray backgrounds (B*H*W, 3) for ``render(background=...)``: each image gets, with
+        ``probability``, one uniformly random colour, else the background model's colours. Drawn on the
+        cameras' device from ``generator`` (no host sync)."""
+        B, n = len(cameras), cameras.height * cameras.width
+        gen_device = generator.device if generator is not None else cameras.device
+        colours = torch.rand(B, 3, generator=generator, device=gen_device).to(cameras.device)
+        use = (torch.rand(B, generator=generator, device=gen_device) < probability).to(cameras.device)
+        _, directions = generate_rays(cameras)
+        model = self.background(directions.reshape(-1, 3)).reshape(B, n, 3)
+        return torch.where(use[:, None, None], colours[:, None, :].expand(B, n, 3), model).reshape(-1, 3)
+
     def render(self, cameras: CameraBatch, shading: str = "albedo", need_normals: bool = False,
                background: Optional[torch.Tensor] = None) -> RenderOutput:
         """Render whole images. With gradients enabled all rays go in one batch (training); without,

@@ -66,7 +66,7 @@ OOM_KNOBS = ("Reduce memory with: --set batch_size=1; smaller renders (--set wid
 
 def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides: Optional[List[str]] = None,
         config_file=None, resume: bool = False, force: bool = False, quiet: bool = False,
-        cli: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        cli: Optional[Dict[str, Any]] = None, preset: Optional[str] = None) -> Dict[str, Any]:
     """`fastdream run` as a function. Returns a summary dict (also written as metrics.json).
 
     cli: values of dedicated flags (steps, seed, device, guidance kind, model, reference scene, image), applied
@@ -103,12 +103,12 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
             raise FastDreamError(f"Nothing to resume in {out_dir}: it has no checkpoints/step_*.pt. Start over with --force.")
         state = load_checkpoint(ckpt, kind=CHECKPOINT_KIND)
         base = config_from_dict(state["config"])
-        base = build_config(config_file, overrides or [], base)
+        base = build_config(config_file, overrides or [], base, preset=preset)
         log.info("fastdream: resuming %s from step %d", out_dir, int(state["step"]))
     elif resume:
         log.info("fastdream: nothing to resume in %s; starting a new run.", out_dir)
     if state is None:
-        base = build_config(config_file, overrides or [], config)
+        base = build_config(config_file, overrides or [], config, preset=preset)
     config = base
     apply_flags(config, cli)
     config.prompt = prompt if state is None else (config.prompt or prompt)

@@ -90,6 +90,24 @@ def test_validate():
         apply_overrides(RunConfig(), ["shading.albedo=0", "shading.lambertian=0", "shading.textureless=0"]).validate()
 
 
+def test_draft_preset_shrinks_the_field_and_keeps_the_recipe():
+    import dataclasses
+
+    from fastdream.config import PRESETS, RunConfig, build_config, preset_overrides
+
+    draft, default = build_config(preset="draft"), RunConfig()
+    assert (draft.width, draft.height, draft.steps) == (32, 32, 1000)
+    assert draft.field.log2_hashmap_size < default.field.log2_hashmap_size
+    # the recipe itself is untouched: learning rates, cameras, shading, regularisers, guidance
+    for section in ("optim", "camera", "shading", "reg", "guidance"):
+        assert dataclasses.asdict(getattr(draft, section)) == dataclasses.asdict(getattr(default, section)), section
+    assert all(not item.startswith(("optim.", "camera.", "shading.", "reg.", "guidance.")) for item in PRESETS["draft"])
+    # later sources win over the preset
+    assert build_config(overrides=["width=48"], preset="draft").width == 48
+    with pytest.raises(FastDreamError, match="Unknown preset 'fast'.*draft"):
+        preset_overrides("fast")
+
+
 def test_every_numeric_key_has_a_range():
     from fastdream.config import NUMERIC_RANGES, _numbers
 

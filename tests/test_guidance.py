@@ -109,12 +109,31 @@ def test_view_weights():
     torch.testing.assert_close(w[1], torch.tensor([0.5, 0.5, 0, 0]))
     torch.testing.assert_close(w[2], torch.tensor([0.0, 1, 0, 0]))
     torch.testing.assert_close(w[3], torch.tensor([0.0, 0, 1, 0]))
-    torch.testing.assert_close(w[4], torch.tensor([0.5, 0, 0, 0.5]))
+    torch.testing.assert_close(w[4], torch.tensor([0.0, 0, 0, 1]))  # the paper: overhead at once above 60 degrees
     assert w[5, 3] == 1
+    ramp = view_weights(torch.tensor([60.0, 75.0]), torch.tensor([0.0, 0.0]), overhead_ramp=True)
+    torch.testing.assert_close(ramp, torch.tensor([[1.0, 0, 0, 0], [0.5, 0, 0, 0.5]]))
+
+
+def test_default_view_rule_is_the_papers(sd):
+    """Blend front/side/back by azimuth, switch hard to overhead above 60 degrees of elevation."""
+    assert GuidanceOptions().view_selection == "paper" and sd.options.view_selection == "paper"
+    cond, _ = sd.text_embeddings(cams([0.0, 59.0, 61.0, 10.0], [30.0, 135.0, 30.0, 180.0]), 4)
+    front, side, back, overhead = sd.embed_texts(["a chair, front view", "a chair, side view", "a chair, back view",
+                                                  "a chair, overhead view"])
+    torch.testing.assert_close(cond[0], (2 / 3) * front + (1 / 3) * side)
+    torch.testing.assert_close(cond[1], 0.5 * side + 0.5 * back)
+    torch.testing.assert_close(cond[2], overhead, rtol=0, atol=0)
+    torch.testing.assert_close(cond[3], back)
 
 
 def test_per_camera_embeddings(sd):
-    cond, uncond = sd.text_embeddings(cams([0.0, 0.0, 0.0, 80.0], [10.0, 90.0, 180.0, 0.0]), 4)
+    old = sd.options
+    sd.options = dataclasses.replace(old, view_selection="hard")
+    try:
+        cond, uncond = sd.text_embeddings(cams([0.0, 0.0, 0.0, 80.0], [10.0, 90.0, 180.0, 0.0]), 4)
+    finally:
+        sd.options = old
     expected = sd.embed_texts(["a chair, front view", "a chair, side view", "a chair, back view",
                                "a chair, overhead view"])
     torch.testing.assert_close(cond, expected, rtol=0, atol=0)
@@ -125,10 +144,11 @@ def test_per_camera_embeddings(sd):
 def test_interpolated_embeddings(sd):
     old = sd.options
     try:
-        sd.options = dataclasses.replace(old, interpolate_views=True)
-        cond, _ = sd.text_embeddings(cams([0.0], [45.0]), 1)
-        front, side = sd.embed_texts(["a chair, front view", "a chair, side view"])
+        sd.options = dataclasses.replace(old, view_selection="interpolate")
+        cond, _ = sd.text_embeddings(cams([0.0, 75.0], [45.0, 0.0]), 2)
+        front, side, overhead = sd.embed_texts(["a chair, front view", "a chair, side view", "a chair, overhead view"])
         torch.testing.assert_close(cond[0], 0.5 * front + 0.5 * side)
+        torch.testing.assert_close(cond[1], 0.5 * front + 0.5 * overhead)
     finally:
         sd.options = old
 
@@ -194,8 +214,17 @@ def test_timesteps_and_annealing(sd):
         assert sd.timestep_range(1.0) == (20, 500)
         sd.options = dataclasses.replace(old, t_max_end=0.5, t_anneal="sqrt")
         assert sd.timestep_range(0.25) == (20, 740)
+        # both bounds on a schedule
+        sd.options = dataclasses.replace(old, t_min_end=0.2, t_max_end=0.5)
+        assert sd.timestep_range(0.0) == (20, 980)
+        assert sd.timestep_range(0.5) == (110, 740)
+        assert sd.timestep_range(1.0) == (200, 500)
+        t = sd.sample_timesteps(4096, 1.0)
+        assert int(t.min()) >= 200 and int(t.max()) <= 500
     finally:
         sd.options = old
+    with pytest.raises(FastDreamError, match="t_min_end"):
+        GuidanceOptions(t_min_end=0.6, t_max_end=0.5).validate()
 
 
 @pytest.mark.parametrize("weighting", ["sds", "uniform", "sqrt_alpha_sigma"])
@@ -220,8 +249,9 @@ def test_sds_gradient_on_latents_equals_w_times_eps_difference(sd, weighting):
         eps_hat = eps_u + 7.5 * (eps_c - eps_u)
         w = {"sds": 1 - ab, "uniform": torch.ones_like(ab), "sqrt_alpha_sigma": ab.sqrt() * (1 - ab).sqrt()}[weighting]
         expected = w * (eps_hat - noise)
-        torch.testing.assert_close(z.grad, expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out.loss.detach(), 0.5 * expected.pow(2).sum(), rtol=1e-4, atol=1e-4)
+        # the batch is averaged: each of the 3 images gets a third of its own SDS gradient
+        torch.testing.assert_close(z.grad, expected / 3, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.loss.detach(), 0.5 * expected.pow(2).sum() / 3, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(out.grad_norm, expected.norm(), rtol=1e-5, atol=1e-5)
         assert out.t.tolist() == [20, 500, 980] and int(out.n_nonfinite) == 0
     finally:
@@ -354,7 +384,7 @@ def test_deepfloyd_sds_uses_noise_half_of_unet_output(deepfloyd):
         full_u = g.unet(z_t, t, encoder_hidden_states=uncond).sample
     assert full_c.shape[1] == 6
     eps_hat = full_u[:, :3] + 100 * (full_c[:, :3] - full_u[:, :3])
-    torch.testing.assert_close(z.grad, (1 - ab) * (eps_hat - noise), rtol=1e-4, atol=2e-3)  # scale 100
+    torch.testing.assert_close(z.grad, (1 - ab) * (eps_hat - noise) / 2, rtol=1e-4, atol=1e-3)  # scale 100, batch mean
 
 
 def test_attention_backends_agree(sd_folder):
@@ -413,6 +443,94 @@ def test_bad_device_and_dtype(sd_folder):
     if not torch.cuda.is_available():
         with pytest.raises(FastDreamError, match="CUDA"):
             load_guidance(sd_folder, "cuda")
+
+
+# ---------------------------------------------------------------------------- prediction types, batch, precision
+@pytest.fixture(scope="module")
+def sd_v_folder(sd_folder, tmp_path_factory):
+    """The tiny SD pipeline with its scheduler switched to v-prediction (as stable-diffusion-2-1, 768 px)."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-sd-v"
+    shutil.copytree(sd_folder, folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config["prediction_type"] = "v_prediction"
+    path.write_text(json.dumps(config))
+    return folder
+
+
+def test_v_prediction_model_is_converted_to_epsilon(sd_v_folder):
+    g = load_guidance(str(sd_v_folder), "cpu", seed=0, guidance_scale=7.5)
+    assert g.prediction_type == "v_prediction"
+    g.set_prompt("a chair")
+    torch.manual_seed(5)
+    z = torch.randn(2, 4, 8, 8, requires_grad=True)
+    t = torch.tensor([100, 800])
+    noise = torch.randn(z.shape)
+    cond, uncond = g.text_embeddings(cams([0.0, 0.0], [0.0, 90.0]), 2)
+    g.sds_from_latents(z, cond, uncond, t=t, noise=noise).loss.backward()
+    ab = g.alphas_cumprod[t].view(2, 1, 1, 1)
+    z_t = ab.sqrt() * z.detach() + (1 - ab).sqrt() * noise
+    v_c, v_u = manual_eps(g, z_t, t, cond, uncond)  # the UNet's raw outputs are v
+    eps_c, eps_u = ab.sqrt() * v_c + (1 - ab).sqrt() * z_t, ab.sqrt() * v_u + (1 - ab).sqrt() * z_t
+    eps_hat = eps_u + 7.5 * (eps_c - eps_u)
+    torch.testing.assert_close(z.grad, (1 - ab) * (eps_hat - noise) / 2, rtol=1e-5, atol=1e-5)
+    # and it is not the gradient of the same outputs read as noise
+    wrong = (1 - ab) * (v_u + 7.5 * (v_c - v_u) - noise) / 2
+    assert (z.grad - wrong).abs().max() > 1e-2
+
+
+def test_unsupported_prediction_type_is_refused(sd_v_folder, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "tiny-sd-sample"
+    shutil.copytree(sd_v_folder, folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "prediction_type": "sample"}))
+    with pytest.raises(FastDreamError, match="'sample'.*epsilon.*v_prediction"):
+        load_guidance(str(folder), "cpu")
+
+
+def test_sds_over_a_batch_is_the_mean(sd):
+    """Two copies of one image (same t and noise) give the single image's loss and half its gradient each."""
+    torch.manual_seed(6)
+    z1 = torch.randn(1, 4, 8, 8)
+    noise1 = torch.randn(1, 4, 8, 8)
+    t1 = torch.tensor([400])
+    c1 = sd.text_embeddings(cams([0.0], [0.0]), 1)
+    one = z1.clone().requires_grad_(True)
+    out1 = sd.sds_from_latents(one, *c1, t=t1, noise=noise1)
+    out1.loss.backward()
+    two = z1.repeat(2, 1, 1, 1).requires_grad_(True)
+    out2 = sd.sds_from_latents(two, *sd.text_embeddings(cams([0.0, 0.0], [0.0, 0.0]), 2), t=t1.repeat(2),
+                               noise=noise1.repeat(2, 1, 1, 1))
+    out2.loss.backward()
+    torch.testing.assert_close(out2.loss, out1.loss, rtol=1e-5, atol=1e-6)
+    # (the batched UNet call rounds differently; the old summed gradient would be twice as large)
+    torch.testing.assert_close(two.grad, 0.5 * one.grad.repeat(2, 1, 1, 1), rtol=1e-3, atol=1e-4)
+
+
+def test_deepfloyd_sds_arithmetic_is_float32_under_half_precision(if_folder):
+    """The pixel gradient is computed in float32 (only the UNet runs in half precision), as for SD."""
+    g = load_guidance(if_folder, "cpu", dtype="bfloat16", seed=0, guidance_scale=10.0)
+    g.set_prompt("a chair")
+    torch.manual_seed(7)
+    images = torch.rand(1, 3, 16, 16, requires_grad=True)
+    z = g.encode_images(images)
+    assert z.dtype == torch.float32
+    t, noise = torch.tensor([300]), torch.randn(1, 3, 16, 16)
+    c = cams([0.0], [0.0])
+    g(images, c, t=t, noise=noise).loss.backward()
+    ab = g.alphas_cumprod[t].view(1, 1, 1, 1)
+    z32 = images.detach() * 2 - 1
+    z_t = ab.sqrt() * z32 + (1 - ab).sqrt() * noise
+    eps_hat, _, _ = g.guided_noise(z_t.to(torch.bfloat16), t, *g.text_embeddings(c, 1))
+    expected = 2.0 * (1 - ab) * (eps_hat - noise)  # d z / d images = 2
+    torch.testing.assert_close(images.grad, expected, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(expected.to(torch.bfloat16).float(), expected)  # half precision would round it
 
 
 # ---------------------------------------------------------------------------- registry

@@ -226,7 +226,7 @@ def test_tiny_stable_diffusion_run_writes_every_output(tmp_path, capsys):
     out = tmp_path / "hamburger"
     args = ["run", "a hamburger", "--model", str(model), "--steps", "10", "--out", str(out), "--device", "cpu",
             "--quiet"] + _sets("output.video_frames=4", "output.preview_every=5", "output.checkpoint_every=5",
-                               "guidance.options.latent_mode=vae")
+                               "guidance.options.latent_mode=vae", "random_background=0.5")
     assert main(args) == 0, capsys.readouterr().err
     for name in ("mesh.obj", "mesh.ply", "mesh.glb"):
         mesh = trimesh.load(out / name, force="mesh")

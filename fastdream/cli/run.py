@@ -6,6 +6,7 @@ import logging
 import sys
 
 from .. import runs
+from ..config import PRESETS
 from ..train import EXIT_CODES
 from ..guidance import registry
 from .options import integer
@@ -21,7 +22,7 @@ def _cmd_run(args) -> int:
               "--help)", file=sys.stderr)
         return 2
     result = runs.run(args.prompt or "", args.out, overrides=args.set or [], config_file=args.config, resume=args.resume,
-                      force=args.force, quiet=args.quiet, cli=cli)
+                      force=args.force, quiet=args.quiet, cli=cli, preset=args.preset)
     if result.get("interrupted"):
         sig = result.get("signal") or "SIGINT"
         if result.get("saved"):
@@ -50,6 +51,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=integer(), help="optimisation steps (default 10000)")  # range: RunConfig.validate
     p.add_argument("--seed", type=integer(0), help="random seed (default 0)")
     p.add_argument("--config", help="YAML file with configuration keys (see DIR/config.yaml of any run)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named set of overrides applied before --config and --set: 'draft' is a one-minute GPU "
+                        "preview (smaller field, 32x32 renders, 1,000 steps; every other setting at its default)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a configuration key, dotted for sections (e.g. --set optim.lr_hash=0.02); repeatable")
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")

@@ -12,8 +12,16 @@ Jacobian is skipped: the UNet runs under ``torch.no_grad``.
 Gradient application. ``SDSOutput.loss`` is a surrogate whose gradient w.r.t. z is *exactly*
 g = w(t) * (eps_hat - eps) (after zeroing non-finite entries and optional clipping): it is built as
 ``sum(z * g) - sum(z.detach() * g) + 0.5 * sum(g**2)``, so autograd hands back g bit-for-bit and the
-value equals 0.5 * ||g||^2 (handy for logging). The batch is summed, not averaged (as in
-stable-dreamfusion's SpecifyGradient): each image receives its own SDS gradient.
+value equals 0.5 * ||g||^2 (handy for logging). Over a batch of B images the surrogate is *averaged*
+(gradient g / B per image, value 0.5 * ||g||^2 / B), as both peers do (threestudio's
+``guidance/stable_diffusion_guidance.py``: ``mse_loss(..., reduction="sum") / batch_size``;
+stable-dreamfusion's ``guidance/sd_utils.py``: ``... / latents.shape[0]``): the balance between SDS and
+the regularisers (which are means over rays) then does not change with the batch size.
+
+Prediction types. The UNet's output is read according to the scheduler's ``prediction_type``:
+"epsilon" is used as is; "v_prediction" (e.g. stabilityai/stable-diffusion-2-1, 768 px) is converted
+to the noise it implies, eps = sqrt(alpha_bar) * v + sqrt(1 - alpha_bar) * z_t, before guidance and
+the SDS gradient. Any other type ("sample", ...) is refused with a ``FastDreamError``.
 
 Weightings w(t) (``GuidanceOptions.weighting``), with alpha_bar the cumulative product of alphas
 and sigma^2 = 1 - alpha_bar:
@@ -22,8 +30,11 @@ and sigma^2 = 1 - alpha_bar:
   "sqrt_alpha_sigma"  sqrt(alpha_bar(t)) * sigma(t)          down-weights both ends of the schedule
 
 Timesteps are integers t ~ U{round(t_min*T), ..., round(t_max*T)} (T = number of training steps,
-1000), one per image. With ``t_max_end`` set, t_max anneals from ``t_max`` to ``t_max_end`` over
-training: linearly in ``progress`` ("linear") or in sqrt(progress) ("sqrt").
+1000), one per image. Both bounds can follow a schedule: with ``t_max_end`` (``t_min_end``) set, t_max
+(t_min) moves from ``t_max`` (``t_min``) to that value over training, linearly in ``progress``
+("linear") or in sqrt(progress) ("sqrt"), as threestudio's ``min_step_percent`` / ``max_step_percent``
+accept ``[start_step, start, end, end_step]``. By default both are constant (threestudio's and
+stable-dreamfusion's DreamFusion configs).
 
 Non-finite gradient entries are zeroed. ``SDSOutput.n_nonfinite`` is a 0-dim int64 *tensor* on the
 guidance device (``int(out.n_nonfinite)`` reads it; that synchronizes) so the step itself never
@@ -53,6 +64,8 @@ WEIGHTINGS = ("sds", "uniform", "sqrt_alpha_sigma")
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
 LATENT_MODES = ("vae", "linear")
 ANNEALS = ("linear", "sqrt")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+VIEW_SELECTIONS = ("paper", "hard", "interpolate")
 
 
 @dataclass
@@ -63,6 +76,7 @@ class GuidanceOptions:
     t_min: float = 0.02  # lowest timestep, as a fraction of the schedule
     t_max: float = 0.98  # highest timestep at the start of training
     t_max_end: Optional[float] = None  # anneal t_max towards this value by the end (None: no annealing)
+    t_min_end: Optional[float] = None  # anneal t_min towards this value by the end (None: no annealing)
     t_anneal: str = "linear"  # "linear" | "sqrt": schedule of the annealing in progress
     weighting: str = "sds"  # "sds" (sigma^2 = 1 - alpha_bar, DreamFusion) | "uniform" | "sqrt_alpha_sigma"
     grad_clip: Optional[float] = None  # clamp each gradient entry to [-grad_clip, grad_clip] (None: off)
@@ -71,7 +85,10 @@ class GuidanceOptions:
     compile_unet: bool = False  # torch.compile the UNet (first steps slow, later ones faster)
     latent_mode: str = "vae"  # SD only: "vae" (exact, VAE encoder) | "linear" (RGB->latent 1x1 map at latent res)
     view_dependent: bool = True  # append ", front view" etc. to the prompt per camera
-    interpolate_views: bool = False  # blend view embeddings instead of picking one
+    # "paper" (default): blend front/side/back by azimuth, hard switch to overhead above view_overhead_deg
+    # (DreamFusion); "hard": pick one view (threestudio / stable-dreamfusion); "interpolate": blend, with
+    # overhead ramped in linearly from view_overhead_deg to 90 degrees. See ``prompts``.
+    view_selection: str = "paper"
     view_front_deg: float = 45.0  # |azimuth| <= this: front
     view_back_deg: float = 45.0  # |azimuth| >= 180 - this: back
     view_overhead_deg: float = 60.0  # elevation > this: overhead
@@ -87,6 +104,8 @@ class GuidanceOptions:
             bad(f"need 0 <= t_min <= t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}.")
         if self.t_max_end is not None and not (self.t_min <= self.t_max_end <= 1.0):
             bad(f"t_max_end must lie in [t_min, 1], got {self.t_max_end}.")
+        if self.t_min_end is not None and not (0.0 <= self.t_min_end <= min(self.t_max, self.t_max_end or 1.0)):
+            bad(f"t_min_end must lie in [0, min(t_max, t_max_end)], got {self.t_min_end}.")
         if self.t_anneal not in ANNEALS:
             bad(f"t_anneal={self.t_anneal!r}; choose one of {ANNEALS}.")
         if self.weighting not in WEIGHTINGS:
@@ -99,6 +118,8 @@ class GuidanceOptions:
             bad(f"grad_clip must be positive or None, got {self.grad_clip}.")
         if not self.guidance_scale >= 0:
             bad(f"guidance_scale must be >= 0, got {self.guidance_scale}.")
+        if self.view_selection not in VIEW_SELECTIONS:
+            bad(f"view_selection={self.view_selection!r}; choose one of {VIEW_SELECTIONS}.")
         if not (0 <= self.view_overhead_deg < 90):
             bad(f"view_overhead_deg must lie in [0, 90), got {self.view_overhead_deg}.")
         if self.nonfinite_check_every < 1:
@@ -120,7 +141,7 @@ class GuidanceOptions:
 class SDSOutput:
     loss: torch.Tensor  # scalar surrogate; d(loss)/d(images) is exactly the SDS gradient
     t: torch.Tensor  # (B,) sampled integer timesteps
-    grad_norm: torch.Tensor  # L2 norm of the applied gradient over the batch (detached)
+    grad_norm: torch.Tensor  # L2 norm over the batch of w(t) (eps_hat - eps), before the 1/B average (detached)
     n_nonfinite: Union[int, torch.Tensor]  # 0-dim int64 tensor: non-finite entries zeroed this call
 
 
@@ -168,7 +189,13 @@ class Guidance(abc.ABC):
     conditioning: Tuple[str, ...] = ("text",)
 
     def __init__(self, *, options: GuidanceOptions, device: torch.device, dtype: torch.dtype,
-                 alphas_cumprod: torch.Tensor):
+                 alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
+        if prediction_type not in PREDICTION_TYPES:
+            raise FastDreamError(
+                f"The diffusion model's scheduler predicts {prediction_type!r}, which SDS guidance does not support: "
+                f"only {' and '.join(repr(p) for p in PREDICTION_TYPES)} models can be used (Stable Diffusion 1.x/2.x "
+                "and DeepFloyd IF are); pick another --model.")
+        self.prediction_type = prediction_type
         self.options = options.validate()
         self.device = torch.device(device)
         self.dtype = dtype
@@ -269,8 +296,9 @@ class Guidance(abc.ABC):
             azim = torch.as_tensor(cameras.azimuth_deg).to(self.device, torch.float32, non_blocking=True).reshape(-1)
             if elev.shape[0] != batch_size:
                 raise FastDreamError(f"Got {batch_size} images but {elev.shape[0]} cameras; they must match.")
-            if o.interpolate_views:
-                w = _prompts.view_weights(elev, azim, overhead_deg=o.view_overhead_deg).to(cond.dtype)
+            if o.view_selection != "hard":
+                w = _prompts.view_weights(elev, azim, overhead_deg=o.view_overhead_deg,
+                                          overhead_ramp=o.view_selection == "interpolate").to(cond.dtype)
                 c = torch.einsum("bv,vld->bld", w, cond)
             else:
                 idx = _prompts.view_index(elev, azim, front_deg=o.view_front_deg, back_deg=o.view_back_deg,
@@ -279,19 +307,24 @@ class Guidance(abc.ABC):
         return c, self._uncond.unsqueeze(0).expand(batch_size, -1, -1)
 
     # ------------------------------------------------------------------ schedule
-    def t_max_at(self, progress: float) -> float:
-        o = self.options
-        if o.t_max_end is None:
-            return o.t_max
+    def _annealed(self, start: float, end: Optional[float], progress: float) -> float:
+        if end is None:
+            return start
         p = min(max(float(progress), 0.0), 1.0)
-        if o.t_anneal == "sqrt":
+        if self.options.t_anneal == "sqrt":
             p = math.sqrt(p)
-        return o.t_max + (o.t_max_end - o.t_max) * p
+        return start + (end - start) * p
+
+    def t_max_at(self, progress: float) -> float:
+        return self._annealed(self.options.t_max, self.options.t_max_end, progress)
+
+    def t_min_at(self, progress: float) -> float:
+        return self._annealed(self.options.t_min, self.options.t_min_end, progress)
 
     def timestep_range(self, progress: float) -> Tuple[int, int]:
         """Inclusive integer range [lo, hi] of timesteps at this training progress."""
         T = self.num_train_timesteps
-        lo = min(max(int(round(self.options.t_min * T)), 0), T - 1)
+        lo = min(max(int(round(self.t_min_at(progress) * T)), 0), T - 1)
         hi = min(max(int(round(self.t_max_at(progress) * T)), lo), T - 1)
         return lo, hi
 
@@ -317,6 +350,10 @@ class Guidance(abc.ABC):
             eps = self.predict_noise(torch.cat([z_t, z_t]).to(self.dtype), torch.cat([t, t]),
                                      torch.cat([uncond, cond]).to(self.dtype))
         eps = eps.float()
+        if self.prediction_type == "v_prediction":  # v = sqrt(ab) eps - sqrt(1-ab) z  =>  eps = sqrt(ab) v + sqrt(1-ab) z_t
+            ab = self.alphas_cumprod[torch.cat([t, t]).to(self.device, torch.long)].view(-1, 1, 1, 1)
+            zz = torch.cat([z_t, z_t]).float()
+            eps = ab.sqrt() * eps + (1.0 - ab).sqrt() * zz
         eps_u, eps_c = eps[:n], eps[n:]
         eps_hat = eps_u + self.options.guidance_scale * (eps_c - eps_u)
         return eps_hat, eps_c, eps_u
@@ -342,9 +379,9 @@ class Guidance(abc.ABC):
         grad = torch.where(finite, grad, torch.zeros_like(grad))
         if self.options.grad_clip is not None:
             grad = grad.clamp(-self.options.grad_clip, self.options.grad_clip)
-        # d/dz of the first term is exactly grad (cast to z's dtype by autograd); the other two terms
-        # carry no gradient and only make the value 0.5*||grad||^2 (the first two cancel exactly).
-        loss = (z.float() * grad).sum() - (z32 * grad).sum() + 0.5 * grad.pow(2).sum()
+        # d/dz of the first term is exactly grad / b (cast to z's dtype by autograd); the other two terms
+        # carry no gradient and only make the value 0.5*||grad||^2 / b (the first two cancel exactly).
+        loss = ((z.float() * grad).sum() - (z32 * grad).sum() + 0.5 * grad.pow(2).sum()) / b
         self._account_nonfinite(n_nonfinite)
         return SDSOutput(loss=loss, t=t, grad_norm=grad.norm().detach(), n_nonfinite=n_nonfinite)
 

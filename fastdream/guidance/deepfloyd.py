@@ -2,7 +2,7 @@
 to DreamFusion's Imagen).
 
 Per step: renders (B,3,H,W) in [0,1] -> resize to the UNet's sample size (64x64) -> [-1,1] pixels z
--> SDS directly in pixel space (no VAE). The IF UNet predicts noise *and* a variance
+-> SDS directly in pixel space (no VAE), in float32 whatever the model dtype. The IF UNet predicts noise *and* a variance
 (out_channels = 2 * in_channels, "learned_range"); only the noise half is used. Text embeddings come
 from the pipeline's T5 encoder (with its attention mask, as IFPipeline does), max length 77.
 Loading reads the IFPipeline folder's subfolders directly (tokenizer, text_encoder, unet, scheduler);
@@ -30,7 +30,8 @@ class DeepFloydIFGuidance(Guidance):
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         super().__init__(options=options, device=device, dtype=dtype,
-                         alphas_cumprod=torch.as_tensor(scheduler.alphas_cumprod))
+                         alphas_cumprod=torch.as_tensor(scheduler.alphas_cumprod),
+                         prediction_type=scheduler.config.get("prediction_type", "epsilon"))
         self.tokenizer = tokenizer
         self.max_length = min(max_length, int(getattr(tokenizer, "model_max_length", max_length) or max_length))
         self.text_encoder = prepare_module(text_encoder, device, dtype)
@@ -62,7 +63,9 @@ class DeepFloydIFGuidance(Guidance):
         return hidden.to(self.dtype)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return (resize_images(images, self.resolution) * 2.0 - 1.0).to(self.dtype)
+        # float32 pixels: the SDS arithmetic (z_t, eps_hat - eps, the gradient) stays in float32 and only
+        # the UNet input is cast to the model dtype, so half precision does not round the pixel gradients
+        return resize_images(images.float(), self.resolution) * 2.0 - 1.0
 
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         if self.options.channels_last and self.device.type == "cuda":

@@ -5,7 +5,13 @@ Each sampled camera gets its prompt suffixed with ", front view", ", side view",
 azimuth in degrees, 0 = front of the object, increasing around the up axis (any value is wrapped);
 elevation in degrees, 90 = looking straight down.
 
-Hard selection (default), in priority order (later rules win):
+Three rules (``GuidanceOptions.view_selection``):
+
+"paper" (default), DreamFusion's: the front/side/back embeddings are blended by azimuth, linearly in
+|azimuth| (front at 0, side at 90, back at 180 degrees), and the "overhead" embedding replaces the
+blend outright above overhead_deg (60) of elevation.
+
+"hard" (threestudio's and stable-dreamfusion's), one view per camera, in priority order (later rules win):
   side      otherwise
   front     |azimuth| <= front_deg               (azimuth wrapped to (-180, 180])
   back      |azimuth| >= 180 - back_deg
@@ -13,9 +19,9 @@ Hard selection (default), in priority order (later rules win):
 Defaults front_deg = back_deg = 45 and overhead_deg = 60 are the values threestudio uses for
 DreamFusion (stable-dreamfusion uses a narrower +-30 degree front sector and the same overhead cut).
 
-Interpolated selection (``interpolate_views=True``) blends the four view embeddings instead:
-around the object front -> side -> back linearly in |azimuth| (0, 90, 180 degrees), then towards
-"overhead" linearly in elevation from overhead_deg (weight 0) to 90 degrees (weight 1).
+
+"interpolate": the paper's azimuth blend, then towards "overhead" linearly in elevation from
+overhead_deg (weight 0) to 90 degrees (weight 1) instead of the hard switch.
 All functions are pure tensor ops (no host sync), so they can run every step on the GPU.
 """
 from __future__ import annotations
@@ -73,14 +79,18 @@ def view_name(elevation_deg: float, azimuth_deg: float, **thresholds) -> str:
     return VIEWS[int(view_index(float(elevation_deg), float(azimuth_deg), **thresholds))]
 
 
-def view_weights(elevation_deg: Angle, azimuth_deg: Angle, overhead_deg: float = 60.0) -> torch.Tensor:
-    """Blend weights (..., 4) over ``VIEWS`` for interpolated view embeddings; rows sum to 1."""
+def view_weights(elevation_deg: Angle, azimuth_deg: Angle, overhead_deg: float = 60.0,
+                 overhead_ramp: bool = False) -> torch.Tensor:
+    """Blend weights (..., 4) over ``VIEWS``; rows sum to 1. Overhead takes over above overhead_deg at
+    once (the paper's rule) or, with ``overhead_ramp``, linearly from overhead_deg to 90 degrees."""
     azimuth_deg = _as_tensor(azimuth_deg)
     elevation_deg = _as_tensor(elevation_deg, azimuth_deg)
     r = wrap_azimuth(azimuth_deg).abs() / 90.0  # 0 front, 1 side, 2 back
     w_front = (1.0 - r).clamp(0.0, 1.0)
     w_side = (1.0 - (r - 1.0).abs()).clamp(0.0, 1.0)
     w_back = (r - 1.0).clamp(0.0, 1.0)
-    span = max(90.0 - overhead_deg, 1e-6)
-    o = ((elevation_deg - overhead_deg) / span).clamp(0.0, 1.0)
+    if overhead_ramp:
+        o = ((elevation_deg - overhead_deg) / max(90.0 - overhead_deg, 1e-6)).clamp(0.0, 1.0)
+    else:
+        o = (elevation_deg > overhead_deg).to(w_front.dtype)
     return torch.stack([(1 - o) * w_front, (1 - o) * w_side, (1 - o) * w_back, o], dim=-1)

@@ -37,7 +37,8 @@ class StableDiffusionGuidance(Guidance):
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         super().__init__(options=options, device=device, dtype=dtype,
-                         alphas_cumprod=torch.as_tensor(scheduler.alphas_cumprod))
+                         alphas_cumprod=torch.as_tensor(scheduler.alphas_cumprod),
+                         prediction_type=scheduler.config.get("prediction_type", "epsilon"))
         self.tokenizer = tokenizer
         self.text_encoder = prepare_module(text_encoder, device, dtype)
         self.unet = prepare_module(unet, device, dtype, options.channels_last)

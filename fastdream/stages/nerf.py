@@ -93,24 +93,31 @@ class NeRFStage(Stage):
     def loss(self, cameras, step: int, progress: float, guidance, generator: torch.Generator) -> StepLoss:
         cfg = self.config
         shading = self.choose_shading(step, generator)
-        out = self.renderer.render(cameras, shading=shading, need_normals=shading != "albedo")
+        self.renderer.field.set_progress(progress)
+        reg = cfg.reg.weights(progress)
+        background = (self.renderer.random_solid_background(cameras, cfg.random_background, generator)
+                      if cfg.random_background > 0 else None)
+        # the orientation loss needs normals on every step, albedo steps included
+        out = self.renderer.render(cameras, shading=shading, need_normals=shading != "albedo" or reg["orient"] > 0,
+                                   background=background)
         images = out.rgb.permute(0, 3, 1, 2)
         sds = guidance(images, cameras, shading, progress)
         loss = sds.loss
         terms = {"sds": sds.loss.detach()}
         rays = out.rays
-        if cfg.reg.orientation > 0 and rays is not None and rays.sample_normals is not None:
-            orient = orientation_loss(rays.weights, rays.sample_normals, rays.directions, rays.ray_indices)
-            loss = loss + cfg.reg.orientation * orient
-            terms["orient"] = orient.detach()
         opacity = out.opacity.reshape(-1)
-        if cfg.reg.opacity_entropy > 0:
+        if reg["orient"] > 0 and rays is not None and rays.sample_normals is not None:
+            orient = orientation_loss(rays.weights, rays.sample_normals, rays.directions, rays.ray_indices,
+                                      opacity=opacity)
+            loss = loss + reg["orient"] * orient
+            terms["orient"] = orient.detach()
+        if reg["entropy"] > 0:
             ent = opacity_entropy(opacity)
-            loss = loss + cfg.reg.opacity_entropy * ent
+            loss = loss + reg["entropy"] * ent
             terms["entropy"] = ent.detach()
-        if cfg.reg.opacity_sparsity > 0:
+        if reg["sparsity"] > 0:
             sp = opacity_sparsity(opacity)
-            loss = loss + cfg.reg.opacity_sparsity * sp
+            loss = loss + reg["sparsity"] * sp
             terms["sparsity"] = sp.detach()
         if self.input_camera is not None:
             rgb, mask = self.reconstruction_loss()
