@@ -94,7 +94,7 @@ def test_sds_gradient_is_w_times_guided_eps_difference(zero123_folder):
     ab = g.alphas_cumprod[t].view(3, 1, 1, 1)
     eps_c, eps_u = manual_eps(g, ab.sqrt() * z.detach() + (1 - ab).sqrt() * noise, t, cameras, image)
     assert not torch.allclose(eps_c, eps_u)
-    expected = (1 - ab) * (eps_u + 3.0 * (eps_c - eps_u) - noise)
+    expected = (1 - ab) * (eps_u + 3.0 * (eps_c - eps_u) - noise) / 3  # SDS is averaged over the batch of 3
     torch.testing.assert_close(z.grad, expected, rtol=1e-4, atol=1e-5)
 
 
