@@ -32,6 +32,7 @@ struct PlainAcc {
 at::Tensor hash_encode_fwd_cpu(const at::Tensor& x_, const at::Tensor& params_, c10::ArrayRef<double> scales,
                                c10::IntArrayRef resolutions, c10::IntArrayRef offsets, c10::IntArrayRef hashed,
                                int64_t n_features) {
+    check_same_device("hash_encode_fwd", {x_, params_});
     check_hash_inputs(x_, params_, offsets, n_features);
     const GridMeta m = make_grid_meta(scales, resolutions, offsets, hashed, n_features);
     auto x = x_.contiguous();
@@ -80,6 +81,7 @@ std::tuple<at::Tensor, at::Tensor> hash_encode_bwd_cpu(const at::Tensor& grad_y_
                                                        c10::IntArrayRef resolutions, c10::IntArrayRef offsets,
                                                        c10::IntArrayRef hashed, int64_t n_features,
                                                        bool need_params_grad, bool need_x_grad) {
+    check_same_device("hash_encode_bwd", {grad_y_, x_, params_});
     check_hash_inputs(x_, params_, offsets, n_features);
     const GridMeta m = make_grid_meta(scales, resolutions, offsets, hashed, n_features);
     auto x = x_.contiguous();
@@ -123,6 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_encode_bwd_bwd_cpu(
     const at::Tensor& ggx_, const at::Tensor& grad_y_, const at::Tensor& x_, const at::Tensor& params_,
     c10::ArrayRef<double> scales, c10::IntArrayRef resolutions, c10::IntArrayRef offsets, c10::IntArrayRef hashed,
     int64_t n_features, bool need_params_grad, bool need_x_grad) {
+    check_same_device("hash_encode_bwd_bwd", {ggx_, grad_y_, x_, params_});
     check_hash_inputs(x_, params_, offsets, n_features);
     const GridMeta m = make_grid_meta(scales, resolutions, offsets, hashed, n_features);
     auto x = x_.contiguous();
@@ -173,6 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays_cpu(const at::Tensor& 
                                                               const at::Tensor& box_, const at::Tensor& binary_,
                                                               double near, double far, double step_size,
                                                               double cone_angle, double max_step_size) {
+    check_same_device("march_rays", {origins_, directions_, box_, binary_});
     const MarchInputs in = prepare_march(origins_, directions_, box_, binary_);
     const march::OccupancyView grid = in.view();
     const int64_t R = in.origins.size(0);
@@ -227,10 +231,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays_cpu(const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor> occupancy_update_cpu(const at::Tensor& occupancy, const at::Tensor& indices_,
                                                         const at::Tensor& estimates_, double decay, double threshold) {
+    check_same_device("occupancy_update", {occupancy, indices_, estimates_});
     at::Tensor out = occupancy_decayed(occupancy, indices_, estimates_, decay);
     auto indices = indices_.contiguous();
     auto estimates = estimates_.contiguous();
-    const int64_t n = out.numel(), m = indices.numel();
+    const int64_t m = indices.numel();
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "occupancy_update_cpu", [&] {
         using S = scalar_t;
         S* o = out.data_ptr<S>();
@@ -238,8 +243,7 @@ std::tuple<at::Tensor, at::Tensor> occupancy_update_cpu(const at::Tensor& occupa
         const S* est = estimates.data_ptr<S>();
         // Sequential: cells may be drawn twice, and the scatter is cheap next to the estimates' field queries.
         for (int64_t k = 0; k < m; ++k) {
-            TORCH_CHECK(idx[k] >= 0 && idx[k] < n, "occupancy_update: index ", idx[k], " out of range for ", n, " cells");
-            if (march::is_finite(est[k]) && est[k] > o[idx[k]]) o[idx[k]] = est[k];
+            if (march::estimate_raises_cell(o[idx[k]], est[k])) o[idx[k]] = est[k];
         }
     });
     return occupancy_threshold(out, threshold);
@@ -250,6 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> render_weights_fwd_cpu(const at::
                                                                       const at::Tensor& t_ends_,
                                                                       const at::Tensor& sigmas_,
                                                                       const at::Tensor& ray_offsets_) {
+    check_same_device("render_weights_fwd", {t_starts_, t_ends_, sigmas_, ray_offsets_});
     check_packed(t_starts_, t_ends_, sigmas_, ray_offsets_);
     auto sigmas = sigmas_.contiguous();
     auto t_starts = t_starts_.to(sigmas.scalar_type()).contiguous();
@@ -273,6 +278,8 @@ at::Tensor render_weights_bwd_cpu(const c10::optional<at::Tensor>& gw_, const c1
                                   const c10::optional<at::Tensor>& ga_, const at::Tensor& t_starts_,
                                   const at::Tensor& t_ends_, const at::Tensor& sigmas_, const at::Tensor& ray_offsets_,
                                   const at::Tensor& trans_, const at::Tensor& alphas_) {
+    check_same_device("render_weights_bwd",
+                      {or_undefined(gw_), or_undefined(gt_), or_undefined(ga_), t_starts_, t_ends_, sigmas_, ray_offsets_, trans_, alphas_});
     check_packed(t_starts_, t_ends_, sigmas_, ray_offsets_);
     auto sigmas = sigmas_.contiguous();
     const auto dt = sigmas.scalar_type();
@@ -303,6 +310,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite
     const at::Tensor& albedo, const c10::optional<at::Tensor>& normals, const at::Tensor& origins,
     const at::Tensor& directions, const at::Tensor& light_positions, const at::Tensor& light_intensity,
     const at::Tensor& ambient, int64_t mode) {
+    check_same_device("composite_fwd",
+                      {t_starts, t_ends, ray_offsets, sigmas, albedo, or_undefined(normals), origins, directions, light_positions, light_intensity, ambient});
     CompositeArgs a = prepare_composite(t_starts, t_ends, ray_offsets, sigmas, albedo, normals, origins, directions,
                                         light_positions, light_intensity, ambient, mode);
     const int64_t R = a.off.numel() - 1;
@@ -333,6 +342,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> composite_bwd_cpu(
     const at::Tensor& light_positions, const at::Tensor& light_intensity, const at::Tensor& ambient,
     const at::Tensor& rgb_, const at::Tensor& op_, const at::Tensor& depth_, const at::Tensor& normal_,
     const at::Tensor& weights_, int64_t mode, bool need_normals_grad) {
+    check_same_device("composite_bwd",
+                      {g_rgb_, g_op_, g_depth_, g_normal_, or_undefined(g_weights_), t_starts, t_ends, ray_offsets, sigmas, albedo, or_undefined(normals), origins, directions, light_positions, light_intensity, ambient, rgb_, op_, depth_, normal_, weights_});
     CompositeArgs a = prepare_composite(t_starts, t_ends, ray_offsets, sigmas, albedo, normals, origins, directions,
                                         light_positions, light_intensity, ambient, mode);
     const int64_t R = a.off.numel() - 1;
