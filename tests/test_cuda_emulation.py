@@ -312,28 +312,37 @@ PLANTED = textwrap.dedent("""
     from cuda_emulation.build import build
     import test_cuda_emulation as t
 
+    BUGS = [("ends[r] - counts[r]", "ends[r] - counts[r] + 1"),            # fill offset off by one
+            ("c10::cuda::CUDAGuard guard(occupancy.device());", "")]      # occupancy launch without a guard
+
     def plant(name, text):
-        bug = text.replace("ends[r] - counts[r]", "ends[r] - counts[r] + 1")  # fill offset off by one
-        assert bug != text, "the planted bug no longer applies"
-        return bug
+        for good, bad in BUGS:
+            assert good in text, "a planted bug no longer applies"
+            text = text.replace(good, bad)
+        return text
 
     build({build!r}, namespace="fastdream_cudaemu_planted", only=["marching.cu"], patch=plant)
     emu = torch.ops.fastdream_cudaemu_planted
-    same = all(torch.equal(u, v) for case in t.MARCH_CASES[:2]
-               for u, v in zip(torch.ops.fastdream.march_rays(*t._march_args(case, (16, 16, 16), torch.float32)),
-                               emu.march_rays(*t._march_args(case, (16, 16, 16), torch.float32))))
-    print("SAME" if same else "DIFFERENT")
+    try:
+        emu.occupancy_update(torch.zeros(8), torch.tensor([1]), torch.ones(1), 0.9, 0.5)
+        print("GUARD NOT CAUGHT")
+    except RuntimeError as e:
+        print("GUARD CAUGHT" if "without a CUDAGuard" in str(e) else "GUARD OTHER ERROR " + str(e))
+    args = t._march_args(t.MARCH_CASES[0], (16, 16, 16), torch.float32)
+    same = all(torch.equal(u, v) for u, v in zip(torch.ops.fastdream.march_rays(*args), emu.march_rays(*args)))
+    print("FILL SAME" if same else "FILL DIFFERENT")
 """)
 
 
-def test_harness_catches_a_planted_fill_offset_bug(EMU, tmp_path):
-    """marching.cu with the fill pass's write offset off by one (in a copy, built in a subprocess since
-    the bug writes out of bounds) must not agree with the CPU op."""
+def test_harness_catches_planted_launcher_bugs(EMU, tmp_path):
+    """marching.cu with the fill pass's write offset off by one and the occupancy launcher's device guard
+    removed (a patched copy, built in a subprocess since the first bug writes out of bounds): the march
+    must disagree with the CPU op (or the process stop) and the launch without a guard must raise."""
     script = tmp_path / "planted.py"
     script.write_text(PLANTED.format(tests=str(ROOT / "tests"), build=str(BUILD / "planted")))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
-    assert "the planted bug no longer applies" not in run.stderr
-    assert "Error building extension" not in run.stderr, run.stderr[-3000:]
-    # a mismatch, or the emulation's own checks / the process stopping on the out-of-bounds write
-    assert "DIFFERENT" in run.stdout or (run.returncode != 0 and "SAME" not in run.stdout), (run.stdout, run.stderr[-3000:])
+    assert "no longer applies" not in run.stderr and "Error building extension" not in run.stderr, run.stderr[-3000:]
+    assert "GUARD CAUGHT" in run.stdout, (run.stdout, run.stderr[-3000:])
+    assert "FILL DIFFERENT" in run.stdout or (run.returncode != 0 and "FILL SAME" not in run.stdout), \
+        (run.stdout, run.stderr[-3000:])
