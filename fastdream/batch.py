@@ -19,7 +19,9 @@ Options for the runs are passed through unchanged: ``--steps --seed --model --gu
 --device --config --set`` and, for anything else, ``--run-arg=--FLAG`` (repeatable).
 
 Resuming: run the same command again. A prompt whose folder holds ``metrics.json`` (written by `fastdream
-run` when it finishes) is skipped. A half-written folder (interrupted, crashed, machine lost) is resumed
+run` when it finishes) is skipped; when the batch's options (``--steps``, ``--set``, ...) differ from the
+configuration that run was made with, the skip is printed with the differences (and listed under
+``changed`` in the summary), since a finished run is never overwritten. A half-written folder (interrupted, crashed, machine lost) is resumed
 from its newest checkpoint (``--resume``) when it has one, and restarted from scratch (``--force``)
 otherwise. Prompts that failed are retried on the next invocation.
 
@@ -79,6 +81,42 @@ def is_finished(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return not (isinstance(data, dict) and data.get("finished") is False)
+
+
+def changed_options(folder: Path, run_args: Sequence[str]) -> List[str]:
+    """What this batch's run options would change in the configuration a finished run in folder was made with,
+    as "key: old -> new" ([] when nothing, or when the folder has no readable config.yaml)."""
+    from .config import build_config, config_to_dict, load_config_file
+    from .train import _apply_cli, add_parser
+
+    config_path = Path(folder) / "config.yaml"
+    if not config_path.is_file():
+        return []
+    parser = argparse.ArgumentParser(add_help=False)
+    add_parser(parser.add_subparsers(dest="command"))
+    try:
+        args, _ = parser.parse_known_args(["run", "prompt", *run_args])
+        saved = load_config_file(config_path)
+        before = _flatten(config_to_dict(saved))  # build_config below updates saved in place
+        wanted = build_config(args.config, args.set or [], saved)
+        _apply_cli(wanted, {k: v for k, v in dict(steps=args.steps, seed=args.seed, device=args.device,
+                                                   guidance=args.guidance, model=args.model,
+                                                   reference_scene=args.reference_scene).items() if v is not None})
+    except (FastDreamError, SystemExit):  # options `fastdream run` itself will report
+        return []
+    after = _flatten(config_to_dict(wanted))
+    return [f"{key}: {before[key]!r} -> {after.get(key)!r}" for key in before
+            if key != "prompt" and after.get(key) != before[key]]
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "options":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def has_checkpoint(folder: Path) -> bool:
@@ -423,6 +461,12 @@ def run_batch(args) -> int:
         if is_finished(folder):
             record["status"] = "skipped"
             record["error"] = None
+            changed = changed_options(folder, run_args)
+            if changed:
+                record["changed"] = changed
+                print(f"fastdream batch: skipping {prompt!r}: finished earlier with other options "
+                      f"({'; '.join(changed)}); delete {folder} (or use another --out) to run it with these.",
+                      flush=True)
             continue
         jobs.append({"prompt": prompt, "folder": str(folder), "log": record["log"], "run_args": run_args,
                      "_record": record})

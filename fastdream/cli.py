@@ -10,6 +10,7 @@ import sys
 from typing import List, Optional
 
 from . import __version__
+from .atomic import disk_full_error, is_disk_full
 from .errors import FastDreamError
 
 COMMAND_MODULES = [
@@ -49,6 +50,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    # huggingface_hub prints through a handler of its own (as transformers and diffusers do, which do not
+    # propagate): passed on to ours too, each of its warnings would appear twice.
+    logging.getLogger("huggingface_hub").propagate = False
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -60,6 +64,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"fastdream {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        print(f"fastdream {args.command}: error: {disk_full_error(exc.filename or 'its output', exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

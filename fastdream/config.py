@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass
 from dataclasses import field as _field
@@ -136,8 +137,10 @@ class RunConfig:
         def bad(msg: str):
             raise FastDreamError(f"Invalid configuration: {msg}")
 
-        if self.steps < 0:
-            bad(f"steps must be >= 0, got {self.steps}.")
+        if self.steps < 1:
+            bad(f"steps must be >= 1, got {self.steps} (to redo the mesh and videos of a finished run without "
+                "training, use `fastdream export DIR`).")
+        check_numbers(self)
         if self.batch_size < 1 or self.width < 8 or self.height < 8:
             bad(f"batch_size must be >= 1 and width/height >= 8, got {self.batch_size}, {self.width}x{self.height}.")
         if self.guidance.kind not in GUIDANCE_KINDS:
@@ -164,6 +167,83 @@ class RunConfig:
     @property
     def model(self) -> str:
         return self.guidance.model or DEFAULT_MODELS[self.guidance.kind]
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+
+# Every numeric key and the interval its values must lie in ("[a, b]" closed, "(a, b)" open, inf allowed);
+# every number must also be finite. Keys ending in _range hold (low, high) with low <= high.
+NUMERIC_RANGES: Dict[str, str] = {
+    "steps": "[1, inf)", "batch_size": "[1, inf)", "width": "[8, inf)", "height": "[8, inf)",
+    "seed": "[0, 4611686018427387904]", "aabb": "(-inf, inf)", "background_color": "[0, 1]",
+    "max_nonfinite_steps": "[1, inf)",
+    "field.n_levels": "[1, inf)", "field.n_features_per_level": "[1, inf)", "field.log2_hashmap_size": "[1, 30]",
+    "field.base_resolution": "[1, inf)", "field.max_resolution": "[1, inf)", "field.hidden_dim": "[1, inf)",
+    "field.n_hidden_layers": "[0, inf)", "field.blob_density": "(-inf, inf)", "field.blob_radius": "(0, inf)",
+    "field.normal_epsilon": "(0, inf)", "field.init_scale": "[0, inf)",
+    "render.samples_per_ray": "[1, inf)", "render.cone_angle": "[0, inf)", "render.near": "[0, inf)",
+    "render.far": "(0, inf)", "render.early_stop_eps": "[0, 1)", "render.alpha_threshold": "[0, 1)",
+    "render.chunk_rays": "[1, inf)", "render.chunk_samples": "[1, inf)",
+    "camera.elevation_range": "[-90, 90]", "camera.azimuth_range": "(-inf, inf)", "camera.distance_range": "(0, inf)",
+    "camera.focal_range": "(0, inf)", "camera.light_distance_range": "(0, inf)",
+    "camera.light_position_perturb": "[0, inf)", "camera.light_intensity_range": "[0, inf)",
+    "camera.ambient_range": "[0, 1]",
+    "grid.resolution": "[1, inf)", "grid.update_every": "[1, inf)", "grid.ema_decay": "[0, 1]",
+    "grid.threshold": "[0, inf)", "grid.warmup_steps": "[0, inf)",
+    "optim.lr_hash": "[0, inf)", "optim.lr_mlp": "[0, inf)", "optim.lr_background": "[0, inf)",
+    "optim.betas": "[0, 1)", "optim.eps": "[0, inf)", "optim.grad_clip": "[0, inf)",
+    "shading.albedo_only_fraction": "[0, 1]", "shading.albedo": "[0, inf)", "shading.lambertian": "[0, inf)",
+    "shading.textureless": "[0, inf)",
+    "reg.orientation": "[0, inf)", "reg.opacity_entropy": "[0, inf)", "reg.opacity_sparsity": "[0, inf)",
+    "guidance.guidance_scale": "[0, inf)", "guidance.t_min": "[0, 1)", "guidance.t_max": "(0, 1]",
+    "guidance.reference_resolution": "[2, inf)",
+    "output.preview_every": "[0, inf)", "output.preview_views": "[1, inf)", "output.preview_resolution": "[16, inf)",
+    "output.checkpoint_every": "[0, inf)", "output.keep_checkpoints": "[0, inf)", "output.log_every": "[0, inf)",
+    "output.mesh_resolution": "[8, inf)", "output.mesh_threshold": "(-inf, inf)", "output.mesh_min_component": "[0, 1]",
+    "output.texture_resolution": "[16, inf)", "output.video_frames": "[1, inf)", "output.video_resolution": "[16, inf)",
+    "output.video_fps": "[1, inf)", "output.video_elevation": "[-90, 90]", "output.view_distance": "[0, inf)",
+    "output.view_fov": "(0, 180)",
+}
+
+
+def _interval(text: str) -> Tuple[float, float, bool, bool]:
+    lo, hi = (float(v) for v in text[1:-1].split(","))
+    return lo, hi, text[0] == "[", text[-1] == "]"
+
+
+def _numbers(obj, prefix: str = ""):
+    """(dotted key, value) for every int/float field of a config tree, and the numbers inside tuple fields."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, key + ".")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield key, value
+        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            yield key, tuple(value)
+
+
+def check_numbers(config: "RunConfig") -> None:
+    """Every number finite and in its interval (NUMERIC_RANGES): a NaN learning rate must not train a NaN model."""
+    for key, value in _numbers(config):
+        values = value if isinstance(value, tuple) else (value,)
+        shown = ",".join(str(v) for v in values)
+        if not all(math.isfinite(v) for v in values):
+            raise FastDreamError(f"Invalid configuration: {key} must be a finite number, got {shown}.")
+        interval = NUMERIC_RANGES.get(key)
+        if interval is None:
+            continue
+        lo, hi, lo_closed, hi_closed = _interval(interval)
+        for v in values:
+            if v < lo or v > hi or (v == lo and not lo_closed) or (v == hi and not hi_closed):
+                raise FastDreamError(f"Invalid configuration: {key} must lie in {interval}, got {shown}.")
+        if key.endswith("_range") and values[0] > values[1]:
+            raise FastDreamError(f"Invalid configuration: {key} is (low, high) with low <= high, got {shown}.")
+    box = config.aabb
+    if not all(box[i] < box[i + 3] for i in range(3)):
+        raise FastDreamError(f"Invalid configuration: aabb is (xmin, ymin, zmin, xmax, ymax, zmax) with each min < max, "
+                             f"got {','.join(str(v) for v in box)}.")
 
 
 # ---------------------------------------------------------------------------------------------- coercion
@@ -375,12 +455,9 @@ def dump_config(config: RunConfig) -> str:
 
 
 def save_config(config: RunConfig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump_config(config))
-    tmp.replace(path)
-    return path
+    from .atomic import write_text
+
+    return write_text(path, dump_config(config))
 
 
 def build_config(config_file=None, overrides: Sequence[str] = (), base: Optional[RunConfig] = None) -> RunConfig:

@@ -6,7 +6,10 @@ evaluation). Each file has either camera_angle_x (+ optional camera_angle_y) or 
 (+ optional w / h, the image size these intrinsics refer to), any of which a frame may override;
 frames[].file_path (relative to the json, extension optional) and frames[].transform_matrix, a 4x4
 (or 3x4) camera-to-world matrix in the OpenGL convention (camera looks down -z, y up). RGBA images
-are composited over the background colour; images can be downscaled to a given width.
+are composited over the background colour; images can be downscaled to a given width. Lens distortion
+given as instant-ngp writes it (k1, k2, k3, p1, p2: OpenCV's model, at the top level or per frame) is
+removed when the images load, so everything downstream sees pinhole images; fisheye lenses (k4,
+is_fisheye) are not modelled and are warned about.
 
 The scene box is, in order of preference: an explicit "aabb": [[xmin,ymin,zmin],[xmax,ymax,zmax]]
 (a fastdream extension other tools ignore), else instant-ngp's aabb_scale: a cube of half-size
@@ -34,7 +37,9 @@ log = logging.getLogger("fastdream")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG", ".exr", ".webp", ".bmp", ".tif", ".tiff")
 HOLDOUT_EVERY = 8
 DEFAULT_HALF_SIZE = 1.5
-_INTRINSIC_KEYS = ("camera_angle_x", "camera_angle_y", "fl_x", "fl_y", "cx", "cy", "w", "h")
+_DISTORTION_KEYS = ("k1", "k2", "k3", "p1", "p2")  # OpenCV's radial and tangential model, as instant-ngp writes it
+_UNSUPPORTED_LENS_KEYS = ("k4", "is_fisheye")
+_INTRINSIC_KEYS = ("camera_angle_x", "camera_angle_y", "fl_x", "fl_y", "cx", "cy", "w", "h") + _DISTORTION_KEYS + _UNSUPPORTED_LENS_KEYS
 
 
 @dataclass
@@ -190,6 +195,25 @@ def _intrinsics(meta: Dict[str, Any], image_w: int, image_h: int, index: int, so
     return fx * sx, fy * sy, cx * sx, cy * sy
 
 
+def undistort_image(image: torch.Tensor, fx: float, fy: float, cx: float, cy: float, k1: float = 0.0,
+                    k2: float = 0.0, k3: float = 0.0, p1: float = 0.0, p2: float = 0.0) -> torch.Tensor:
+    """(H, W, C) image through a lens with OpenCV's radial (k1, k2, k3) and tangential (p1, p2) distortion ->
+    the image a pinhole camera with the same fx, fy, cx, cy sees. Each output pixel centre is pushed through
+    the distortion model (explicit in this direction) and the input is sampled there, bilinearly."""
+    h, w = image.shape[:2]
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64) + 0.5, torch.arange(w, dtype=torch.float64) + 0.5,
+                            indexing="ij")
+    u, v = (xs - cx) / fx, (ys - cy) / fy
+    r2 = u * u + v * v
+    radial = 1.0 + r2 * (k1 + r2 * (k2 + r2 * k3))
+    ud = u * radial + 2.0 * p1 * u * v + p2 * (r2 + 2.0 * u * u)
+    vd = v * radial + p1 * (r2 + 2.0 * v * v) + 2.0 * p2 * u * v
+    grid = torch.stack([(ud * fx + cx) / w * 2.0 - 1.0, (vd * fy + cy) / h * 2.0 - 1.0], dim=-1).float()
+    out = F.grid_sample(image.permute(2, 0, 1)[None], grid[None], mode="bilinear", padding_mode="border",
+                        align_corners=False)
+    return out[0].permute(1, 2, 0).contiguous()
+
+
 def scene_aabb(meta: Dict[str, Any], source: Path) -> torch.Tensor:
     if "aabb" in meta:
         try:
@@ -216,6 +240,7 @@ def load_transforms(path, resolution: Optional[int] = None, background=(1.0, 1.0
     bg = torch.as_tensor(background, dtype=torch.float32).reshape(3)
     images, mats, intr, paths = [], [], [], []
     size = None
+    n_undistorted, unsupported_lens = 0, False
     for index, frame in enumerate(meta["frames"]):
         if not isinstance(frame, dict):
             raise FastDreamError(f"{source}: frame {index} is a {type(frame).__name__}, not an object with file_path and transform_matrix.")
@@ -231,8 +256,21 @@ def load_transforms(path, resolution: Optional[int] = None, background=(1.0, 1.0
         frame_meta = {k: v for k, v in meta.items() if k in _INTRINSIC_KEYS}
         frame_meta.update({k: v for k, v in frame.items() if k in _INTRINSIC_KEYS})
         intr.append(_intrinsics(frame_meta, w, h, index, source))
+        coeffs = [_number(frame_meta.get(k, 0.0), f"{k} (frame {index})", source) for k in _DISTORTION_KEYS]
+        if any(coeffs):
+            image = undistort_image(image, *intr[-1], *coeffs)
+            n_undistorted += 1
+        if any(frame_meta.get(k) for k in _UNSUPPORTED_LENS_KEYS):
+            unsupported_lens = True
         images.append(image)
         paths.append(image_path)
+    if n_undistorted:
+        log.info("fastdream: %s: undistorted %d image(s) with their lens coefficients (k1, k2, k3, p1, p2).",
+                 source, n_undistorted)
+    if unsupported_lens:
+        log.warning("fastdream: %s describes a fisheye lens (k4 / is_fisheye), which fastdream does not model; the "
+                    "images are used as if taken by a pinhole camera (after the k1, k2, k3, p1, p2 correction), so "
+                    "fine detail near the image borders will not line up.", source)
     w, h = size
     stack = torch.stack(images)
     fx, fy, cx, cy = (torch.tensor(v, dtype=torch.float32) for v in zip(*intr))

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from . import atomic
 from .errors import FastDreamError
 
 log = logging.getLogger("fastdream.eval")
@@ -503,7 +504,8 @@ def _save_strip(root: Path, run_dir: Path, renders: Dict[str, Any]) -> None:
 
     root.mkdir(parents=True, exist_ok=True)
     rows = [np.concatenate(list(np.asarray(renders[k])), axis=1) for k in RENDER_TYPES]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(root / f"{run_dir.name}.png")
+    with atomic.temporary_path(root / f"{run_dir.name}.png") as tmp:
+        Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
 
 
 def format_table(report: Dict[str, Any]) -> str:
@@ -529,11 +531,7 @@ def run_eval(args) -> int:
                            device=args.device, save_renders=args.save_renders, cache_dir=args.clip_cache)
     report["prompts_file"] = str(args.prompts)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out)
+        atomic.write_text(args.json, json.dumps(report, indent=2))
     print(format_table(report))
     if args.json:
         print(f"wrote {args.json}")

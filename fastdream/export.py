@@ -9,6 +9,9 @@ dropped, and each vertex gets the field's albedo there. Coordinates are world un
 Videos: a 360 degree orbit, one in colour (albedo) and one textureless (white, lit by a light
 following the camera). MP4 through imageio-ffmpeg; a GIF when ffmpeg is unavailable.
 
+Every file is written atomically (fastdream.atomic): an interrupted export or a full disk leaves the
+earlier outputs whole; the four mesh files are replaced together.
+
 Everything here takes a `Renderer` (or its field) so evaluation code can reuse it.
 """
 from __future__ import annotations
@@ -16,11 +19,12 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
+from . import atomic
 from .cameras import orbit_cameras
 
 log = logging.getLogger("fastdream")
@@ -93,11 +97,10 @@ def extract_mesh(field, resolution: int = 256, threshold: float = 10.0, min_comp
     return mesh
 
 
-def _write_obj(mesh, path: Path, texture: Optional[dict] = None) -> List[Path]:
-    """OBJ with per-vertex colours (`v x y z r g b`, read by Blender and trimesh) and an MTL."""
-    mtl = path.with_suffix(".mtl")
+def _write_obj(mesh, path: Path, mtl_name: str, texture: Optional[dict] = None) -> None:
+    """OBJ with per-vertex colours (`v x y z r g b`, read by Blender and trimesh), pointing at the MTL mtl_name."""
     lines = [f"# fastdream mesh: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces, world units, y-up",
-             f"mtllib {mtl.name}"]
+             f"mtllib {mtl_name}"]
     if texture is not None:
         # only with a texture: a `usemtl` makes trimesh drop the per-vertex colours of untextured meshes
         lines.append("usemtl material0")
@@ -118,12 +121,14 @@ def _write_obj(mesh, path: Path, texture: Optional[dict] = None) -> List[Path]:
     else:
         lines += [f"f {a}//{a} {b}//{b} {c}//{c}" for a, b, c in f]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _write_mtl(path: Path, texture: Optional[dict] = None) -> None:
     mtl_lines = ["# fastdream material", "newmtl material0", "Ka 0.000 0.000 0.000", "Kd 1.000 1.000 1.000",
                  "Ks 0.000 0.000 0.000", "d 1.0", "illum 1"]
     if texture is not None:
         mtl_lines.append(f"map_Kd {texture['image'].name}")
-    mtl.write_text("\n".join(mtl_lines) + "\n")
-    return [path, mtl]
+    path.write_text("\n".join(mtl_lines) + "\n")
 
 
 def rasterize_uv(triangles: np.ndarray, size: int, margin: float = 0.5, chunk: int = 2**22):
@@ -218,21 +223,22 @@ def bake_texture(field, mesh, folder: Path, size: int = 1024, name: str = "mesh"
         filled[texels[:, 1], texels[:, 0]] = True
     image = dilate_texture(image, filled)
     image_path = folder / f"{name}_albedo.png"
-    imageio.imwrite(image_path, (np.flipud(image) * 255).round().astype(np.uint8))
+    with atomic.temporary_path(image_path) as tmp:
+        imageio.imwrite(tmp, (np.flipud(image) * 255).round().astype(np.uint8))
     return {"uv": uv, "faces": tfaces, "vmap": vmap, "image": image_path}
 
 
 def write_mesh(mesh, folder, name: str = "mesh", texture: Optional[dict] = None) -> Dict[str, Path]:
     """mesh.obj (+ .mtl), mesh.ply and mesh.glb in folder."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    obj_paths = _write_obj(mesh, folder / f"{name}.obj", texture)
-    paths["obj"], paths["mtl"] = obj_paths
-    paths["ply"] = folder / f"{name}.ply"
-    mesh.export(paths["ply"])
-    paths["glb"] = folder / f"{name}.glb"
-    (mesh if texture is None else _textured_mesh(mesh, texture)).export(paths["glb"])
+    paths = {kind: folder / f"{name}.{kind}" for kind in ("obj", "mtl", "ply", "glb")}
+    # written as a set: the files replace the earlier ones only once all of them are complete
+    with atomic.temporary_paths(paths) as tmp:
+        _write_obj(mesh, tmp["obj"], paths["mtl"].name, texture)
+        _write_mtl(tmp["mtl"], texture)
+        mesh.export(tmp["ply"], file_type="ply")
+        (mesh if texture is None else _textured_mesh(mesh, texture)).export(tmp["glb"], file_type="glb")
+    paths = dict(paths)
     if texture is not None:
         paths["texture"] = texture["image"]
     return paths
@@ -303,18 +309,20 @@ def write_video(frames: np.ndarray, path, fps: int = 30) -> Path:
         h, w = frames.shape[1:3]
         if h % 2 or w % 2:  # yuv420p needs even sizes
             frames = frames[:, : h - h % 2, : w - w % 2]
-        writer = imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
-                                    macro_block_size=1, pixelformat="yuv420p", ffmpeg_log_level="error")
-        try:
-            for frame in frames:
-                writer.append_data(frame)
-        finally:
-            writer.close()
+        with atomic.temporary_path(path) as tmp:
+            writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
+                                        macro_block_size=1, pixelformat="yuv420p", ffmpeg_log_level="error")
+            try:
+                for frame in frames:
+                    writer.append_data(frame)
+            finally:
+                writer.close()
         return path
     except (ImportError, RuntimeError, OSError) as exc:
         gif = path.with_suffix(".gif")
         log.warning("fastdream: could not write %s with ffmpeg (%s); writing %s instead.", path.name, exc, gif.name)
-        imageio.mimsave(gif, list(frames), duration=1000.0 / fps, loop=0)
+        with atomic.temporary_path(gif) as tmp:
+            imageio.mimsave(tmp, list(frames), duration=1000.0 / fps, loop=0)
         return gif
 
 
@@ -331,10 +339,8 @@ def write_preview(renderer, path, n_views: int = 4, resolution: int = 128, eleva
     cams = orbit(renderer, n_views, resolution, elevation, distance, fov, start_azimuth=0.0)
     grid = image_grid([render_views(renderer, cams, "albedo"), render_views(renderer, cams, "textureless")])
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    imageio.imwrite(tmp, grid)
-    tmp.replace(path)
+    with atomic.temporary_path(path) as tmp:
+        imageio.imwrite(tmp, grid)
     return path
 
 

@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,11 +18,12 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from . import _backend
+from . import _backend, atomic
 from .checkpoint import checkpoint_name, save_checkpoint
 from .data import PosedImages, load_dataset
 from .errors import FastDreamError
 from .field import FieldConfig
+from .output_folder import check_output_folder, clear_outputs, is_nonempty, refuse_overlap
 from .renderer import RenderConfig, Renderer, build_renderer
 
 log = logging.getLogger("fastdream")
@@ -190,8 +190,7 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
         "train_source": str(train.source),
         "test_source": str(test.source),
     }
-    with open(out_dir / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2)
+    atomic.write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -202,18 +201,21 @@ def _write_views(folder: Path, predictions, data: PosedImages, limit: int) -> No
     folder.mkdir(parents=True, exist_ok=True)
     for k, pred in enumerate(predictions[:limit]):
         pair = torch.cat([pred, data.images[k]], dim=1).numpy()
-        Image.fromarray((pair * 255.0 + 0.5).clip(0, 255).astype(np.uint8)).save(folder / f"view_{k:03d}.png")
+        with atomic.temporary_path(folder / f"view_{k:03d}.png") as tmp:
+            Image.fromarray((pair * 255.0 + 0.5).clip(0, 255).astype(np.uint8)).save(tmp)
 
 
-def prepare_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FastDreamError(f"--out {out} exists and is a file, not a folder; choose another --out.")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise FastDreamError(f"The output folder {out} already exists and is not empty. fastdream will not overwrite "
-                                 "an earlier run: choose another --out, or pass --force to delete its contents and start over.")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+FIT_OUTPUTS = ("checkpoints", "test_views", "metrics.json", "demo_data")
+
+
+def prepare_out_dir(out: Path, force: bool, data: Optional[Path] = None) -> None:
+    """Refuse an unusable or occupied --out (or one holding the dataset); with force, remove only fit's outputs."""
+    check_output_folder(out)
+    refuse_overlap(out, [data])
+    if is_nonempty(out) and not force:
+        raise FastDreamError(f"The output folder {out} already exists and is not empty. fastdream will not overwrite "
+                             "an earlier run: choose another --out, or pass --force to replace its fit outputs "
+                             f"({', '.join(FIT_OUTPUTS)}; other files are left alone).")
 
 
 def _parse_background(text: str):
@@ -230,8 +232,10 @@ def _parse_background(text: str):
 
 
 def run_fit(args) -> int:
-    if args.steps is not None and args.steps < 1:
-        raise FastDreamError(f"--steps must be at least 1, got {args.steps}.")
+    for flag, value in (("--steps", args.steps), ("--rays", args.rays), ("--resolution", args.resolution),
+                        ("--max-test-views", args.max_test_views), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise FastDreamError(f"{flag} must be at least 1, got {value}.")
     if args.demo and args.data is not None:
         raise FastDreamError("Give either a DATA_DIR or --demo, not both.")
     if not args.demo and args.data is None:
@@ -241,23 +245,25 @@ def run_fit(args) -> int:
             raise FastDreamError("Give --out OUT, the folder for the checkpoint and metrics.json.")
         args.out = "fastdream-fit-demo"
     out = Path(args.out)
+    _backend.requested_backend()  # a bad FASTDREAM_BACKEND is reported before any data is read
     background = _parse_background(args.background)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads is not None:
-        if args.threads < 1:
-            raise FastDreamError(f"--threads must be at least 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
-    prepare_out_dir(out, args.force)
+    prepare_out_dir(out, args.force, None if args.demo else Path(args.data))
     t0 = time.perf_counter()
     if args.demo:
         from .demo import write_demo_dataset
 
+        clear_outputs(out, FIT_OUTPUTS)
         data_dir = write_demo_dataset(out / "demo_data")
         field_config, render_config, config = demo_configs(args.steps)
+        train, test = load_dataset(data_dir, resolution=args.resolution, background=background)
     else:
         data_dir = Path(args.data)
         field_config, render_config, config = default_configs(args.steps)
-    train, test = load_dataset(data_dir, resolution=args.resolution, background=background)
+        train, test = load_dataset(data_dir, resolution=args.resolution, background=background)
+        clear_outputs(out, FIT_OUTPUTS)  # only once the data has loaded: a typo in DATA_DIR must not cost the old fit
     prep_seconds = time.perf_counter() - t0
     config.background, config.seed, config.max_test_views = background, args.seed, args.max_test_views
     if args.rays is not None:
@@ -266,8 +272,7 @@ def run_fit(args) -> int:
              len(train), len(test), train.width, train.height, config.steps, _backend.backend_name(device), device)
     metrics = fit(train, test, out, field_config, render_config, config, device=device, progress=not args.no_progress)
     metrics["prep_seconds"] = prep_seconds
-    with open(out / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2)
+    atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     log.info("fastdream fit: held-out PSNR %.2f dB after %d steps in %.1f s; wrote %s and %s",
              metrics["psnr"], metrics["steps"], metrics["seconds"], out / metrics["checkpoint"], out / "metrics.json")
     if args.demo and metrics["psnr"] < DEMO_PSNR_TARGET:
@@ -287,7 +292,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("data", nargs="?", metavar="DATA_DIR", help="dataset folder (or a transforms*.json file)")
     parser.add_argument("--demo", action="store_true", help="fit a built-in synthetic scene (written to OUT/demo_data)")
     parser.add_argument("--out", metavar="OUT", help="output folder (checkpoint, metrics.json, test views); default for --demo: ./fastdream-fit-demo")
-    parser.add_argument("--force", action="store_true", help="delete an existing non-empty --out first")
+    parser.add_argument("--force", action="store_true", help="reuse a non-empty --out: replaces its fit outputs (checkpoints, test_views, metrics.json, demo_data), leaves other files")
     parser.add_argument("--steps", type=int, help="training steps (default: 2000, demo: 150)")
     parser.add_argument("--resolution", type=int, metavar="W", help="downscale images to this width (keeps the aspect ratio)")
     parser.add_argument("--rays", type=int, help="random rays per step (default: 4096, demo: 2048)")

@@ -10,7 +10,9 @@ Outputs (DIR defaults to outputs/<prompt slug>): config.yaml, previews/step_XXXX
 checkpoints/step_XXXXXXX.pt (atomic), and at the end mesh.obj/.mtl/.ply/.glb, turntable.mp4,
 turntable_textureless.mp4 and metrics.json. `--resume` continues exactly where the last checkpoint
 left off (parameters, Adam moments, occupancy grid, step and every random generator), so a resumed run
-equals an uninterrupted one; Ctrl-C writes a checkpoint at the last completed step and exits.
+equals an uninterrupted one (given the same --steps: the shading and timestep schedules follow the total,
+and a changed total is warned about). Ctrl-C or SIGTERM writes a checkpoint at the last completed step and
+exits (130 / 143); a second signal stops at once without writing, keeping the last checkpoint.
 
 Randomness: one torch.Generator on the training device (seed) drives cameras, lights, shading choices
 and occupancy-grid updates; the guidance draws t and noise from its own generator (seed + 1); the
@@ -19,13 +21,13 @@ device => same result.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import platform
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -35,17 +37,21 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import __version__
+from . import __version__, _backend, atomic
+from .atomic import remove_stale_temporaries
 from .cameras import sample_cameras
 from .checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, apply_overrides, build_config, config_from_dict, config_to_dict, save_config
 from .errors import FastDreamError
+from .output_folder import check_output_folder, clear_outputs, is_nonempty, remove_if_created
 from .regularizers import opacity_entropy, opacity_sparsity, orientation_loss
 
 log = logging.getLogger("fastdream")
 
 CHECKPOINT_KIND = "run"
 SHADINGS = ("albedo", "lambertian", "textureless")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal number, as a shell reports them
 OUTPUT_NAMES = ("checkpoints", "previews", "config.yaml", "metrics.json", "mesh.obj", "mesh.mtl", "mesh.ply",
                 "mesh.glb", "mesh_albedo.png", "turntable.mp4", "turntable.gif", "turntable_textureless.mp4",
                 "turntable_textureless.gif")
@@ -56,8 +62,13 @@ def _on_step(trainer: "Trainer", step: int) -> None:
 
 
 def slugify(prompt: str, max_len: int = 60) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")
-    return slug[:max_len].rstrip("_") or "run"
+    """The default output folder name: the prompt's ASCII words joined by "_". A prompt with characters the
+    slug cannot show (any non-ASCII, or no letters at all) also gets 8 hex digits of its SHA-1, so that
+    "一只猫" and "一只狗" do not share a folder."""
+    slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:max_len].rstrip("_")
+    if slug and prompt.isascii():
+        return slug
+    return f"{slug or 'run'}_{hashlib.sha1(prompt.encode('utf-8')).hexdigest()[:8]}"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -163,6 +174,9 @@ class Trainer:
         self.last_checkpoint: Optional[Path] = None
         self.last_loss = float("nan")
         self._stop_requested = False
+        self._in_step = False
+        self.stop_signal: Optional[str] = None  # "SIGINT" / "SIGTERM" once a stop was asked for
+        self.saved_on_stop = False
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -201,7 +215,20 @@ class Trainer:
         self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
         self.train_time = float(state.get("train_time", 0.0))
 
+    def check_finite_parameters(self) -> None:
+        """Raise (before anything is written) when a parameter went NaN/inf: such a model must not replace a good checkpoint."""
+        params = list(self.renderer.parameters())
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            kept = (f"The last good checkpoint is kept: {self.last_checkpoint}." if self.last_checkpoint
+                    else "No checkpoint had been written yet.")
+            raise FastDreamError(
+                f"The model's parameters are no longer finite (NaN or inf) at step {self.step}; nothing was saved or "
+                f"exported. {kept} Lower the learning rates (--set optim.lr_hash=..., optim.lr_mlp=...) or the guidance "
+                "scale, or clip gradients (--set optim.grad_clip=1), then continue from the checkpoint with --resume "
+                "(those --set values apply to the resumed run) or start over with --force.")
+
     def save(self) -> Path:
+        self.check_finite_parameters()
         path = self.out_dir / "checkpoints" / checkpoint_name(self.step)
         save_checkpoint(path, self.state_dict())
         self.last_checkpoint = path
@@ -268,20 +295,29 @@ class Trainer:
                 "terms": dict(zip(terms, values[1:-1]))}
 
     # ------------------------------------------------------------------ loop
-    def _install_sigint(self):
+    def _install_stop_handlers(self) -> Dict[int, Any]:
+        """SIGINT (Ctrl-C) and SIGTERM (schedulers, `timeout`, Ray) ask the loop to stop at the next step boundary
+        and save; a second one stops at once (see train()). Returns the previous handlers."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
 
         def handler(signum, frame):
-            if self._stop_requested:  # second Ctrl-C: stop right now
+            name = signal.Signals(signum).name
+            if self._stop_requested:  # a second signal: stop right now
                 raise KeyboardInterrupt
             self._stop_requested = True
-            print("\nfastdream: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+            self.stop_signal = name
+            again = "Ctrl-C" if signum == signal.SIGINT else name
+            print(f"\nfastdream: {name} received: stopping after this step and saving a checkpoint ({again} again to "
+                  "stop at once, without saving)", file=sys.stderr, flush=True)
 
-        try:
-            return signal.signal(signal.SIGINT, handler)
-        except ValueError:
-            return None
+        previous = {}
+        for signum in STOP_SIGNALS:
+            try:
+                previous[signum] = signal.signal(signum, handler)
+            except ValueError:
+                pass
+        return previous
 
     def preview(self) -> Path:
         from .export import write_preview
@@ -296,20 +332,22 @@ class Trainer:
         return view_distance(self.renderer.field.scene_radius, self.config.output)
 
     def train(self) -> bool:
-        """Run until config.steps. Returns False when interrupted (a checkpoint was saved)."""
+        """Run until config.steps. Returns False when stopped by a signal: after one, at the next step boundary with
+        a checkpoint (saved_on_stop); after a second one, at once and without writing anything."""
         from tqdm import tqdm
 
         cfg = self.config
         total = cfg.steps
         bar = tqdm(total=total, initial=self.step, disable=self.quiet, dynamic_ncols=True, unit="it",
                    desc="fastdream", file=sys.stderr, smoothing=0.1)
-        previous = self._install_sigint()
+        previous = self._install_stop_handlers()
         start_step, t0 = self.step, time.perf_counter()
         try:
             while self.step < total:
                 if self._stop_requested:
                     raise KeyboardInterrupt
                 t_step = time.perf_counter()
+                self._in_step = True
                 result = self.train_step(self.step)
                 self.step += 1
                 self.train_time += time.perf_counter() - t_step
@@ -329,6 +367,7 @@ class Trainer:
                             f"{self.step}); stopping. {kept} Lower the learning rates (--set optim.lr_hash=..., "
                             "optim.lr_mlp=...), the guidance scale, or use float32 guidance (--set guidance.dtype=float32), "
                             "then continue with --resume.")
+                self._in_step = False  # parameters, optimizer, grid, random state and counters agree on self.step
                 bar.update(1)
                 if not self.quiet and (self.step % 5 == 0 or self.step == total):
                     bar.set_postfix(loss=f"{self.last_loss:.4g}", skipped=self.n_skipped, refresh=False)
@@ -347,13 +386,19 @@ class Trainer:
                 _on_step(self, self.step)
         except KeyboardInterrupt:
             bar.close()
-            path = self.save()
-            log.info("fastdream: interrupted at step %d; checkpoint saved to %s. Continue with --resume.", self.step, path)
+            if self.stop_signal is None:
+                self.stop_signal = "SIGINT"
+            # Stopped part-way through a step (a second signal), the parameters, Adam moments and random
+            # generators are half-way into the next step: a checkpoint of them would resume a different run.
+            if not self._in_step:
+                self.save()
+                self.saved_on_stop = True
             return False
         finally:
             bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
         return True
 
 
@@ -395,22 +440,6 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-# ---------------------------------------------------------------------------------------------- folders
-
-def _is_nonempty(folder: Path) -> bool:
-    return folder.is_dir() and any(folder.iterdir())
-
-
-def _clear_outputs(folder: Path) -> None:
-    """--force: remove what fastdream wrote there (other files are left alone)."""
-    for name in OUTPUT_NAMES:
-        p = folder / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
 # ---------------------------------------------------------------------------------------------- commands
 
 def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides: Optional[List[str]] = None,
@@ -430,13 +459,19 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
                              "folder, --force deletes it and starts over. Pass one.")
     out_dir = Path(out_dir) if out_dir else Path("outputs") / slugify(prompt)
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    # Everything a user can get wrong is checked here, before any model loads (minutes with real SD).
+    _backend.requested_backend()
+    check_output_folder(out_dir)
 
     state = None
-    if _is_nonempty(out_dir) and not (resume or force):
+    if is_nonempty(out_dir) and not (resume or force):
         raise FastDreamError(f"The output folder {out_dir} already exists and is not empty. Pass --resume to continue "
                              "its run from the last checkpoint, --force to start over (deleting its fastdream outputs), "
                              "or --out to choose another folder.")
-    if resume and _is_nonempty(out_dir):
+    if resume and is_nonempty(out_dir):
+        removed = remove_stale_temporaries([out_dir, out_dir / "checkpoints", out_dir / "previews"])
+        if removed:
+            log.info("fastdream: removed %d temporary file(s) left by an interrupted write in %s", removed, out_dir)
         ckpt = latest_checkpoint(out_dir / "checkpoints")
         if ckpt is None:
             raise FastDreamError(f"Nothing to resume in {out_dir}: it has no checkpoints/step_*.pt. Start over with --force.")
@@ -454,19 +489,24 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
     if state is not None and config.prompt != prompt:
         log.warning("fastdream: the run in %s was for %r; continuing it (the prompt given now, %r, is ignored).",
                     out_dir, config.prompt, prompt)
+    if state is not None:
+        _warn_schedule_change(state, config)
+    config.validate()
     if config.guidance.kind == "reference" and state is None:
         prepare_reference(config)
-    config.validate()
+        config.validate()
     device = resolve_device(config.device)
+    _backend.use_native(device)  # FASTDREAM_BACKEND=native without a usable extension fails here, not in step 1
+    existed_before = out_dir.exists()
+    trainer = None
 
     try:
         trainer = Trainer(config, out_dir, quiet=quiet, device=device)
         if force and out_dir.exists():  # only once the model loaded: a typo in --model must not cost the old run
-            _clear_outputs(out_dir)
+            clear_outputs(out_dir, OUTPUT_NAMES)
         if state is not None:
             trainer.load_state_dict(state, str(ckpt))
             trainer.last_checkpoint = ckpt
-        out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
         if not quiet:
             log.info("fastdream: %r -> %s (%d steps on %s, guidance %s)", prompt, out_dir, config.steps, device,
@@ -475,7 +515,10 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
         time_before = trainer.train_time
         completed = trainer.train()
         if not completed:
-            return {"interrupted": True, "step": trainer.step, "checkpoint": str(trainer.last_checkpoint)}
+            return {"interrupted": True, "signal": trainer.stop_signal, "step": trainer.step,
+                    "checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
+                    "saved": trainer.saved_on_stop}
+        trainer.check_finite_parameters()
         if trainer.last_checkpoint is None or trainer.last_checkpoint.name != checkpoint_name(trainer.step):
             trainer.save()
         trainer.preview()
@@ -483,8 +526,10 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
         from .export import export_outputs
 
         outputs = export_outputs(trainer.renderer, out_dir, config.output, log.info)
-    except RuntimeError as exc:
-        if _is_oom(exc):
+    except BaseException as exc:
+        if trainer is None or trainer.step == 0:  # failed before its first step: nothing worth keeping was written
+            remove_if_created(out_dir, existed_before)
+        if isinstance(exc, RuntimeError) and _is_oom(exc):
             first = str(exc).strip().splitlines()[0]
             raise FastDreamError(f"Out of memory on {device} ({first}). {OOM_KNOBS}") from None
         raise
@@ -500,10 +545,21 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
         "seed": config.seed, "outputs": {k: os.path.relpath(v, out_dir) for k, v in outputs.items()},
         "checkpoint": os.path.relpath(trainer.last_checkpoint, out_dir) if trainer.last_checkpoint else None,
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    log.info("fastdream: done in %.1fs (%s it/s); outputs in %s", metrics["wall_time_s"], metrics["it_per_s"], out_dir)
+    atomic.write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    speed = f"{metrics['it_per_s']} it/s" if metrics["it_per_s"] else "no training step this time: outputs re-exported"
+    log.info("fastdream: done in %.1fs (%s); outputs in %s", metrics["wall_time_s"], speed, out_dir)
     metrics["trainer"] = trainer
     return metrics
+
+
+def _warn_schedule_change(state: Dict[str, Any], config: RunConfig) -> None:
+    """Resuming with another --steps: the schedules that follow progress = step / steps change from here on."""
+    before = int((state.get("config") or {}).get("steps", config.steps))
+    if before != config.steps:
+        log.warning("fastdream: this run was set up for %d steps and now runs to %d. The schedules that depend on the "
+                    "total (the albedo-only phase, the guidance's timestep range and annealing) follow the new total "
+                    "from step %d on, so the result will differ from a straight %d-step run.",
+                    before, config.steps, int(state["step"]) + 1, config.steps)
 
 
 def _apply_cli(config: RunConfig, cli: Dict[str, Any]) -> None:
@@ -561,9 +617,16 @@ def _cmd_run(args) -> int:
     result = run(args.prompt, args.out, overrides=args.set or [], config_file=args.config, resume=args.resume,
                  force=args.force, quiet=args.quiet, cli=cli)
     if result.get("interrupted"):
-        print(f"fastdream run: interrupted at step {result['step']}; checkpoint {result['checkpoint']}. "
-              "Continue with --resume.", file=sys.stderr)
-        return 130
+        sig = result.get("signal") or "SIGINT"
+        if result.get("saved"):
+            what = f"at step {result['step']}; checkpoint {result['checkpoint']} saved"
+        else:
+            kept = f"the last checkpoint, {result['checkpoint']}, is kept" if result.get("checkpoint") else "no checkpoint yet"
+            what = (f"during step {result['step'] + 1}; nothing saved (a half-done step would not resume exactly), "
+                    f"{kept}")
+        hint = " Continue with --resume." if result.get("checkpoint") else ""
+        print(f"fastdream run: stopped by {sig} {what}.{hint}", file=sys.stderr)
+        return EXIT_CODES.get(sig, 130)
     return 0
 
 

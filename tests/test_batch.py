@@ -148,8 +148,18 @@ def test_batch_killed_restarted_and_a_failing_prompt(scene, tmp_path, capsys):
         assert by_prompt[p]["status"] == "done" and by_prompt[p]["seconds"] > 0 and by_prompt[p]["error"] is None
     broken = by_prompt[BROKEN]
     assert broken["status"] == "failed" and broken["returncode"] not in (0, None) and broken["error"]
-    assert Path(broken["log"]).is_file() and "File exists" in broken["error"]
-    assert "failed" in printed and BROKEN in printed
+    assert Path(broken["log"]).is_file() and "is a file, not a folder" in broken["error"]
+    assert "failed" in printed and BROKEN in printed and "other options" not in printed
+
+    # run again with other options: the finished prompts are still not overwritten, and the batch says why
+    args = batch_args(prompts, out, scene)
+    args[args.index("--steps") + 1] = "3"
+    assert cli.main(args + ["--set", "optim.lr_mlp=0.002"]) == 1
+    printed = capsys.readouterr().out
+    assert printed.count("finished earlier with other options") == 3
+    assert "steps: 2 -> 3" in printed and "optim.lr_mlp: 0.001 -> 0.002" in printed
+    assert (first / "metrics.json").stat().st_mtime_ns == stamp
+    assert read_summary(out)[1][GOOD[0]]["changed"] == ["steps: 2 -> 3", "optim.lr_mlp: 0.001 -> 0.002"]
 
 
 def test_batch_on_ray(scene, tmp_path):

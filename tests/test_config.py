@@ -88,3 +88,29 @@ def test_validate():
         apply_overrides(RunConfig(), ["guidance.kind=dalle"]).validate()
     with pytest.raises(FastDreamError, match="shading"):
         apply_overrides(RunConfig(), ["shading.albedo=0", "shading.lambertian=0", "shading.textureless=0"]).validate()
+
+
+def test_every_numeric_key_has_a_range():
+    from fastdream.config import NUMERIC_RANGES, _numbers
+
+    assert sorted(k for k, _ in _numbers(RunConfig())) == sorted(NUMERIC_RANGES)
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("optim.lr_hash=nan", "optim.lr_hash must be a finite number, got nan"),
+    ("optim.lr_background=-1e-3", "optim.lr_background must lie in [0, inf)"),
+    ("optim.betas=0.9,1.5", "optim.betas must lie in [0, 1)"),
+    ("guidance.t_max=inf", "guidance.t_max must be a finite number"),
+    ("grid.ema_decay=1.5", "grid.ema_decay must lie in [0, 1]"),
+    ("camera.distance_range=2.0,1.0", "low <= high"),
+    ("camera.elevation_range=-100,90", "camera.elevation_range must lie in [-90, 90]"),
+    ("field.blob_radius=0", "field.blob_radius must lie in (0, inf)"),
+    ("output.view_fov=180", "output.view_fov must lie in (0, 180)"),
+    ("aabb=1,-1,-1,-1,1,1", "each min < max"),
+    ("steps=0", "fastdream export"),
+    ("seed=-1", "seed must lie in"),
+])
+def test_numbers_must_be_finite_and_in_range(item, fragment):
+    with pytest.raises(FastDreamError, match="Invalid configuration") as info:
+        apply_overrides(RunConfig(), [item]).validate()
+    assert fragment in str(info.value)

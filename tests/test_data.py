@@ -214,3 +214,41 @@ def test_mixed_image_sizes(nerf_dataset):
     Image.fromarray(np.zeros((5, 5, 3), dtype=np.uint8)).save(folder / "images" / "r_1.png")
     with pytest.raises(FastDreamError, match="same size"):
         load_dataset(folder)
+
+
+def test_lens_distortion_is_removed(tmp_path, caplog):
+    """An image taken through an OpenCV k1/k2/p1/p2 lens (instant-ngp's fox has one) loads as the pinhole image."""
+    from PIL import Image
+
+    w, h, fx, fy, cx, cy = 64, 48, 50.0, 52.0, 31.0, 25.0
+    lens = {"k1": -0.2, "k2": 0.05, "p1": 0.01, "p2": -0.005}
+    pattern = lambda u, v: 0.5 + 0.4 * np.sin(8.0 * u) * np.cos(6.0 * v)  # noqa: E731  (in pinhole coordinates)
+    ys, xs = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
+    ud, vd = (xs - cx) / fx, (ys - cy) / fy
+    u, v = ud.copy(), vd.copy()
+    for _ in range(50):  # invert the distortion by fixed-point iteration (an independent route to the same model)
+        r2 = u * u + v * v
+        radial = 1 + lens["k1"] * r2 + lens["k2"] * r2 * r2
+        du = 2 * lens["p1"] * u * v + lens["p2"] * (r2 + 2 * u * u)
+        dv = lens["p1"] * (r2 + 2 * v * v) + 2 * lens["p2"] * u * v
+        u, v = (ud - du) / radial, (vd - dv) / radial
+    taken = pattern(u, v)
+    (tmp_path / "images").mkdir()
+    Image.fromarray((np.repeat(taken[..., None], 3, -1) * 255 + 0.5).astype(np.uint8)).save(tmp_path / "images" / "a.png")
+    meta = {"fl_x": fx, "fl_y": fy, "cx": cx, "cy": cy, "w": w, "h": h,
+            "frames": [{"file_path": "images/a.png", "transform_matrix": np.eye(4).tolist(), **lens}]}
+    (tmp_path / "transforms.json").write_text(json.dumps(meta))
+    with caplog.at_level("INFO", logger="fastdream"):
+        data = load_transforms(tmp_path / "transforms.json")
+    assert "undistorted 1 image" in caplog.text
+    pinhole = pattern((xs - cx) / fx, (ys - cy) / fy)
+    inner = (slice(6, -6), slice(6, -6))
+    err = np.abs(data.images[0, ..., 0].numpy() - pinhole)[inner]
+    assert err.mean() < 0.003 and err.max() < 0.015, (err.mean(), err.max())
+    assert np.abs(taken - pinhole)[inner].mean() > 5 * err.mean()  # the lens mattered
+    # fisheye lenses are not modelled: said, not silently ignored
+    meta["is_fisheye"] = True
+    (tmp_path / "transforms.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="fastdream"):
+        load_transforms(tmp_path / "transforms.json")
+    assert "fisheye" in caplog.text

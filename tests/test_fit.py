@@ -45,10 +45,13 @@ def test_existing_out_refused_without_force(nerf_dataset, tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert code == 2 and "--force" in err and str(out) in err and "Traceback" not in err
     assert (out / "old.txt").is_file()
-    # with --force the folder is cleared and the (tiny, fast) fit runs
+    # with --force the earlier fit outputs are replaced, the user's own files stay, and the (tiny, fast) fit runs
+    (out / "test_views").mkdir()
+    (out / "test_views" / "view_099.png").write_bytes(b"stale")
     monkeypatch.setattr(fit_module, "default_configs", fit_module.demo_configs)
     code = main(["fit", str(data), "--out", str(out), "--force", "--steps", "2", "--rays", "64", "--no-progress"])
-    assert code == 0 and not (out / "old.txt").exists()
+    assert code == 0 and (out / "old.txt").read_text() == "earlier run"
+    assert not (out / "test_views" / "view_099.png").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["n_train"] == 2 and metrics["n_test"] == 1
     assert np.isfinite(metrics["psnr"])
@@ -63,12 +66,48 @@ def test_resolution_flag_downscales(nerf_dataset, tmp_path, monkeypatch):
     assert json.loads((out / "metrics.json").read_text())["resolution"] == [4, 3]
 
 
+def test_force_never_deletes_the_dataset_or_other_files(nerf_dataset, tmp_path, capsys, monkeypatch):
+    """`fit --force` with --out = the dataset, a folder holding it, or the current folder: no user file is lost."""
+    data = nerf_dataset(tmp_path / "work" / "data", n_frames=3, width=6, height=4)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    for out in (data, data.parent, tmp_path):
+        code = main(["fit", str(data), "--out", str(out), "--force", "--steps", "1", "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and "holds the input" in err and "Traceback" not in err, err
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["fit", str(data), "--out", ".", "--force", "--steps", "1", "--no-progress"]) == 2
+    assert "holds the input" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.name != "notes.txt") == before
+    assert (tmp_path / "work" / "notes.txt").read_text() == "mine"
+    # an --out beside the data: the fit runs there and the files next to it stay
+    monkeypatch.setattr(fit_module, "default_configs", fit_module.demo_configs)
+    (tmp_path / "work" / "out").mkdir()
+    (tmp_path / "work" / "out" / "keep.txt").write_text("keep")
+    assert main(["fit", "data", "--out", "out", "--force", "--steps", "1", "--rays", "32", "--no-progress"]) == 0
+    assert (tmp_path / "work" / "out" / "keep.txt").read_text() == "keep"
+    assert (tmp_path / "work" / "out" / "metrics.json").is_file()
+
+
+def test_bad_data_with_force_keeps_the_earlier_fit(nerf_dataset, tmp_path, capsys, monkeypatch):
+    data = nerf_dataset(n_frames=3, width=6, height=4)
+    out = tmp_path / "out"
+    monkeypatch.setattr(fit_module, "default_configs", fit_module.demo_configs)
+    assert main(["fit", str(data), "--out", str(out), "--steps", "1", "--rays", "32", "--no-progress"]) == 0
+    metrics = (out / "metrics.json").read_text()
+    assert main(["fit", str(tmp_path / "typo"), "--out", str(out), "--force", "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == metrics
+
+
 @pytest.mark.parametrize("argv_tail, problem", [
     (["DATA"], "transforms.json"),           # an empty folder
     (["MISSING"], "does not exist"),
     (["--demo", "DATA"], "not both"),
     ([], "DATA_DIR"),
     (["DATA", "--steps", "0"], "--steps"),
+    (["DATA", "--rays", "-5"], "--rays"),
+    (["DATA", "--resolution", "0"], "--resolution"),
     (["DATA", "--background", "purple"], "--background"),
 ])
 def test_cli_errors_are_clear(tmp_path, capsys, argv_tail, problem):

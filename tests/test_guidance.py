@@ -168,6 +168,18 @@ def test_prompt_errors(sd_folder):
             g.set_prompt(bad)
 
 
+def test_prompts_too_long_for_the_text_encoder_are_warned_about(sd, deepfloyd, caplog):
+    """The tiny tokenizers read 16 tokens (CLIP in SD reads 77): a longer prompt is cut, and the user is told."""
+    for g in (sd, deepfloyd):
+        with caplog.at_level("WARNING", logger="fastdream"):
+            caplog.clear()
+            g.set_prompt("cup")
+            assert "tokens long" not in caplog.text
+            g.set_prompt("a " + "very " * 30 + "tall chair")
+        assert "tokens long" in caplog.text and "reads only 16" in caplog.text, type(g).__name__
+        g.set_prompt("a chair")
+
+
 # ---------------------------------------------------------------------------- SDS maths
 def test_timesteps_and_annealing(sd):
     assert sd.timestep_range(0.0) == (20, 980)
@@ -401,3 +413,56 @@ def test_bad_device_and_dtype(sd_folder):
     if not torch.cuda.is_available():
         with pytest.raises(FastDreamError, match="CUDA"):
             load_guidance(sd_folder, "cuda")
+
+
+@pytest.fixture
+def no_network_hub(monkeypatch, tmp_path):
+    """A hub that cannot be reached (HF_HUB_OFFLINE unset), an empty cache in tmp_path, and a trap on downloads."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the hub client was called (it would retry for half a minute)")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    return tmp_path / "hub-cache"
+
+
+def test_without_network_an_uncached_model_fails_at_once(no_network_hub, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FastDreamError, match="cannot be reached") as info:
+        load_guidance("fastdream-tests/not-cached", "cpu")
+    assert "not in the local Hugging Face cache" in str(info.value) and "huggingface-cli download" in str(info.value)
+
+
+def test_a_cached_model_loads_without_network(no_network_hub, sd_folder):
+    import shutil
+
+    from fastdream.guidance import resolve_model
+
+    repo = no_network_hub / "models--fastdream-tests--tiny-sd"
+    shutil.copytree(sd_folder, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    source, index, is_local = resolve_model("fastdream-tests/tiny-sd")
+    assert is_local and source == str(repo / "snapshots" / "0123abcd") and index["_class_name"] == "StableDiffusionPipeline"
+    g = load_guidance("fastdream-tests/tiny-sd", "cpu", seed=0)
+    g.set_prompt("a chair")
+    # an incomplete snapshot (no UNet weights) is not used as if it were complete
+    for weights in (repo / "snapshots" / "0123abcd" / "unet").glob("diffusion_pytorch_model*"):
+        weights.unlink()
+    with pytest.raises(FastDreamError, match="cannot be reached"):
+        resolve_model("fastdream-tests/tiny-sd")
+
+
+def test_hub_warnings_are_printed_once():
+    code = ("import logging, huggingface_hub.utils._http; from fastdream.cli import main; main([]); "
+            "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert done.stderr.count("Retrying in 1s") == 1, done.stderr

@@ -63,7 +63,10 @@ def test_empty_prompt_rejected(tmp_path, capsys):
 
 def test_slug_and_default_folder():
     assert train.slugify("A vase with pink flowers!") == "a_vase_with_pink_flowers"
-    assert train.slugify("???") == "run"
+    # prompts the slug cannot show get distinct folders
+    names = {train.slugify(p) for p in ("一只猫", "一只狗", "???", "!!!", "café", "cafe")}
+    assert len(names) == 6 and "cafe" in names
+    assert train.slugify("一只猫") == train.slugify("一只猫") and train.slugify("一只猫").startswith("run_")
     assert len(train.slugify("x" * 500)) <= 60
 
 
@@ -288,3 +291,248 @@ def test_out_of_memory_is_a_clear_error(tmp_path, scene_path, monkeypatch, capsy
     assert main(_ref_args(scene_path, tmp_path / "run", 2, *NO_OUTPUTS)) == 2
     err = capsys.readouterr().err
     assert "Out of memory" in err and "render.samples_per_ray" in err and "batch_size" in err
+
+
+# ---------------------------------------------------------------------------------------------- never lose data
+
+@pytest.mark.parametrize("item, fragment", [
+    ("optim.lr_hash=nan", "optim.lr_hash must be a finite number"),
+    ("optim.lr_mlp=inf", "optim.lr_mlp must be a finite number"),
+    ("optim.lr_hash=-0.01", "optim.lr_hash must lie in [0, inf)"),
+    ("guidance.guidance_scale=nan", "guidance.guidance_scale must be a finite number"),
+])
+def test_non_finite_or_negative_options_are_refused_before_anything_is_written(tmp_path, scene_path, capsys, item, fragment):
+    out = tmp_path / "run"
+    assert main(_ref_args(scene_path, out, 3, *NO_OUTPUTS, item)) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_parameters_going_non_finite_fail_loudly_and_keep_the_last_good_checkpoint(tmp_path, scene_path, monkeypatch, capsys):
+    def poison(trainer, step):
+        if step == 3:
+            with torch.no_grad():
+                trainer.renderer.field.encoding_params[0] = float("inf")
+
+    monkeypatch.setattr(train, "_on_step", poison)
+    out = tmp_path / "run"
+    assert main(_ref_args(scene_path, out, 6, "output.checkpoint_every=2")) == 2
+    err = capsys.readouterr().err
+    assert "no longer finite" in err and "step_0000002.pt" in err and "Traceback" not in err
+    assert [p.name for p in (out / "checkpoints").glob("step_*.pt")] == ["step_0000002.pt"]
+    state = load_checkpoint(out / "checkpoints" / "step_0000002.pt")
+    assert all(torch.isfinite(v).all() for v in state["renderer"].values() if v.is_floating_point())
+    assert not (out / "mesh.obj").exists() and not (out / "metrics.json").exists()
+
+
+def test_second_ctrl_c_mid_step_writes_nothing_and_resume_stays_exact(tmp_path, scene_path, monkeypatch, capsys):
+    """Two real SIGINTs during step 5: the run stops at once, step_4 (the last good checkpoint) is untouched,
+    and resuming from it ends exactly where an uninterrupted run does."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
+    from fastdream.guidance.reference import ReferenceSceneGuidance
+
+    steps = 8
+    sets = list(NO_OUTPUTS) + ["output.checkpoint_every=2", "output.keep_checkpoints=0"]
+    assert main(_ref_args(scene_path, tmp_path / "a", steps, *sets)) == 0
+
+    original = ReferenceSceneGuidance.__call__
+    calls = {"n": 0}
+
+    def twice_ctrl_c(self, *args, **kwargs):
+        calls["n"] += 1
+        out = original(self, *args, **kwargs)
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(ReferenceSceneGuidance, "__call__", twice_ctrl_c)
+    b = tmp_path / "b"
+    assert main(_ref_args(scene_path, b, steps, *sets)) == 130
+    err = capsys.readouterr().err
+    assert "stopped by SIGINT during step 5; nothing saved" in err and "step_0000004.pt, is kept" in err
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step_0000002.pt", "step_0000004.pt"]
+    a4, b4 = (load_checkpoint(d / "checkpoints" / "step_0000004.pt") for d in (tmp_path / "a", b))
+    assert all(torch.equal(a4["renderer"][k], b4["renderer"][k]) for k in a4["renderer"])
+    assert torch.equal(a4["rng"]["generator"], b4["rng"]["generator"])
+
+    monkeypatch.setattr(ReferenceSceneGuidance, "__call__", original)
+    assert main(_ref_args(scene_path, b, steps, *sets, extra=["--resume"])) == 0
+    fa, fb = _final_state(tmp_path / "a"), _final_state(b)
+    for key, value in fa["renderer"].items():
+        assert torch.equal(value, fb["renderer"][key]), key
+
+
+def _subprocess_run(args, sleep_per_step: float):
+    """`fastdream run ARGS` in a child process whose steps are slowed down, so a signal lands mid-run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; import fastdream.train as t; "
+            f"t._on_step = lambda trainer, step: time.sleep({sleep_per_step}); "
+            "from fastdream.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = dict(os.environ, PYTHONPATH=str(Path(train.__file__).resolve().parents[1]), HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "-c", code] + list(args), stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_sigterm_saves_a_checkpoint_says_so_and_exits_143(tmp_path, scene_path):
+    import signal
+
+    steps = 12
+    sets = list(NO_OUTPUTS) + ["output.log_every=1"]
+    out = tmp_path / "run"
+    proc = _subprocess_run(_ref_args(scene_path, out, steps, *sets), sleep_per_step=0.3)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("step 2/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    err = "".join(lines) + rest
+    assert proc.returncode == 143, err
+    assert "SIGTERM received" in err and "stopped by SIGTERM" in err and "Continue with --resume" in err
+    ckpt = latest_checkpoint(out / "checkpoints")
+    stopped = load_checkpoint(ckpt)["step"]
+    assert 2 <= stopped < steps and f"at step {stopped};" in err and ckpt.name in err
+    # the checkpoint is a consistent state: resuming from it ends where an uninterrupted run does
+    assert main(_ref_args(scene_path, out, steps, *NO_OUTPUTS, extra=["--resume"])) == 0
+    assert main(_ref_args(scene_path, tmp_path / "straight", steps, *NO_OUTPUTS)) == 0
+    fa, fb = _final_state(tmp_path / "straight"), _final_state(out)
+    for key, value in fa["renderer"].items():
+        assert torch.equal(value, fb["renderer"][key]), key
+
+
+def _disk_full_after(monkeypatch, module, name, when):
+    """Make module.name (a writer) write a few bytes and then fail with ENOSPC whenever when(args) is true."""
+    import errno
+
+    original = getattr(module, name)
+
+    def writer(*args, **kwargs):
+        if when(args):
+            target = next((a for a in args if isinstance(a, (str, os.PathLike))), None)
+            if target is not None:
+                Path(target).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, writer)
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_earlier_one(tmp_path, scene_path, monkeypatch, capsys):
+    _disk_full_after(monkeypatch, torch, "save", lambda args: isinstance(args[0], dict) and args[0].get("step") == 4)
+    out = tmp_path / "run"
+    assert main(_ref_args(scene_path, out, 6, *NO_OUTPUTS, "output.checkpoint_every=2")) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "step_0000004.pt" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002.pt"]  # no temporary left
+    assert load_checkpoint(out / "checkpoints" / "step_0000002.pt")["step"] == 2
+
+
+@pytest.mark.parametrize("failing", ["obj", "glb"])  # the first and the last mesh file written
+def test_disk_full_during_export_keeps_the_earlier_mesh_whole(tmp_path, scene_path, monkeypatch, capsys, failing):
+    import trimesh
+
+    out = tmp_path / "run"
+    assert main(_ref_args(scene_path, out, 3, "output.video=false")) == 0
+    before = {name: (out / name).read_bytes() for name in ("mesh.obj", "mesh.mtl", "mesh.ply", "mesh.glb")}
+    if failing == "obj":
+        _disk_full_after(monkeypatch, Path, "write_text", lambda args: str(args[0]).endswith(".obj"))
+    else:
+        _disk_full_after(monkeypatch, trimesh.Trimesh, "export", lambda args: str(args[1]).endswith(".glb"))
+    assert main(["export", str(out), "--mesh-resolution", "20", "--no-video"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "mesh.glb" in err and "Traceback" not in err
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+# ---------------------------------------------------------------------------------------------- errors before any model loads
+
+def _missing_model_args(out, *extra):
+    """A run whose model does not exist: any error about something else proves it came before the model load."""
+    return ["run", "a hamburger", "--model", "/no/such/model", "--steps", "1", "--out", str(out), "--device", "cpu",
+            "--quiet"] + _sets() + list(extra)
+
+
+def test_unusable_out_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine")
+    for out, fragment in ((a_file, "is a file, not a folder"), (a_file / "sub", "lies under")):
+        assert main(_missing_model_args(out)) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and "/no/such/model" not in err and "Traceback" not in err
+    assert a_file.read_text() == "mine"
+    # a read-only file system (os.access is what tells it apart; root ignores permission bits)
+    real_access = os.access
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == read_only else real_access(p, mode, **kw))
+    assert main(_missing_model_args(read_only / "run")) == 2
+    err = capsys.readouterr().err
+    assert "not writable" in err and "read-only" in err and "/no/such/model" not in err
+    assert not (read_only / "run").exists()
+
+
+def test_failed_start_leaves_no_folder_behind(tmp_path, scene_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert main(_missing_model_args(out)) == 2
+    assert "/no/such/model" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setenv("FASTDREAM_BACKEND", "cuda-please")
+    assert main(_ref_args(scene_path, out, 2, *NO_OUTPUTS)) == 2
+    assert "FASTDREAM_BACKEND" in capsys.readouterr().err and not out.exists()
+    monkeypatch.delenv("FASTDREAM_BACKEND")
+    assert main(_ref_args(scene_path, out, 2, *NO_OUTPUTS)) == 0  # the rerun is not blocked
+    # a folder that existed before is left as it was
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert main(_missing_model_args(mine)) == 2
+    assert mine.is_dir() and not any(mine.iterdir())
+
+
+@pytest.mark.parametrize("argv_tail, fragment", [
+    (["--guidance", "reference"], "reference guidance needs a scene"),
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--guidance", "reference", "--reference-scene", "missing.npz"], "missing.npz"),
+])
+def test_missing_reference_scene_and_zero_steps_are_clear(tmp_path, capsys, argv_tail, fragment):
+    argv = ["run", "x", "--out", str(tmp_path / "o"), "--device", "cpu", "--quiet"] + argv_tail
+    if "--steps" not in argv_tail:
+        argv += ["--steps", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "unknown file type" not in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+def test_resume_removes_stale_temporaries_and_warns_about_a_new_total(tmp_path, scene_path, caplog):
+    out = tmp_path / "run"
+    kwargs = dict(overrides=TINY + NO_OUTPUTS, quiet=True, cli=dict(device="cpu", guidance="reference",
+                                                                    reference_scene=str(scene_path)))
+    train.run("two spheres", out, **{**kwargs, "cli": {**kwargs["cli"], "steps": 3}})
+    stale = [out / "checkpoints" / "step_0000004.pt.x1y2z3w4.tmp.pt", out / "mesh.obj.abcd_123.tmp.obj"]
+    for p in stale:
+        p.write_bytes(b"left by a SIGKILL")
+    (out / "my_notes.tmp").write_text("mine")
+    with caplog.at_level("INFO", logger="fastdream"):
+        result = train.run("two spheres", out, resume=True, **{**kwargs, "cli": {**kwargs["cli"], "steps": 5}})
+    assert result["steps"] == 5 and not any(p.exists() for p in stale) and (out / "my_notes.tmp").exists()
+    assert "removed 2 temporary file(s)" in caplog.text
+    assert "set up for 3 steps and now runs to 5" in caplog.text and "differ from a straight 5-step run" in caplog.text
+    # resuming a finished run trains nothing and says so (not "None it/s")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fastdream"):
+        assert train.run("two spheres", out, resume=True, **{**kwargs, "cli": {**kwargs["cli"], "steps": 5}})["steps"] == 5
+    assert "no training step this time" in caplog.text and "None" not in caplog.text

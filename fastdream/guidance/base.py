@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastDreamError
+
+log = logging.getLogger("fastdream")
 from . import prompts as _prompts
 
 WEIGHTINGS = ("sds", "uniform", "sqrt_alpha_sigma")
@@ -206,9 +209,23 @@ class Guidance(abc.ABC):
         prompt = prompt.strip()
         negative = negative_prompt.strip() or self.options.negative_prompt.strip()
         texts = _prompts.view_prompts(prompt) if self.options.view_dependent else [prompt]
+        self._warn_if_truncated(texts + [negative])
         emb = self.embed_texts(texts + [negative])  # one text-encoder call for all unseen strings
         self._cond, self._uncond = emb[:-1], emb[-1]
         self.prompt, self.negative_prompt = prompt, negative
+
+    def _warn_if_truncated(self, texts: Sequence[str]) -> None:
+        """The text encoder reads a fixed number of tokens (77 for SD's CLIP); say so when a prompt is cut."""
+        tokenizer = getattr(self, "tokenizer", None)
+        limit = getattr(self, "max_length", None) or getattr(tokenizer, "model_max_length", None)
+        if tokenizer is None or not limit or limit > 100_000:  # no tokenizer, or no limit
+            return
+        lengths = {t: len(tokenizer(t, truncation=False, verbose=False).input_ids) for t in texts if t}
+        longest = max(lengths, key=lengths.get, default=None)
+        if longest is not None and lengths[longest] > limit:
+            log.warning("fastdream: the prompt %r is %d tokens long (with the view suffix and start/end tokens), but "
+                        "the text encoder reads only %d; the rest is cut off and ignored. Shorten the prompt.",
+                        longest, lengths[longest], limit)
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, L, D) embeddings of ``texts``, computed in one text-encoder call for the unseen ones."""

@@ -76,8 +76,10 @@ def _looks_like_path(name: str) -> bool:
 def resolve_model(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL) -> Tuple[str, Optional[dict], bool]:
     """(source for from_pretrained, parsed model_index.json or None, is_local).
 
-    Local folders are used directly; hub ids are looked up in the Hugging Face cache (and downloaded
-    when online). Raises FastDreamError with what to do when the model cannot be found.
+    Local folders are used directly; hub ids are looked up in the Hugging Face cache first (a complete
+    cached snapshot is used as a local folder, with no network access), and downloaded when the hub can be
+    reached; without a network the error comes at once instead of after the hub client's retries.
+    Raises FastDreamError with what to do when the model cannot be found.
     """
     if name_or_path is None or str(name_or_path).strip() == "":
         raise FastDreamError(f"No guidance model given; pass a hub id such as '{DEFAULT_MODEL}' or a local folder.")
@@ -101,7 +103,59 @@ def resolve_model(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL) -> Tupl
             f"The guidance model folder '{os.path.abspath(expanded)}' does not exist. Pass an existing local "
             "diffusers pipeline folder (with model_index.json, unet/, text_encoder/, ...) or a Hugging Face hub "
             f"id such as '{DEFAULT_MODEL}'.")
+    # The cache first: a model downloaded once loads without touching the network (no retries when offline).
+    cached = cached_snapshot(name)
+    if cached is not None:
+        return str(cached), _read_index(cached / "model_index.json", name), True
+    if not hub_offline() and not hub_reachable():
+        raise FastDreamError(
+            f"The guidance model '{name}' is not in the local Hugging Face cache and the Hugging Face hub "
+            f"({_hub_endpoint()}) cannot be reached (no network connection). {_download_hint(name)}")
     return name, _hub_model_index(name), False
+
+
+def cached_snapshot(repo_id: str) -> Optional[Path]:
+    """The cached snapshot folder of a hub model when it looks complete (model_index.json and full-precision UNet
+    weights; a cache holding only the fp16 variant is left to the hub client, which fetches what is missing), else None."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached (or an unusable cache): the hub decides
+        return None
+    unet = folder / "unet"
+    complete = ((folder / "model_index.json").is_file() and (unet / "config.json").is_file()
+                and any((unet / f"diffusion_pytorch_model.{ext}").is_file()
+                        for ext in ("safetensors", "bin", "safetensors.index.json", "bin.index.json")))
+    return folder if complete else None
+
+
+def _hub_endpoint() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return constants.ENDPOINT
+    except Exception:  # pragma: no cover
+        return "https://huggingface.co"
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """One quick request to the hub (proxies from the environment apply): False when there is no network."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(_hub_endpoint(), method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:  # the hub answered, if not with 200
+        return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return True
+
+
+def _download_hint(repo_id: str) -> str:
+    return (f"Download it once with internet access (e.g. `huggingface-cli download {repo_id}`, or run "
+            f"fastdream once online), or pass the path of a local copy of the model folder instead.")
 
 
 def _read_index(path: Path, name: str) -> dict:
@@ -114,8 +168,7 @@ def _read_index(path: Path, name: str) -> dict:
 def _hub_model_index(repo_id: str) -> dict:
     """Fetch (or find in the cache) model_index.json of a hub model, translating hub errors."""
     offline = hub_offline()
-    todo = (f"Download it once with internet access (e.g. `huggingface-cli download {repo_id}`, or run "
-            f"fastdream once online), or pass the path of a local copy of the model folder instead.")
+    todo = _download_hint(repo_id)
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub import errors as hub_errors
