@@ -90,7 +90,7 @@ def native_extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         sources += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
         define_macros += [("FD_WITH_CUDA", None), ("FD_CUDA_ARCHS", f'"{archs}"')]
-        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-U__CUDA_NO_HALF_OPERATORS__",
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "--extended-lambda", "-lineinfo", "-U__CUDA_NO_HALF_OPERATORS__",
                 "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
         ext = cpp_extension.CUDAExtension(
             "fastdream._C", sources, include_dirs=include_dirs, define_macros=define_macros,

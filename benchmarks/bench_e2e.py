@@ -4,7 +4,7 @@
                                    [--model ID_OR_DIR | --guidance reference] [--set KEY=VALUE ...]
 
 Runs ``fastdream.cli.main(["run", PROMPT, "--out", TMP, "--steps", N, ...])`` in-process per ops
-backend (FASTDREAM_BACKEND=native / torch) and reads the run's metrics.json: the training-loop time
+backend (fastdream.ops.use_backend("native" / "torch")) and reads the run's metrics.json: the training-loop time
 (``train_time_s``, occupancy updates, previews and checkpoints included; model loading and the final
 mesh/video export excluded) gives seconds per step, projected to minutes per 10,000 steps (DreamFusion's
 default run length); ``wall_time_s`` (everything) is reported too. With ``--model`` the named

@@ -13,7 +13,7 @@ One measurement = ``renderer.render(cameras, shading)`` with gradients (marching
 pass for early termination, the field query with normals, fused compositing + shading, background)
 then ``loss.backward()`` into the hash table and MLPs. Cameras are DreamFusion's random training
 cameras from a fixed seed, identical for every backend. Backends are switched in-process with
-FASTDREAM_BACKEND (torch = the PyTorch reference ops, native = the C++/CUDA extension); the field is
+fastdream.ops.use_backend (torch = the PyTorch reference ops, native = the C++/CUDA extension); the field is
 the same tensor for both. Reported per resolution: ms (median, IQR), rays/s, samples per ray, peak memory.
 """
 from __future__ import annotations

@@ -116,13 +116,13 @@ def git_info() -> Dict[str, Any]:
 
 def fastdream_backend_info(device: str = "cpu") -> Dict[str, Any]:
     """Which ops backend fastdream uses on this device, and what the extension was built with."""
-    info: Dict[str, Any] = {"requested": os.environ.get("FASTDREAM_BACKEND", "auto"), "active": None,
-                            "extension": None, "extension_error": None}
+    info: Dict[str, Any] = {"requested": None, "active": None, "extension": None, "extension_error": None}
     try:
         from fastdream import _backend
 
+        info["requested"] = _backend.requested_backend()
         info["active"] = _backend.backend_name(device_type(device))
-        module = _backend._load()
+        module = _backend.extension()
         if module is not None:
             ext = {}
             for attr in ("compiled_devices", "cuda_archs", "cuda_version", "has_openmp"):
@@ -134,7 +134,7 @@ def fastdream_backend_info(device: str = "cpu") -> Dict[str, Any]:
                 ext[attr] = list(value) if isinstance(value, (tuple, set)) else value
             info["extension"] = ext
         else:
-            info["extension_error"] = str(_backend._state.get("error"))
+            info["extension_error"] = str(_backend.extension_error())
     except Exception as exc:
         info["extension_error"] = f"{type(exc).__name__}: {exc}"
     return info
@@ -485,16 +485,11 @@ def finish(data: Dict[str, Any], args) -> Dict[str, Any]:
 
 @contextlib.contextmanager
 def backend_env(name: str):
-    """Temporarily set FASTDREAM_BACKEND (fastdream re-reads it on every op call)."""
-    old = os.environ.get("FASTDREAM_BACKEND")
-    os.environ["FASTDREAM_BACKEND"] = name
-    try:
+    """Use fastdream's ops backend `name` inside the block (fastdream.ops.use_backend)."""
+    from fastdream.ops import use_backend
+
+    with use_backend(name):
         yield
-    finally:
-        if old is None:
-            os.environ.pop("FASTDREAM_BACKEND", None)
-        else:
-            os.environ["FASTDREAM_BACKEND"] = old
 
 
 def available_backends(device: str) -> Dict[str, Optional[str]]:
@@ -503,8 +498,8 @@ def available_backends(device: str) -> Dict[str, Optional[str]]:
     import torch
 
     status: Dict[str, Optional[str]] = {"native": None, "torch": None}
-    with backend_env("native"):
-        try:
+    try:
+        with backend_env("native"):
             from fastdream import _backend, ops
 
             if not _backend.use_native(device_type(device)):
@@ -513,6 +508,6 @@ def available_backends(device: str) -> Dict[str, Optional[str]]:
                 x = torch.rand(8, 3, device=device)
                 p = torch.zeros(ops.hash_grid_n_params(n_levels=2, log2_hashmap_size=8), device=device)
                 ops.hash_encode(x, p, n_levels=2, log2_hashmap_size=8)
-        except Exception as exc:
-            status["native"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    except Exception as exc:
+        status["native"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     return status

@@ -22,7 +22,7 @@ TORCH_LIBRARY(fastdream, m) {
     m.def("hash_encode_bwd_bwd(Tensor ggx, Tensor grad_y, Tensor x, Tensor params, float[] scales, int[] resolutions, "
           "int[] offsets, int[] hashed, int n_features, bool need_params_grad, bool need_x_grad) "
           "-> (Tensor, Tensor, Tensor)");
-    m.def("march_rays(Tensor origins, Tensor directions, Tensor box, Tensor binary, float near, float far, "
+    m.def("march_rays(Tensor origins, Tensor directions, Tensor aabb, Tensor binary, float near, float far, "
           "float step_size, float cone_angle, float max_step_size) -> (Tensor, Tensor, Tensor)");
     m.def("occupancy_update(Tensor occupancy, Tensor indices, Tensor estimates, float decay, float threshold) "
           "-> (Tensor, Tensor)");

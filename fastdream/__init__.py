@@ -1,9 +1,8 @@
 """fastdream: fast text-to-3D (DreamFusion) on hash-grid radiance fields with native kernels."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .errors import FastDreamError, InputError  # noqa: E402
+from ._version import __version__
+from .errors import FastDreamError, InputError
 
 
 def info(file=None) -> dict:

@@ -10,7 +10,9 @@ folder ``DIR/<slug>-<hash>`` (the prompt in lowercase words joined by dashes, cu
 8 hex digits of its SHA-1, so names are stable when the file is reordered or extended) holding exactly
 what `fastdream run` writes there. ``DIR/summary.json`` lists every prompt with its status (done,
 skipped, failed, interrupted, pending), folder, seconds, exit code, worker and error, and is rewritten
-atomically whenever a prompt finishes; each prompt's output goes to ``DIR/logs/<folder>.log``.
+atomically whenever a prompt finishes; each prompt's output goes to ``DIR/logs/<folder>.log``. At the end
+``DIR/index.html`` shows one card per prompt (thumbnail, status, time, CLIP R-Precision from any
+`fastdream eval --json` report saved in DIR) linking to each run's report.html.
 
 Isolation: each prompt runs as its own process (``python -m fastdream.cli run PROMPT --out FOLDER ...``),
 so a crash, an out-of-memory or a hung CUDA context in one prompt cannot take the batch (or the other
@@ -41,7 +43,6 @@ Exit code: 0 when every prompt is done or skipped, 1 when any failed (the summar
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -83,26 +84,23 @@ def is_finished(folder: Path) -> bool:
     return not (isinstance(data, dict) and data.get("finished") is False)
 
 
-def changed_options(folder: Path, run_args: Sequence[str]) -> List[str]:
-    """What this batch's run options would change in the configuration a finished run in folder was made with,
-    as "key: old -> new" ([] when nothing, or when the folder has no readable config.yaml)."""
+def changed_options(folder: Path, config_file: Optional[str], overrides: Sequence[str],
+                    flags: Dict[str, Any]) -> List[str]:
+    """What this batch's run options (a config file, --set overrides and the dedicated flags of `fastdream run`)
+    would change in the configuration a finished run in folder was made with, as "key: old -> new" ([] when
+    nothing, or when the folder has no readable config.yaml)."""
     from .config import build_config, config_to_dict, load_config_file
-    from .train import _apply_cli, add_parser
+    from .runs import apply_flags
 
     config_path = Path(folder) / "config.yaml"
     if not config_path.is_file():
         return []
-    parser = argparse.ArgumentParser(add_help=False)
-    add_parser(parser.add_subparsers(dest="command"))
     try:
-        args, _ = parser.parse_known_args(["run", "prompt", *run_args])
         saved = load_config_file(config_path)
         before = _flatten(config_to_dict(saved))  # build_config below updates saved in place
-        wanted = build_config(args.config, args.set or [], saved)
-        _apply_cli(wanted, {k: v for k, v in dict(steps=args.steps, seed=args.seed, device=args.device,
-                                                   guidance=args.guidance, model=args.model,
-                                                   reference_scene=args.reference_scene).items() if v is not None})
-    except (FastDreamError, SystemExit):  # options `fastdream run` itself will report
+        wanted = build_config(config_file, list(overrides), saved)
+        apply_flags(wanted, {k: v for k, v in flags.items() if v is not None})
+    except FastDreamError:  # options `fastdream run` itself will report
         return []
     after = _flatten(config_to_dict(wanted))
     return [f"{key}: {before[key]!r} -> {after.get(key)!r}" for key in before
@@ -412,45 +410,29 @@ def run_ray(jobs: List[Dict[str, Any]], summary: Summary, address: str, device: 
         raise
 
 
-# ---------------------------------------------------------------------------------------------- command
-
-def collect_run_args(args) -> List[str]:
-    out: List[str] = []
-    for flag, value in (("--steps", args.steps), ("--seed", args.seed), ("--model", args.model),
-                        ("--guidance", args.guidance), ("--reference-scene", args.reference_scene),
-                        ("--device", args.device)):
-        if value is not None:
-            out += [flag, str(value)]
-    if args.config:
-        out += ["--config", str(Path(args.config).resolve())]
-    for item in args.set or ():
-        out += ["--set", item]
-    for item in args.run_arg or ():
-        out.append(item)
-    return out
-
-
-def run_batch(args) -> int:
+def run_batch(prompts_file, out, run_args: Sequence[str], *, ray: Optional[str] = None, gpus: Optional[str] = None,
+              workers: Optional[int] = None, device: Optional[str] = None, cpus_per_task: float = 1.0,
+              changes: Optional[Callable[[Path], List[str]]] = None, echo: Callable[..., None] = print) -> int:
+    """Run every prompt of `prompts_file` (see the module docstring) with `fastdream run` arguments `run_args`;
+    returns the exit code (0 all done or skipped, 1 some failed, 130 interrupted). `changes(folder)` says what
+    these arguments would change in a finished run's configuration (see changed_options). Progress goes to `echo`."""
     from .evaluate import read_prompts
+    from .report import write_index
 
-    prompts = read_prompts(args.prompts)
-    out = Path(args.out).expanduser().resolve()
+    prompts = read_prompts(prompts_file)
+    out = Path(out).expanduser().resolve()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise FastDreamError(f"Cannot create the output folder {out}: {exc}.") from None
-    if args.reference_scene and not Path(args.reference_scene).exists():
-        raise FastDreamError(f"Reference scene {args.reference_scene} does not exist.")
-    if args.reference_scene:
-        args.reference_scene = str(Path(args.reference_scene).resolve())
-    run_args = collect_run_args(args)
+    run_args = list(run_args)
 
-    if args.ray:
-        mode, workers = "ray", [f"ray:{args.ray}"]
+    if ray:
+        mode, workers = "ray", [f"ray:{ray}"]
     else:
-        slots = _local_slots(args.gpus, args.workers, args.device)
+        slots = _local_slots(gpus, workers, device)
         mode, workers = "local", [f"gpu{g}" if g is not None else f"cpu{i}" for i, g in enumerate(slots)]
-    summary = Summary(out, str(args.prompts), mode, workers, run_args)
+    summary = Summary(out, str(prompts_file), mode, workers, run_args)
 
     jobs = []
     for prompt in prompts:
@@ -461,10 +443,10 @@ def run_batch(args) -> int:
         if is_finished(folder):
             record["status"] = "skipped"
             record["error"] = None
-            changed = changed_options(folder, run_args)
+            changed = changes(folder) if changes is not None else []
             if changed:
                 record["changed"] = changed
-                print(f"fastdream batch: skipping {prompt!r}: finished earlier with other options "
+                echo(f"fastdream batch: skipping {prompt!r}: finished earlier with other options "
                       f"({'; '.join(changed)}); delete {folder} (or use another --out) to run it with these.",
                       flush=True)
             continue
@@ -472,8 +454,8 @@ def run_batch(args) -> int:
                      "_record": record})
     summary.write()
     n_total, n_skip = len(prompts), len(prompts) - len(jobs)
-    print(f"fastdream batch: {n_total} prompts, {n_skip} already finished, {len(jobs)} to run "
-          f"({'Ray at ' + args.ray if args.ray else ', '.join(workers)}); summary: {summary.path}", flush=True)
+    echo(f"fastdream batch: {n_total} prompts, {n_skip} already finished, {len(jobs)} to run "
+          f"({'Ray at ' + ray if ray else ', '.join(workers)}); summary: {summary.path}", flush=True)
 
     counter = {"n": n_skip}
     count_lock = threading.Lock()
@@ -486,15 +468,15 @@ def run_batch(args) -> int:
         line = f"[{n}/{n_total}] {record['status']:<11} {secs:>8}  {record['prompt']}"
         if record["status"] == "failed":
             line += f"\n    error: {record['error']}\n    log: {record['log']}"
-        print(line, flush=True)
+        echo(line, flush=True)
 
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         if jobs:
-            if args.ray:
-                run_ray(jobs, summary, args.ray, args.device, args.cpus_per_task, say)
+            if ray:
+                run_ray(jobs, summary, ray, device, cpus_per_task, say)
             else:
                 run_local(jobs, summary, slots, say)
     except KeyboardInterrupt:
@@ -502,47 +484,18 @@ def run_batch(args) -> int:
             if r["status"] in ("running", "pending", "queued"):
                 r["status"], r["error"] = "interrupted", "stopped with the batch"
         summary.write(finished=False)
-        print(f"fastdream batch: interrupted; rerun the same command to resume. Summary: {summary.path}", file=sys.stderr)
+        write_index(out)
+        echo(f"fastdream batch: interrupted; rerun the same command to resume. Summary: {summary.path}", file=sys.stderr)
         return 130
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
     summary.write(finished=True)
     counts = summary.counts()
-    print("fastdream batch: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f"; summary: {summary.path}")
+    echo("fastdream batch: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f"; summary: {summary.path}; "
+         f"index: {write_index(out)}")
     return 1 if counts.get("failed") else 0
 
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "batch", help="run every prompt of a file (one folder each), on all local GPUs or a Ray cluster; resumable",
-        description="Run `fastdream run` for every prompt of PROMPTS.txt, one output folder each, one worker per "
-                    "local GPU or one Ray task per prompt; finished prompts are skipped on a rerun, and DIR/summary.json "
-                    "records each prompt's status, time and error.")
-    p.add_argument("prompts", metavar="PROMPTS.txt", help="one prompt a line ('#' comments and blank lines ignored)")
-    p.add_argument("--out", required=True, metavar="DIR", help="one folder per prompt is made here, plus summary.json and logs/")
-    where = p.add_argument_group("where the prompts run")
-    where.add_argument("--gpus", default=None, metavar="0,1,...",
-                       help="local GPUs, one worker each (default: all visible; 'none' for the CPU)")
-    where.add_argument("--workers", type=int, default=None,
-                       help="CPU workers when no GPU is used (default 1); with --gpus, workers per GPU")
-    where.add_argument("--ray", default=None, metavar="ADDRESS",
-                       help="run on Ray: 'auto', HOST:6379, ray://HOST:10001, or 'local' for a Ray instance on this machine")
-    where.add_argument("--cpus-per-task", type=float, default=1.0, help="Ray: CPUs each task asks for (default 1)")
-    run = p.add_argument_group("passed to every `fastdream run`")
-    run.add_argument("--steps", type=int, default=None)
-    run.add_argument("--seed", type=int, default=None)
-    run.add_argument("--model", default=None, metavar="ID_OR_DIR")
-    run.add_argument("--guidance", default=None, choices=("sd", "if", "reference"))
-    run.add_argument("--reference-scene", default=None, metavar="SCENE")
-    run.add_argument("--device", default=None, help="auto | cuda | cpu (GPUs are chosen per worker with --gpus)")
-    run.add_argument("--config", default=None, metavar="FILE.yaml")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="configuration override (repeatable)")
-    run.add_argument("--run-arg", action="append", default=[], metavar="ARG",
-                     help="any other `fastdream run` argument, one token each, e.g. --run-arg=--quiet (repeatable)")
-    p.set_defaults(func=run_batch)
-    return p

@@ -29,13 +29,13 @@ from dataclasses import field as _field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from . import _backend
 from .cameras import CameraSamplerConfig
 from .errors import FastDreamError
 from .field import FieldConfig
+from .guidance import registry as guidance_registry
 from .renderer import RenderConfig
-
-GUIDANCE_KINDS = ("sd", "if", "reference")
-DEFAULT_MODELS = {"sd": "stabilityai/stable-diffusion-2-1-base", "if": "DeepFloyd/IF-I-XL-v1.0", "reference": ""}
+from .stages import STAGES
 
 
 @dataclass
@@ -74,7 +74,7 @@ class RegularizerConfig:
 
 @dataclass
 class GuidanceConfig:
-    kind: str = "sd"                # sd | if | reference
+    kind: str = "sd"                # a registered family: sd | if | reference (fastdream.guidance.registry)
     model: str = ""                 # hub id or local diffusers folder ("" -> the kind's default model)
     guidance_scale: float = 100.0
     t_min: float = 0.02
@@ -88,6 +88,22 @@ class GuidanceConfig:
 
 
 @dataclass
+class ImageConfig:
+    """Image-to-3D (`fastdream run --image PHOTO`): the photo is the front view (azimuth 0) seen from a fixed
+    camera; defaults are threestudio's Zero-1-to-3 setup (elevation 0, 3.8 scene radii, 20 degree field of view).
+    Other training cameras are sampled at the same distance and field of view (what the novel-view model assumes)."""
+    path: str = ""                  # the input photo; "" for text-to-3D
+    elevation: float = 0.0          # the input view's elevation, degrees
+    distance: float = 3.8           # its distance, in scene radii
+    fov: float = 20.0               # its vertical field of view, degrees
+    resolution: int = 256           # the photo is recentred into a square of this many pixels
+    border_ratio: float = 0.2       # empty margin around the recentred object (fraction of the side)
+    recenter: bool = True           # false: keep the photo's framing (padded to a square)
+    rgb_weight: float = 5000.0      # reconstruction loss at the input camera: colour inside the mask ...
+    mask_weight: float = 500.0      # ... and opacity toward the mask (threestudio's 500 / 50 against SDS x 0.1)
+
+
+@dataclass
 class OutputConfig:
     preview_every: int = 500        # 0 disables previews (one is still written at the end)
     preview_views: int = 4
@@ -95,6 +111,9 @@ class OutputConfig:
     checkpoint_every: int = 1000    # 0: only at the end (and on Ctrl-C)
     keep_checkpoints: int = 3       # older step_*.pt files are removed (0 keeps all)
     log_every: int = 100            # --quiet / non-tty: a log line every N steps
+    metrics_every: int = 50         # metrics.jsonl: device values read back in one go every N steps
+    tensorboard: bool = False       # also log the metrics to DIR/tensorboard (needs the tensorboard package)
+    report: bool = True             # write report.html at the end of the run
     mesh: bool = True
     mesh_resolution: int = 256
     mesh_threshold: float = 10.0    # density iso-level of the surface
@@ -119,6 +138,8 @@ class RunConfig:
     height: int = 64
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    backend: str = ""               # ops backend: auto | torch | native ("": the process's choice, FASTDREAM_BACKEND or auto)
+    stage: str = "nerf"             # what is trained (fastdream.stages)
     aabb: Tuple[float, float, float, float, float, float] = (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0)
     background: str = "mlp"         # mlp (learned, direction-dependent) | fixed
     background_color: Tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -131,6 +152,7 @@ class RunConfig:
     shading: ShadingConfig = _field(default_factory=ShadingConfig)
     reg: RegularizerConfig = _field(default_factory=RegularizerConfig)
     guidance: GuidanceConfig = _field(default_factory=GuidanceConfig)
+    image: ImageConfig = _field(default_factory=ImageConfig)
     output: OutputConfig = _field(default_factory=OutputConfig)
 
     def validate(self) -> "RunConfig":
@@ -143,8 +165,19 @@ class RunConfig:
         check_numbers(self)
         if self.batch_size < 1 or self.width < 8 or self.height < 8:
             bad(f"batch_size must be >= 1 and width/height >= 8, got {self.batch_size}, {self.width}x{self.height}.")
-        if self.guidance.kind not in GUIDANCE_KINDS:
-            bad(f"guidance.kind={self.guidance.kind!r}; choose one of {', '.join(GUIDANCE_KINDS)}.")
+        kinds = guidance_registry.names()
+        if self.guidance.kind not in kinds:
+            bad(f"guidance.kind={self.guidance.kind!r}; choose one of {', '.join(kinds)}.")
+        if self.stage not in STAGES:
+            bad(f"stage={self.stage!r}; choose one of {', '.join(STAGES)}.")
+        if self.backend not in ("",) + _backend.BACKENDS:
+            bad(f"backend={self.backend!r}; choose one of {', '.join(_backend.BACKENDS)} (or leave it empty).")
+        conditioning = guidance_registry.get(self.guidance.kind).conditioning
+        if self.image.path and "image" not in conditioning:
+            bad(f"guidance {self.guidance.kind!r} is conditioned on text only and cannot take an input image; use "
+                "--guidance zero123 (the default with --image) or reference.")
+        if not self.image.path and "text" not in conditioning:
+            bad(f"guidance {self.guidance.kind!r} turns one photo into 3D: pass it with --image PHOTO.png.")
         if self.guidance.kind == "reference" and not self.guidance.reference_scene:
             bad("reference guidance needs a scene: --reference-scene SCENE.npz (or a .obj/.ply/.glb mesh).")
         if self.background not in ("mlp", "fixed"):
@@ -166,7 +199,7 @@ class RunConfig:
 
     @property
     def model(self) -> str:
-        return self.guidance.model or DEFAULT_MODELS[self.guidance.kind]
+        return self.guidance.model or guidance_registry.default_model(self.guidance.kind)
 
 
 # ---------------------------------------------------------------------------------------------- numbers
@@ -199,10 +232,14 @@ NUMERIC_RANGES: Dict[str, str] = {
     "guidance.reference_resolution": "[2, inf)",
     "output.preview_every": "[0, inf)", "output.preview_views": "[1, inf)", "output.preview_resolution": "[16, inf)",
     "output.checkpoint_every": "[0, inf)", "output.keep_checkpoints": "[0, inf)", "output.log_every": "[0, inf)",
+    "output.metrics_every": "[1, inf)",
     "output.mesh_resolution": "[8, inf)", "output.mesh_threshold": "(-inf, inf)", "output.mesh_min_component": "[0, 1]",
     "output.texture_resolution": "[16, inf)", "output.video_frames": "[1, inf)", "output.video_resolution": "[16, inf)",
     "output.video_fps": "[1, inf)", "output.video_elevation": "[-90, 90]", "output.view_distance": "[0, inf)",
     "output.view_fov": "(0, 180)",
+    "image.elevation": "[-90, 90]", "image.distance": "(0, inf)", "image.fov": "(0, 180)",
+    "image.resolution": "[16, inf)", "image.border_ratio": "[0, 1)", "image.rgb_weight": "[0, inf)",
+    "image.mask_weight": "[0, inf)",
 }
 
 

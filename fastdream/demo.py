@@ -94,16 +94,25 @@ def load_scene_npz(path) -> Dict[str, np.ndarray]:
     return scene
 
 
+def voxel_volume(density: torch.Tensor, albedo: torch.Tensor) -> torch.Tensor:
+    """density (D,D,D) and albedo (D,D,D,3), indexed [x, y, z] -> the (1, 4, Z, Y, X) volume grid_sample wants."""
+    return torch.cat([density[None], albedo.permute(3, 0, 1, 2)], dim=0).permute(0, 3, 2, 1)[None]
+
+
+def sample_volume(volume: torch.Tensor, aabb: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Trilinear values (N, C) of a (1, C, Z, Y, X) volume filling the box aabb (6,) at world points (N, 3);
+    zero outside the box. grid_sample takes (x, y, z) in [-1, 1]; align_corners=False puts samples at voxel centres."""
+    unit = (points.to(volume.dtype) - aabb[:3]) / (aabb[3:] - aabb[:3]) * 2.0 - 1.0
+    out = F.grid_sample(volume, unit.reshape(1, -1, 1, 1, 3), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.reshape(volume.shape[1], -1).T
+
+
 def sample_voxels(scene: Dict[str, np.ndarray], points: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Trilinear density (N,) and albedo (N,3) of a voxel scene at world points (N,3); zero outside the box."""
     density = torch.as_tensor(scene["density"], dtype=torch.float32)
     albedo = torch.as_tensor(scene["albedo"], dtype=torch.float32)
     aabb = torch.as_tensor(scene["aabb"], dtype=torch.float32)
-    # grid_sample wants (C, Z, Y, X) volumes and (x, y, z) coordinates in [-1, 1] (align_corners=False: voxel centres).
-    volume = torch.cat([density[None], albedo.permute(3, 0, 1, 2)], dim=0).permute(0, 3, 2, 1)[None]
-    unit = (points.float() - aabb[:3]) / (aabb[3:] - aabb[:3]) * 2.0 - 1.0
-    out = F.grid_sample(volume, unit.reshape(1, -1, 1, 1, 3), mode="bilinear", padding_mode="zeros", align_corners=False)
-    out = out.reshape(4, -1).T
+    out = sample_volume(voxel_volume(density, albedo), aabb, points)
     return out[:, 0].clamp_min(0.0), out[:, 1:].clamp(0.0, 1.0)
 
 

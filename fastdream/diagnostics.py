@@ -18,7 +18,8 @@ def _found(name: str) -> bool:
 
 
 def collect_info() -> Dict[str, Any]:
-    from . import __version__, _backend
+    from . import _backend
+    from ._version import __version__
 
     info: Dict[str, Any] = {"fastdream": __version__, "python": platform.python_version(), "platform": platform.platform()}
     try:
@@ -34,10 +35,10 @@ def collect_info() -> Dict[str, Any]:
     info["gpu"] = torch.cuda.get_device_name(0) if cuda_ok else None
     info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda_ok else None
     info["requested_backend"] = _backend.requested_backend()
-    module = _backend._load()
+    module = _backend.extension()
     native: Dict[str, Any] = {"built": module is not None}
     if module is None:
-        native["error"] = str(_backend._state["error"])
+        native["error"] = str(_backend.extension_error())
     else:
         native["devices"] = list(module.compiled_devices())
         native["cuda_archs"] = list(getattr(module, "cuda_archs", lambda: [])())
@@ -49,7 +50,7 @@ def collect_info() -> Dict[str, Any]:
         info["backend"] = {"cpu": _backend.backend_name("cpu")}
         if cuda_ok:
             info["backend"]["cuda"] = _backend.backend_name("cuda")
-    except Exception as exc:  # FASTDREAM_BACKEND=native without the extension
+    except Exception as exc:  # the native backend chosen without the extension
         info["backend"] = {"error": str(exc)}
     info["optional"] = {name: _found(name) for name in OPTIONAL}
     return info
@@ -78,7 +79,7 @@ def format_info(info: Dict[str, Any]) -> str:
         lines.append(f"backend: error: {backend['error']}")
     else:
         lines.append("backend in use: " + ", ".join(f"{dev}={name}" for dev, name in backend.items())
-                     + f"  (FASTDREAM_BACKEND={info.get('requested_backend')})")
+                     + f"  (backend chosen: {info.get('requested_backend')})")
     opt = info.get("optional", {})
     lines.append("optional accelerators: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in opt.items()))
     return "\n".join(lines)

@@ -38,7 +38,6 @@ with nothing cached, the command fails with one paragraph naming the model and w
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -337,37 +336,24 @@ def _run_prompt(folder: Path, state: Optional[dict] = None) -> Optional[str]:
 
 def load_run(folder, device="cpu", checkpoint=None) -> EvalRun:
     """The run's prompt and its trained renderer (field, background, occupancy grid) on device, rebuilt
-    from its newest checkpoint (or `checkpoint`) the way `fastdream export` does."""
-    from .checkpoint import latest_checkpoint, load_checkpoint
-    from .config import config_from_dict
+    from its newest checkpoint (or `checkpoint`) by `fastdream.runs.load_run`, as `fastdream export` does."""
     from .export import view_distance
-    from .train import CHECKPOINT_KIND, build_run_renderer
+    from .runs import load_run as load_run_folder
 
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FastDreamError(f"Run folder {folder} does not exist.")
-    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(folder / "checkpoints")
-    if ckpt is None:
-        raise FastDreamError(f"Run folder {folder} has no checkpoints/step_*.pt: it is not a `fastdream run` output "
-                             "folder, or its run has not written a checkpoint yet.")
-    state = load_checkpoint(ckpt, kind=CHECKPOINT_KIND)
-    config = config_from_dict(state["config"])
-    renderer = build_run_renderer(config, device)
-    try:
-        renderer.load_state_dict(state["renderer"])
-    except (RuntimeError, KeyError) as exc:
-        raise FastDreamError(f"Checkpoint {ckpt} does not match its own configuration ({str(exc).splitlines()[0]}).") from None
-    renderer.eval()
-    prompt = config.prompt or _run_prompt(folder, state)
+    loaded = load_run_folder(folder, device=device, checkpoint=checkpoint)
+    config, renderer = loaded.config, loaded.stage.renderer
+    prompt = config.prompt or _run_prompt(folder, loaded.state)
     if not prompt:
         raise FastDreamError(f"Run {folder} has no prompt in its configuration; cannot tell which caption it should match.")
-    radius = float((renderer.field.aabb[3:] - renderer.field.aabb[:3]).max()) / 2
     finished = (folder / "metrics.json").is_file()
     if not finished:
-        log.warning("run %s has no metrics.json (unfinished?); evaluating its newest checkpoint %s", folder, ckpt.name)
-    return EvalRun(folder=folder, prompt=prompt, renderer=renderer, distance=view_distance(radius, config.output),
-                   fov=float(config.output.view_fov), step=int(state.get("step", 0)),
-                   info={"checkpoint": ckpt.name, "finished": finished})
+        log.warning("run %s has no metrics.json (unfinished?); evaluating its newest checkpoint %s", folder,
+                    loaded.checkpoint.name)
+    return EvalRun(folder=folder, prompt=prompt, renderer=renderer,
+                   distance=view_distance(loaded.stage.scene_radius, config.output),
+                   fov=float(config.output.view_fov), step=loaded.step,
+                   info={"checkpoint": loaded.checkpoint.name, "finished": finished})
 
 
 def eval_cameras(protocol: EvalProtocol, distance: float, fov: float, device="cpu"):
@@ -393,22 +379,6 @@ def render_run(run: EvalRun, protocol: EvalProtocol, device="cpu") -> Dict[str, 
             rgb = run.renderer.render(cams, shading=SHADING_OF[kind], background=background).rgb
             out[kind] = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     return out
-
-
-# ---------------------------------------------------------------------------------------------- command
-
-def _resolve_device(name: str):
-    import torch
-
-    if name in ("auto", "", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError) as exc:
-        raise FastDreamError(f"Unknown device {name!r} ({exc}).") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FastDreamError(f"Device {name} requested but CUDA is not available; use --device cpu.")
-    return dev
 
 
 def _pair_pretrained(models: Sequence[str], pretrained: Optional[Sequence[str]]) -> List[Optional[str]]:
@@ -437,7 +407,9 @@ def evaluate_runs(run_dirs: Sequence, prompts: Sequence[str], clip_models: Seque
         raise FastDreamError("No run folders given.")
     prompts = list(prompts)
     index = {p: i for i, p in enumerate(prompts)}
-    dev = _resolve_device(device)
+    from .runtime import resolve_device
+
+    dev = resolve_device(device)
     t0 = time.time()
 
     # load every CLIP model first: a missing download fails before any rendering
@@ -521,46 +493,3 @@ def format_table(report: Dict[str, Any]) -> str:
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def run_eval(args) -> int:
-    prompts = read_prompts(args.prompts)
-    protocol = EvalProtocol(views=args.views, elevation=args.elevation, resolution=args.resolution,
-                            background=args.background, distance=args.distance, fov=args.fov)
-    report = evaluate_runs(args.runs, prompts, clip_models=args.clip, pretrained=args.pretrained, protocol=protocol,
-                           device=args.device, save_renders=args.save_renders, cache_dir=args.clip_cache)
-    report["prompts_file"] = str(args.prompts)
-    if args.json:
-        atomic.write_text(args.json, json.dumps(report, indent=2))
-    print(format_table(report))
-    if args.json:
-        print(f"wrote {args.json}")
-    return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "eval", help="CLIP R-Precision of finished runs (colour and textureless renders), as in DreamFusion",
-        description=__doc__.split("\n\n")[0] + " Renders each run from fixed cameras (elevation 30, azimuths evenly "
-        "around the object) and ranks its own prompt among all prompts of --prompts with CLIP.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders written by `fastdream run` / `fastdream batch`")
-    p.add_argument("--prompts", required=True, metavar="PROMPTS.txt",
-                   help="candidate captions, one a line; every run's own prompt must be among them "
-                        f"(example set: {EXAMPLE_PROMPTS})")
-    p.add_argument("--clip", nargs="+", default=[DEFAULT_CLIP], metavar="MODEL",
-                   help="open_clip model names (paper: ViT-B-32 ViT-B-16 ViT-L-14), local-dir:FOLDER, hf-hub:ID or a config .json")
-    p.add_argument("--pretrained", nargs="+", default=None, metavar="TAG_OR_PATH",
-                   help="weights: an open_clip tag (default 'openai'), a local checkpoint file, or 'none' (random); "
-                        "one for all models or one per --clip model")
-    p.add_argument("--clip-cache", default=None, metavar="DIR", help="download cache for CLIP weights (default: the HF cache)")
-    p.add_argument("--json", default=None, metavar="OUT.json", help="write the full report (per-run hits and top prompts) here")
-    p.add_argument("--views", type=int, default=8, help="cameras per run, azimuths evenly spaced (default 8)")
-    p.add_argument("--elevation", type=float, default=30.0, help="camera elevation in degrees (default 30)")
-    p.add_argument("--resolution", type=int, default=224, help="render size in pixels (default 224)")
-    p.add_argument("--distance", type=float, default=None, help="camera distance (default: the run's video camera)")
-    p.add_argument("--fov", type=float, default=None, help="vertical field of view in degrees (default: the run's video camera)")
-    p.add_argument("--background", choices=("white", "learned"), default="white", help="render background (default white)")
-    p.add_argument("--save-renders", default=None, metavar="DIR", help="also write each run's renders as one PNG strip")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.set_defaults(func=run_eval)
-    return p

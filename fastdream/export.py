@@ -26,6 +26,7 @@ import torch
 
 from . import atomic
 from .cameras import orbit_cameras
+from .progress import progress
 
 log = logging.getLogger("fastdream")
 
@@ -42,22 +43,26 @@ def density_grid(field, resolution: int = 256, chunk: int = 2**18) -> np.ndarray
     flat = out.reshape(resolution, -1)
     yz = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), -1).reshape(-1, 3 - 1)
     per_slab = max(1, chunk // yz.shape[0])
-    for start in range(0, resolution, per_slab):
-        xs = axes[0][start:start + per_slab]
-        pts = torch.cat([xs[:, None, None].expand(-1, yz.shape[0], 1), yz[None].expand(xs.shape[0], -1, -1)], -1).reshape(-1, 3)
-        sigma = field.density(pts.to(device)).float().cpu()
-        flat[start:start + xs.shape[0]] = torch.nan_to_num(sigma, nan=0.0, posinf=1e6).reshape(xs.shape[0], -1).numpy()
+    with progress(resolution, "density grid", unit="slice") as bar:
+        for start in range(0, resolution, per_slab):
+            xs = axes[0][start:start + per_slab]
+            pts = torch.cat([xs[:, None, None].expand(-1, yz.shape[0], 1), yz[None].expand(xs.shape[0], -1, -1)], -1).reshape(-1, 3)
+            sigma = field.density(pts.to(device)).float().cpu()
+            flat[start:start + xs.shape[0]] = torch.nan_to_num(sigma, nan=0.0, posinf=1e6).reshape(xs.shape[0], -1).numpy()
+            bar.update(xs.shape[0])
     return out
 
 
 @torch.no_grad()
-def query_albedo(field, points: np.ndarray, chunk: int = 2**16) -> np.ndarray:
+def query_albedo(field, points: np.ndarray, chunk: int = 2**16, desc: str = "vertex colours") -> np.ndarray:
     device = field.aabb.device
     parts = []
-    for start in range(0, len(points), chunk):
-        pts = torch.as_tensor(points[start:start + chunk], dtype=torch.float32, device=device)
-        _, albedo, _ = field.query(pts, need_normals=False)
-        parts.append(albedo.float().clamp(0, 1).cpu().numpy())
+    with progress(len(points), desc, unit="point") as bar:
+        for start in range(0, len(points), chunk):
+            pts = torch.as_tensor(points[start:start + chunk], dtype=torch.float32, device=device)
+            _, albedo, _ = field.query(pts, need_normals=False)
+            parts.append(albedo.float().clamp(0, 1).cpu().numpy())
+            bar.update(len(pts))
     return np.concatenate(parts) if parts else np.zeros((0, 3), np.float32)
 
 
@@ -219,7 +224,7 @@ def bake_texture(field, mesh, folder: Path, size: int = 1024, name: str = "mesh"
     filled = np.zeros((size, size), bool)
     if len(face_ids):
         points = np.einsum("nk,nkc->nc", bary, v[vmap][tfaces][face_ids])
-        image[texels[:, 1], texels[:, 0]] = query_albedo(field, points)
+        image[texels[:, 1], texels[:, 0]] = query_albedo(field, points, desc="texture bake")
         filled[texels[:, 1], texels[:, 0]] = True
     image = dilate_texture(image, filled)
     image_path = folder / f"{name}_albedo.png"
@@ -292,8 +297,11 @@ def render_turntable(renderer, n_frames: int = 120, resolution: int = 256, shadi
                      batch: int = 8) -> np.ndarray:
     """(n_frames, H, W, 3) uint8 frames of a 360 degree orbit."""
     cams = orbit(renderer, n_frames, resolution, elevation, distance, fov)
-    frames = [render_views(renderer, cams[i:i + batch], shading)
-              for i in range(0, n_frames, batch)]
+    frames = []
+    with progress(n_frames, f"turntable ({shading})", unit="frame") as bar:
+        for i in range(0, n_frames, batch):
+            frames.append(render_views(renderer, cams[i:i + batch], shading))
+            bar.update(len(frames[-1]))
     return np.concatenate(frames)
 
 
@@ -331,13 +339,27 @@ def image_grid(rows: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
 
 
+def photo_tile(photo: torch.Tensor, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 of an input photo (3, H, W) in [0, 1], to show beside renders."""
+    import torch.nn.functional as F
+
+    tile = F.interpolate(photo[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (tile[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
 def write_preview(renderer, path, n_views: int = 4, resolution: int = 128, elevation: float = 15.0,
-                  distance: Optional[float] = None, fov: float = 45.0) -> Path:
-    """A grid of views: colour on top, textureless below."""
+                  distance: Optional[float] = None, fov: float = 45.0, input_view=None) -> Path:
+    """A grid of views: colour on top, textureless below. `input_view` (photo (3,H,W), its camera) of an
+    image-to-3D run adds a first column: the photo above the reconstruction seen from the photo's camera."""
     import imageio.v2 as imageio
 
     cams = orbit(renderer, n_views, resolution, elevation, distance, fov, start_azimuth=0.0)
-    grid = image_grid([render_views(renderer, cams, "albedo"), render_views(renderer, cams, "textureless")])
+    rows = [render_views(renderer, cams, "albedo"), render_views(renderer, cams, "textureless")]
+    if input_view is not None:
+        photo, camera = input_view
+        seen = render_views(renderer, camera.with_resolution(resolution, resolution), "albedo")
+        rows = [np.concatenate([photo_tile(photo, resolution)[None], rows[0]]), np.concatenate([seen, rows[1]])]
+    grid = image_grid(rows)
     path = Path(path)
     with atomic.temporary_path(path) as tmp:
         imageio.imwrite(tmp, grid)
@@ -346,8 +368,9 @@ def write_preview(renderer, path, n_views: int = 4, resolution: int = 128, eleva
 
 # ---------------------------------------------------------------------------------------------- everything
 
-def export_outputs(renderer, folder, output_config, log_fn=None) -> Dict[str, str]:
-    """Mesh files and turntables into folder, following an OutputConfig; returns {kind: path}."""
+def export_outputs(renderer, folder, output_config, log_fn=None, input_photo: Optional[torch.Tensor] = None) -> Dict[str, str]:
+    """Mesh files and turntables into folder, following an OutputConfig; returns {kind: path}. An image-to-3D
+    run's `input_photo` (3, H, W) is shown at the left of every turntable frame."""
     folder = Path(folder)
     o = output_config
     say = log_fn or log.info
@@ -365,10 +388,17 @@ def export_outputs(renderer, folder, output_config, log_fn=None) -> Dict[str, st
         for shading, name in (("albedo", "turntable.mp4"), ("textureless", "turntable_textureless.mp4")):
             frames = render_turntable(renderer, o.video_frames, o.video_resolution, shading, o.video_elevation,
                                       distance, o.view_fov)
+            if input_photo is not None:
+                tile = photo_tile(input_photo, o.video_resolution)
+                frames = np.concatenate([np.broadcast_to(tile, frames.shape), frames], axis=2)
             written[f"video_{shading}"] = str(write_video(frames, folder / name, o.video_fps))
     return written
 
 
+def psnr_from_mse(mse: float) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1] with mean squared error `mse`."""
+    return float("inf") if mse <= 0 else -10.0 * math.log10(mse)
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(torch.mean((a.float() - b.float()) ** 2))
-    return float("inf") if mse == 0 else -10.0 * math.log10(mse)
+    return psnr_from_mse(float(torch.mean((a.float() - b.float()) ** 2)))

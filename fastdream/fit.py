@@ -6,10 +6,8 @@ answer: held-out views must come out right. `fastdream fit --demo` renders a sma
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,9 +20,11 @@ from . import _backend, atomic
 from .checkpoint import checkpoint_name, save_checkpoint
 from .data import PosedImages, load_dataset
 from .errors import FastDreamError
+from .export import psnr_from_mse
 from .field import FieldConfig
 from .output_folder import check_output_folder, clear_outputs, is_nonempty, refuse_overlap
 from .renderer import RenderConfig, Renderer, build_renderer
+from .runtime import resolve_device
 
 log = logging.getLogger("fastdream")
 
@@ -65,10 +65,6 @@ def default_configs(steps: Optional[int] = None):
     render = RenderConfig(samples_per_ray=512)
     fit = FitConfig(steps=steps or 2000)
     return field, render, fit
-
-
-def psnr_from_mse(mse: float) -> float:
-    return float("inf") if mse <= 0 else -10.0 * math.log10(mse)
 
 
 def pixel_rays(data: PosedImages, image_idx: torch.Tensor, px: torch.Tensor, py: torch.Tensor):
@@ -231,76 +227,52 @@ def _parse_background(text: str):
     return values
 
 
-def run_fit(args) -> int:
-    for flag, value in (("--steps", args.steps), ("--rays", args.rays), ("--resolution", args.resolution),
-                        ("--max-test-views", args.max_test_views), ("--threads", args.threads)):
+def fit_folder(out, data=None, demo: bool = False, force: bool = False, steps: Optional[int] = None,
+               resolution: Optional[int] = None, rays: Optional[int] = None, background: str = "white", seed: int = 0,
+               device: Optional[str] = None, max_test_views: Optional[int] = None, threads: Optional[int] = None,
+               progress: bool = True) -> Dict[str, object]:
+    """`fastdream fit` as a function: fit DATA (a dataset folder) or the demo scene, writing the checkpoint,
+    metrics.json and held-out views to `out`; returns the metrics."""
+    for flag, value in (("--steps", steps), ("--rays", rays), ("--resolution", resolution),
+                        ("--max-test-views", max_test_views), ("--threads", threads)):
         if value is not None and value < 1:
             raise FastDreamError(f"{flag} must be at least 1, got {value}.")
-    if args.demo and args.data is not None:
+    if demo and data is not None:
         raise FastDreamError("Give either a DATA_DIR or --demo, not both.")
-    if not args.demo and args.data is None:
+    if not demo and data is None:
         raise FastDreamError("Give a DATA_DIR (a folder with transforms.json, or transforms_train.json + transforms_test.json), or --demo.")
-    if args.out is None:
-        if not args.demo:
+    if out is None:
+        if not demo:
             raise FastDreamError("Give --out OUT, the folder for the checkpoint and metrics.json.")
-        args.out = "fastdream-fit-demo"
-    out = Path(args.out)
+        out = "fastdream-fit-demo"
+    out = Path(out)
     _backend.requested_backend()  # a bad FASTDREAM_BACKEND is reported before any data is read
-    background = _parse_background(args.background)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    prepare_out_dir(out, args.force, None if args.demo else Path(args.data))
+    background = _parse_background(background)
+    device = str(resolve_device(device))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    prepare_out_dir(out, force, None if demo else Path(data))
     t0 = time.perf_counter()
-    if args.demo:
+    if demo:
         from .demo import write_demo_dataset
 
         clear_outputs(out, FIT_OUTPUTS)
         data_dir = write_demo_dataset(out / "demo_data")
-        field_config, render_config, config = demo_configs(args.steps)
-        train, test = load_dataset(data_dir, resolution=args.resolution, background=background)
+        field_config, render_config, config = demo_configs(steps)
+        train, test = load_dataset(data_dir, resolution=resolution, background=background)
     else:
-        data_dir = Path(args.data)
-        field_config, render_config, config = default_configs(args.steps)
-        train, test = load_dataset(data_dir, resolution=args.resolution, background=background)
+        data_dir = Path(data)
+        field_config, render_config, config = default_configs(steps)
+        train, test = load_dataset(data_dir, resolution=resolution, background=background)
         clear_outputs(out, FIT_OUTPUTS)  # only once the data has loaded: a typo in DATA_DIR must not cost the old fit
     prep_seconds = time.perf_counter() - t0
-    config.background, config.seed, config.max_test_views = background, args.seed, args.max_test_views
-    if args.rays is not None:
-        config.rays_per_step = args.rays
+    config.background, config.seed, config.max_test_views = background, seed, max_test_views
+    if rays is not None:
+        config.rays_per_step = rays
     log.info("fastdream fit: %d training and %d held-out views at %dx%d, %d steps, %s backend on %s",
              len(train), len(test), train.width, train.height, config.steps, _backend.backend_name(device), device)
-    metrics = fit(train, test, out, field_config, render_config, config, device=device, progress=not args.no_progress)
+    metrics = fit(train, test, out, field_config, render_config, config, device=device, progress=progress)
     metrics["prep_seconds"] = prep_seconds
     atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    log.info("fastdream fit: held-out PSNR %.2f dB after %d steps in %.1f s; wrote %s and %s",
-             metrics["psnr"], metrics["steps"], metrics["seconds"], out / metrics["checkpoint"], out / "metrics.json")
-    if args.demo and metrics["psnr"] < DEMO_PSNR_TARGET:
-        log.error("fastdream fit --demo: held-out PSNR %.2f dB is below the %.0f dB the demo always reaches; "
-                  "the engine (or the native backend: try FASTDREAM_BACKEND=torch) is not working right.",
-                  metrics["psnr"], DEMO_PSNR_TARGET)
-        return 1
-    return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "fit", help="fit the field to posed images (NeRF-synthetic / instant-ngp format), or to a built-in demo scene",
-        description="Fit the radiance field to posed images and report held-out PSNR. DATA_DIR holds transforms_train.json + "
-                    "transforms_test.json, or a single transforms.json (every 8th frame is held out). --demo renders a "
-                    "small synthetic scene and fits it offline on a CPU in about a minute.")
-    parser.add_argument("data", nargs="?", metavar="DATA_DIR", help="dataset folder (or a transforms*.json file)")
-    parser.add_argument("--demo", action="store_true", help="fit a built-in synthetic scene (written to OUT/demo_data)")
-    parser.add_argument("--out", metavar="OUT", help="output folder (checkpoint, metrics.json, test views); default for --demo: ./fastdream-fit-demo")
-    parser.add_argument("--force", action="store_true", help="reuse a non-empty --out: replaces its fit outputs (checkpoints, test_views, metrics.json, demo_data), leaves other files")
-    parser.add_argument("--steps", type=int, help="training steps (default: 2000, demo: 150)")
-    parser.add_argument("--resolution", type=int, metavar="W", help="downscale images to this width (keeps the aspect ratio)")
-    parser.add_argument("--rays", type=int, help="random rays per step (default: 4096, demo: 2048)")
-    parser.add_argument("--background", default="white", help="colour RGBA images are composited over: white, black or r,g,b")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--max-test-views", type=int, help="evaluate on at most this many held-out views")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_fit)
-    return parser
+    metrics["out"] = str(out)
+    return metrics

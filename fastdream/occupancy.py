@@ -61,14 +61,16 @@ class OccupancyGrid(nn.Module):
                 indices = uniform
         estimates = torch.cat([opacity_fn(self.cell_centres(part, generator)).reshape(-1).float()
                                for part in indices.split(self.chunk)])
-        occupancy, binary = ops.occupancy_update(self.occupancy, indices, estimates, self.ema_decay, self.threshold)
+        occupancy, binary = ops.occupancy_update(self.occupancy, indices=indices, estimates=estimates,
+                                                 decay=self.ema_decay, threshold=self.threshold)
         self.occupancy.copy_(occupancy)
         self.binary.copy_(binary.reshape(self.binary.shape))
 
     def march(self, origins: torch.Tensor, directions: torch.Tensor, near: float, far: float, step_size: float,
               cone_angle: float = 0.0, max_step_size: float = 1e10):
         """Packed samples (ray_indices, t_starts, t_ends) in occupied cells."""
-        return ops.march_rays(origins, directions, self.aabb, self.binary, near, far, step_size, cone_angle, max_step_size)
+        return ops.march_rays(origins, directions, aabb=self.aabb, binary=self.binary, near=near, far=far,
+                              step_size=step_size, cone_angle=cone_angle, max_step_size=max_step_size)
 
     def occupied_fraction(self) -> float:
         return float(self.binary.float().mean())

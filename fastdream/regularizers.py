@@ -44,4 +44,5 @@ def opacity_sparsity(opacity: torch.Tensor) -> torch.Tensor:
 def per_ray_orientation(weights, normals, directions, ray_indices) -> torch.Tensor:
     """The orientation penalty of every ray (R,), for diagnostics."""
     facing = (normals * directions[ray_indices]).sum(-1).clamp_min(0.0)
-    return ops.accumulate_along_rays(weights.detach(), facing.pow(2)[:, None], ray_indices, directions.shape[0])[:, 0]
+    return ops.accumulate_along_rays(weights.detach(), facing.pow(2)[:, None], ray_indices=ray_indices,
+                                     n_rays=directions.shape[0])[:, 0]

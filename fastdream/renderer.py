@@ -72,7 +72,8 @@ class Renderer(nn.Module):
             with torch.no_grad():
                 mid = origins[ray_indices] + directions[ray_indices] * ((t_starts + t_ends) * 0.5)[:, None]
                 sigmas = torch.cat([self.field.density(part) for part in mid.split(cfg.chunk_samples)])
-                _, trans, alphas = ops.render_weights(t_starts, t_ends, sigmas, ray_indices, origins.shape[0])
+                _, trans, alphas = ops.render_weights(t_starts, t_ends, sigmas, ray_indices=ray_indices,
+                                                        n_rays=origins.shape[0])
                 keep = (trans >= cfg.early_stop_eps) & (alphas >= cfg.alpha_threshold)
             ray_indices, t_starts, t_ends = ray_indices[keep], t_starts[keep], t_ends[keep]
         return ray_indices, t_starts, t_ends
@@ -97,8 +98,9 @@ class Renderer(nn.Module):
         mid = origins[ray_indices] + directions[ray_indices] * ((t_starts + t_ends) * 0.5)[:, None]
         sigmas, albedo, normals = self.field.query(mid, need_normals=need_normals)
         rgb, opacity, depth, normal, weights = ops.composite(
-            t_starts, t_ends, ray_indices, n_rays, sigmas, albedo, normals, origins, directions,
-            light_positions, light_intensity, ambient, shading)
+            t_starts, t_ends, sigmas, albedo, normals, ray_indices=ray_indices, n_rays=n_rays, origins=origins,
+            directions=directions, light_positions=light_positions, light_intensity=light_intensity, ambient=ambient,
+            mode=shading)
         bg = self.background(directions) if background is None else torch.as_tensor(background, dtype=rgb.dtype, device=rgb.device).expand(n_rays, 3)
         rgb = rgb + (1.0 - opacity) * bg
         return RayOutput(rgb=rgb, opacity=opacity, depth=depth, normal=normal, weights=weights,

@@ -150,6 +150,14 @@ def test_batch_killed_restarted_and_a_failing_prompt(scene, tmp_path, capsys):
     assert broken["status"] == "failed" and broken["returncode"] not in (0, None) and broken["error"]
     assert Path(broken["log"]).is_file() and "is a file, not a folder" in broken["error"]
     assert "failed" in printed and BROKEN in printed and "other options" not in printed
+    # the index page: one card per prompt, linking to each finished run's report
+    html = (out / "index.html").read_text()
+    cards = json.loads(html.split('<script id="fd-data" type="application/json">', 1)[1].split("</script>", 1)[0]
+                       .replace("<\\/", "</"))["cards"]
+    assert {c["prompt"]: c["status"] for c in cards} == {r["prompt"]: r["status"] for r in data["prompts"]}
+    for c in cards:
+        if c["status"] in ("done", "skipped"):
+            assert (out / c["href"]).is_file() and c["href"].endswith("/report.html")
 
     # run again with other options: the finished prompts are still not overwritten, and the batch says why
     args = batch_args(prompts, out, scene)

@@ -1,5 +1,7 @@
-"""The CUDA launchers and kernels (csrc/cuda/*.cu, unmodified) run on the CPU through the emulation in
-tests/cuda_emulation/ and are compared with the CPU ops (torch.ops.fastdream.*).
+"""The CUDA launchers and kernels (csrc/cuda/*.cu and the csrc headers they include, unmodified: also the
+volume-rendering launchers shared with the CPU, whose CUDA branch launches fastdream/parallel_for.h's
+kernel) run on the CPU through the emulation in tests/cuda_emulation/ and are compared with the CPU ops
+(torch.ops.fastdream.*).
 
 Bit-equal where both sides do the same float operations in the same order (forward outputs, dL/dx,
 marching, the occupancy update, compositing); parameter gradients, which CUDA sums with atomics in
@@ -40,8 +42,8 @@ def _unavailable(reason: str):
 def EMU():
     from cuda_emulation.build import build, compiler_available
 
-    if _backend._load() is None:
-        _unavailable(f"native extension not built ({_backend._state['error']})")
+    if _backend.extension() is None:
+        _unavailable(f"native extension not built ({_backend.extension_error()})")
     if not compiler_available():
         _unavailable("no C++ compiler to build the emulated CUDA launchers")
     build(BUILD / "all")
@@ -153,10 +155,10 @@ MARCH_CASES = [dict(step_size=0.05), dict(step_size=0.02, cone_angle=0.01),
 
 def _march_args(case, shape, dtype):
     o, d = _rays(700, dtype)
-    box = torch.tensor([-1.0, -1, -1, 1, 1, 1, 2, 2, 2], dtype=dtype)
+    aabb = torch.tensor([-1.0, -1, -1, 1, 1, 1], dtype=dtype)
     binary = torch.rand(shape, generator=torch.Generator().manual_seed(5)) > 0.7
     kw = {**dict(near=0.0, far=1e10, cone_angle=0.0, max_step_size=1e10), **case}
-    return o, d, box, binary, kw["near"], kw["far"], kw["step_size"], kw["cone_angle"], kw["max_step_size"]
+    return o, d, aabb, binary, kw["near"], kw["far"], kw["step_size"], kw["cone_angle"], kw["max_step_size"]
 
 
 @pytest.mark.parametrize("case", MARCH_CASES)
@@ -277,7 +279,7 @@ def test_empty_inputs(EMU):
     """Zero points / rays / samples: CUDA rejects a 0-block grid, so every launcher must skip its launch."""
     lay = hash_grid_layout(n_levels=2, log2_hashmap_size=6)
     args, x, p = layout_args(lay), torch.zeros(0, 3), torch.zeros(lay.n_params)
-    box = torch.tensor([-1.0, -1, -1, 1, 1, 1, 2, 2, 2])
+    aabb = torch.tensor([-1.0, -1, -1, 1, 1, 1])
     grid = torch.ones(4, 4, 4, dtype=torch.bool)
     for op in (CPU, EMU):
         assert op.hash_encode_fwd(x, p, *args).shape == (0, 2 * lay.n_features_per_level)
@@ -285,9 +287,9 @@ def test_empty_inputs(EMU):
         assert gp.shape == p.shape and gx.shape == (0, 3) and not gp.any()
         ggy, gp, gx = op.hash_encode_bwd_bwd(torch.zeros(0, 3), torch.zeros(0, 4), x, p, *args, True, True)
         assert ggy.shape == (0, 4) and gx.shape == (0, 3)
-        out = op.march_rays(torch.zeros(0, 3), torch.zeros(0, 3), box, grid, 0.0, 1e10, 0.1, 0.0, 1e10)
+        out = op.march_rays(torch.zeros(0, 3), torch.zeros(0, 3), aabb, grid, 0.0, 1e10, 0.1, 0.0, 1e10)
         assert all(t.numel() == 0 for t in out)
-        out = op.march_rays(torch.full((5, 3), 5.0), torch.tensor([[1.0, 0, 0]] * 5), box, grid, 0.0, 1e10, 0.1, 0.0, 1e10)
+        out = op.march_rays(torch.full((5, 3), 5.0), torch.tensor([[1.0, 0, 0]] * 5), aabb, grid, 0.0, 1e10, 0.1, 0.0, 1e10)
         assert all(t.numel() == 0 for t in out)  # rays miss: the count pass runs, the fill pass must not
         upd, occ = op.occupancy_update(torch.rand(8), torch.zeros(0, dtype=torch.long), torch.zeros(0), 0.5, 0.1)
         assert upd.shape == (8,)
@@ -295,14 +297,36 @@ def test_empty_inputs(EMU):
         assert all(t.numel() == 0 for t in op.render_weights_fwd(e, e, e, off))
 
 
-def test_every_launch_site_runs(EMU):
-    """One call of each op runs every kernel launch written in csrc/cuda/*.cu."""
-    n_sites = sum(src.read_text().count("<<<") for src in (ROOT / "csrc" / "cuda").glob("*.cu"))
+def _launches(EMU, calls):
     EMU.launch_stats_reset()
-    for name, args in _one_op_call_per_op():
+    for name, args in calls:
         getattr(EMU, name)(*args)
-    ran = [line for line in EMU.launch_stats().splitlines() if line.strip()]
-    assert len(ran) == n_sites, "\n".join(ran)
+    return [line for line in EMU.launch_stats().splitlines() if line.strip()]
+
+
+def test_every_launch_site_runs(EMU):
+    """One call of each op runs every kernel launch written in csrc/cuda/*.cu and in the csrc headers."""
+    from cuda_emulation.build import launch_sites
+
+    sites = launch_sites()
+    assert sites.get("include/fastdream/parallel_for.h") == 1, sites
+    ran = _launches(EMU, _one_op_call_per_op())
+    assert len(ran) == sum(sites.values()), "\n".join(ran)
+    assert {line.split(":")[0] for line in ran} == set(sites), "\n".join(ran)
+
+
+SHARED = ["render_weights_fwd", "render_weights_bwd", "composite_fwd", "composite_bwd"]
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_launchers_launch_the_parallel_for_kernel(EMU, name):
+    """The launchers written once in csrc/launchers/volume_rendering.h are emulated through their CUDA
+    branch: one launch of parallel_for.h's kernel, one emulated thread per ray rounded up to whole blocks
+    (the CPU branch, at::parallel_for, would launch nothing)."""
+    call = dict(_one_op_call_per_op())[name]
+    ran = _launches(EMU, [(name, call)])
+    assert len(ran) == 1 and ran[0].startswith("include/fastdream/parallel_for.h:"), ran
+    assert "parallel_for_kernel" in ran[0] and "\tlaunches=1\tthreads=128" in ran[0], ran
 
 
 # --- the harness itself: it must catch a planted launcher bug ----------------------------------------
@@ -312,22 +336,32 @@ PLANTED = textwrap.dedent("""
     from cuda_emulation.build import build
     import test_cuda_emulation as t
 
-    BUGS = [("ends[r] - counts[r]", "ends[r] - counts[r] + 1"),            # fill offset off by one
-            ("c10::cuda::CUDAGuard guard(occupancy.device());", "")]      # occupancy launch without a guard
+    BUGS = {{"marching.cu": [("ends[r] - counts[r]", "ends[r] - counts[r] + 1"),        # fill offset off by one
+                            ("c10::cuda::CUDAGuard guard(occupancy.device());", "")],  # launch without a guard
+            # the CUDA branch's kernel forgets the block index: rays past the first block are never walked
+            "parallel_for.h": [("static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x",
+                                "static_cast<int64_t>(threadIdx.x)")]}}
+    planted = []
 
     def plant(name, text):
-        for good, bad in BUGS:
-            assert good in text, "a planted bug no longer applies"
+        for good, bad in BUGS.get(name, []):
+            assert good in text, "a planted bug no longer applies: " + good
             text = text.replace(good, bad)
+            planted.append(good)
         return text
 
-    build({build!r}, namespace="fastdream_cudaemu_planted", only=["marching.cu"], patch=plant)
+    build({build!r}, namespace="fastdream_cudaemu_planted", only=["marching.cu", "compositing.cu"], patch=plant)
+    assert len(planted) == 3, "a planted bug no longer applies"
     emu = torch.ops.fastdream_cudaemu_planted
     try:
         emu.occupancy_update(torch.zeros(8), torch.tensor([1]), torch.ones(1), 0.9, 0.5)
         print("GUARD NOT CAUGHT")
     except RuntimeError as e:
         print("GUARD CAUGHT" if "without a CUDAGuard" in str(e) else "GUARD OTHER ERROR " + str(e))
+    ts, te, sig, off, _ = t._packed(300, torch.float32)
+    same = all(torch.equal(u, v) for u, v in zip(torch.ops.fastdream.render_weights_fwd(ts, te, sig, off),
+                                                 emu.render_weights_fwd(ts, te, sig, off)))
+    print("PARALLEL_FOR SAME" if same else "PARALLEL_FOR DIFFERENT", flush=True)
     args = t._march_args(t.MARCH_CASES[0], (16, 16, 16), torch.float32)
     same = all(torch.equal(u, v) for u, v in zip(torch.ops.fastdream.march_rays(*args), emu.march_rays(*args)))
     print("FILL SAME" if same else "FILL DIFFERENT")
@@ -336,13 +370,16 @@ PLANTED = textwrap.dedent("""
 
 def test_harness_catches_planted_launcher_bugs(EMU, tmp_path):
     """marching.cu with the fill pass's write offset off by one and the occupancy launcher's device guard
-    removed (a patched copy, built in a subprocess since the first bug writes out of bounds): the march
-    must disagree with the CPU op (or the process stop) and the launch without a guard must raise."""
+    removed, and parallel_for.h's CUDA kernel indexing by thread alone (patched copies, built in a
+    subprocess since the first bug writes out of bounds): the march must disagree with the CPU op (or the
+    process stop), the launch without a guard must raise, and the shared render-weights launcher must
+    disagree with the CPU op (it would not if the emulation compiled parallel_for.h's CPU branch)."""
     script = tmp_path / "planted.py"
     script.write_text(PLANTED.format(tests=str(ROOT / "tests"), build=str(BUILD / "planted")))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert "no longer applies" not in run.stderr and "Error building extension" not in run.stderr, run.stderr[-3000:]
     assert "GUARD CAUGHT" in run.stdout, (run.stdout, run.stderr[-3000:])
+    assert "PARALLEL_FOR DIFFERENT" in run.stdout, (run.stdout, run.stderr[-3000:])
     assert "FILL DIFFERENT" in run.stdout or (run.returncode != 0 and "FILL SAME" not in run.stdout), \
         (run.stdout, run.stderr[-3000:])

@@ -92,8 +92,8 @@ def test_analytic_normals_without_a_graph_compute_no_grid_gradient(monkeypatch):
     parameter gradient is computed and thrown away. The normals are the same as with the graph."""
     from fastdream import _backend
 
-    if _backend._load() is None:
-        pytest.skip(f"native extension not built ({_backend._state['error']})")
+    if _backend.extension() is None:
+        pytest.skip(f"native extension not built ({_backend.extension_error()})")
     from fastdream.ops import _native
 
     flags, real = [], _native.ops

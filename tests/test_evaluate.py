@@ -153,7 +153,7 @@ def test_local_checkpoint_is_loaded(tiny_clip_config, tiny_clip_weights):
 def tiny_runs(tmp_path_factory):
     """Two finished `fastdream run` folders (reference guidance on the demo scene, a few steps, tiny field)."""
     from fastdream.demo import save_demo_scene
-    from fastdream.train import run
+    from fastdream.runs import run
 
     root = tmp_path_factory.mktemp("runs")
     scene = save_demo_scene(root / "scene.npz", resolution=24)

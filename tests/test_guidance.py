@@ -415,6 +415,77 @@ def test_bad_device_and_dtype(sd_folder):
             load_guidance(sd_folder, "cuda")
 
 
+# ---------------------------------------------------------------------------- registry
+def test_builtin_families_are_registered_with_their_defaults():
+    from fastdream.guidance import registry
+
+    assert registry.names() == ("sd", "if", "reference", "zero123")
+    assert registry.default_model("sd") == "stabilityai/stable-diffusion-2-1-base"
+    assert registry.default_model("if") == "DeepFloyd/IF-I-XL-v1.0"
+    assert not registry.get("reference").needs_model
+    assert registry.default_model("zero123") == "bennyguo/zero123-xl-diffusers"
+    with pytest.raises(FastDreamError, match="Unknown guidance 'zero124'"):
+        registry.get("zero124")
+    with pytest.raises(FastDreamError, match="IFSuperResolutionPipeline"):
+        registry.detect("IFSuperResolutionPipeline", None, "x")
+    with pytest.raises(FastDreamError, match="supports"):
+        registry.detect("KandinskyPipeline", None, "x")
+
+
+def test_a_new_family_is_one_registration(monkeypatch, sd_folder, tmp_path):
+    """Registering a family makes it a --guidance choice, a valid guidance.kind, a detectable model folder and a
+    buildable guidance; nothing else is edited."""
+    import json
+
+    from fastdream.cli import build_parser
+    from fastdream.config import RunConfig
+    from fastdream.guidance import Condition, GuidanceFamily, build_guidance, load_guidance, registry
+    from fastdream.train import build_guidance as run_guidance
+
+    made = []
+
+    class ImageConditioned(StableDiffusionGuidance):  # reads a reference image and its pose, and the text
+        conditioning = ("text", "image", "pose")
+
+    def create(source, *, device, dtype, options, **context):
+        made.append((source, context))
+        g = load_guidance(sd_folder, device, seed=0)
+        g.__class__ = ImageConditioned
+        return g
+
+    folder = tmp_path / "novelview-model"  # a model folder of the new family: its model_index.json names it
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "NovelViewPipeline"}))
+    family = GuidanceFamily(name="novelview", description="an image-conditioned test family", create=create,
+                            default_model=str(folder), recognise=lambda cls, unet: cls == "NovelViewPipeline",
+                            conditioning=("text", "image", "pose"))
+    monkeypatch.setitem(registry._FAMILIES, "novelview", family)
+
+    assert build_parser().parse_args(["run", "x", "--guidance", "novelview"]).guidance == "novelview"
+    config = RunConfig(prompt="a chair")
+    config.guidance.kind = "novelview"
+    config.validate()
+    assert config.model == str(folder)
+    g = build_guidance("novelview", "", "cpu")
+    assert isinstance(g, ImageConditioned) and made[-1][0] == str(folder)
+    assert isinstance(load_guidance(folder, "cpu"), ImageConditioned)  # found from the folder alone
+    assert isinstance(build_guidance("novelview", str(sd_folder), "cpu"), StableDiffusionGuidance)  # the folder wins
+    # an image-conditioned family refuses a text-only condition, which is what a text run gives it
+    with pytest.raises(FastDreamError, match="needs a reference image"):
+        run_guidance(config, torch.device("cpu"))
+    g.set_condition(Condition(prompt="a chair", image=torch.zeros(3, 8, 8)))
+    assert g.prompt == "a chair"
+
+
+def test_text_guidance_refuses_an_image_condition(sd):
+    from fastdream.guidance import Condition
+
+    with pytest.raises(FastDreamError, match="text only"):
+        sd.set_condition(Condition(prompt="a chair", image=torch.zeros(3, 8, 8)))
+    sd.set_condition(Condition(prompt="a chair"))
+    assert sd.prompt == "a chair"
+
+
 @pytest.fixture
 def no_network_hub(monkeypatch, tmp_path):
     """A hub that cannot be reached (HF_HUB_OFFLINE unset), an empty cache in tmp_path, and a trap on downloads."""

@@ -17,6 +17,7 @@ import torch
 
 from fastdream import _backend
 from fastdream.ops import hash_grid_layout
+from fastdream.ops import use_backend as ops_use_backend
 from fastdream.ops.compositing import composite_reference
 from fastdream.ops.hash_encoding import hash_encode_reference
 from fastdream.ops.marching import march_rays_reference, occupancy_update_reference
@@ -24,15 +25,13 @@ from fastdream.ops.volume_rendering import render_weights_reference
 
 
 def _native_module():
-    if _backend.requested_backend() == "torch":
-        # FASTDREAM_BACKEND=torch only changes routing; these tests still exercise the extension.
-        return _backend._load()
-    return _backend._load()
+    # the torch backend only changes routing; these tests still exercise the extension
+    return _backend.extension()
 
 
 def _native():
     if _native_module() is None:
-        pytest.skip(f"native extension not built ({_backend._state['error']})")
+        pytest.skip(f"native extension not built ({_backend.extension_error()})")
     from fastdream.ops import _native as nat
     return nat
 
@@ -69,8 +68,8 @@ def impl(request):
 def test_extension_is_built_when_required():
     if os.environ.get("FASTDREAM_REQUIRE_NATIVE", "") != "1":
         pytest.skip("set FASTDREAM_REQUIRE_NATIVE=1 to require the native extension")
-    module = _backend._load()
-    assert module is not None, f"native extension failed to load: {_backend._state['error']}"
+    module = _backend.extension()
+    assert module is not None, f"native extension failed to load: {_backend.extension_error()}"
     assert "cpu" in module.compiled_devices()
     assert hasattr(torch.ops.fastdream, "hash_encode_fwd")
     if torch.cuda.is_available() and torch.version.cuda:
@@ -79,19 +78,20 @@ def test_extension_is_built_when_required():
 
 def test_ops_route_to_native(monkeypatch):
     nat = _native()
-    monkeypatch.delenv("FASTDREAM_BACKEND", raising=False)
     from fastdream import ops
     calls = []
     real = nat.hash_encode
     monkeypatch.setattr(nat, "hash_encode", lambda *a: calls.append(1) or real(*a))
     layout_kw = dict(n_levels=2, log2_hashmap_size=6, base_resolution=4)
     params = torch.zeros(ops.hash_grid_n_params(**layout_kw))
-    ops.hash_encode(torch.rand(5, 3), params, **layout_kw)
-    assert calls, "ops.hash_encode did not use the native kernel"
-    monkeypatch.setenv("FASTDREAM_BACKEND", "torch")
-    ops.hash_encode(torch.rand(5, 3), params, **layout_kw)
-    assert len(calls) == 1, "FASTDREAM_BACKEND=torch must route to the reference"
-    assert _backend.backend_name("cpu") == "torch"
+    with ops.use_backend("auto"):
+        ops.hash_encode(torch.rand(5, 3), params, **layout_kw)
+        assert calls, "ops.hash_encode did not use the native kernel"
+        with ops.use_backend("torch"):
+            ops.hash_encode(torch.rand(5, 3), params, **layout_kw)
+            assert len(calls) == 1, "the torch backend must route to the reference"
+            assert ops.backend_name("cpu") == "torch"
+        assert ops.backend_name("cpu") == "native", "leaving use_backend restores the previous choice"
 
 
 def test_module_reports_devices_and_archs():
@@ -541,7 +541,6 @@ def _opcheck_cases():
     ggx = torch.randn(10, 3, dtype=torch.float64)
     o, d = _march_rays(n=16)
     aabb = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
-    box = torch.cat([aabb[:3], aabb[3:], aabb[3:] - aabb[:3]])
     binary = torch.rand(4, 4, 4, generator=torch.Generator().manual_seed(0)) > 0.3
     sc = _scene(6, 9, torch.float64)
     off = nat.ray_offsets(sc["ray_indices"], 6)
@@ -555,7 +554,7 @@ def _opcheck_cases():
         "hash_encode_fwd_half": (x.float(), p.half(), *la),
         "hash_encode_bwd": (gy.requires_grad_(), x.detach().requires_grad_(), p.detach().requires_grad_(), *la, True, True),
         "hash_encode_bwd_bwd": (ggx, gy.detach(), x.detach(), p.detach(), *la, True, True),
-        "march_rays": (o, d, box, binary, 0.0, 1e10, 0.1, 0.01, 1e10),
+        "march_rays": (o, d, aabb, binary, 0.0, 1e10, 0.1, 0.01, 1e10),
         "occupancy_update": (torch.rand(60), torch.randint(0, 60, (20,)), torch.rand(20), 0.95, 0.5),
         "render_weights_fwd": (sc["t_starts"].requires_grad_(), sc["t_ends"].requires_grad_(),
                                sc["sigmas"].requires_grad_(), off),
@@ -696,10 +695,10 @@ def test_fit_path_native_reaches_reference_psnr(tmp_path, monkeypatch):
     train, test = load_dataset(folder)
     psnr = {}
     for backend in ("torch", "native"):
-        monkeypatch.setenv("FASTDREAM_BACKEND", backend)
         field_cfg, render_cfg, fit_cfg = demo_configs(steps=40)
         fit_cfg.rays_per_step = 512
-        metrics = fit(train, test, tmp_path / backend, field_cfg, render_cfg, fit_cfg, progress=False)
+        with ops_use_backend(backend):
+            metrics = fit(train, test, tmp_path / backend, field_cfg, render_cfg, fit_cfg, progress=False)
         psnr[backend] = metrics["psnr"]
     assert psnr["native"] > 15.0, psnr
     assert abs(psnr["native"] - psnr["torch"]) < 1.0, psnr

@@ -112,8 +112,8 @@ def _slab(n_rays=3, n_samples=10, length=2.0, sigma=1.3):
 
 def test_constant_density_slab_closed_form():
     t_starts, t_ends, sigmas, ray_indices = _slab()
-    weights, trans, alphas = ops.render_weights(t_starts, t_ends, sigmas, ray_indices, 3)
-    opacity = ops.accumulate_along_rays(weights, None, ray_indices, 3)
+    weights, trans, alphas = ops.render_weights(t_starts, t_ends, sigmas, ray_indices=ray_indices, n_rays=3)
+    opacity = ops.accumulate_along_rays(weights, ray_indices=ray_indices, n_rays=3)
     np.testing.assert_allclose(opacity.numpy()[:, 0], 1 - math.exp(-1.3 * 2.0), rtol=1e-12)
     # exclusive transmittance: the first sample sees T = 1, the k-th sees exp(-sigma * k * dt)
     np.testing.assert_allclose(trans[:10].numpy(), np.exp(-1.3 * 0.2 * np.arange(10)), rtol=1e-12)
@@ -127,7 +127,7 @@ def test_render_weights_match_per_ray_loop_and_sum_to_opacity():
     t_starts = torch.cat([torch.sort(torch.rand(c, generator=g) * 3).values for c in counts])
     t_ends = t_starts + torch.rand(t_starts.shape, generator=g) * 0.1
     sigmas = torch.rand(t_starts.shape, generator=g) * 5
-    weights, _, _ = ops.render_weights(t_starts, t_ends, sigmas, ray_indices, 4)
+    weights, _, _ = ops.render_weights(t_starts, t_ends, sigmas, ray_indices=ray_indices, n_rays=4)
     expected = []
     for r in range(4):
         T = 1.0
@@ -136,18 +136,18 @@ def test_render_weights_match_per_ray_loop_and_sum_to_opacity():
             expected.append(T * a)
             T *= 1 - a
     np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-5, atol=1e-7)
-    opacity = ops.accumulate_along_rays(weights, None, ray_indices, 4)[:, 0]
+    opacity = ops.accumulate_along_rays(weights, ray_indices=ray_indices, n_rays=4)[:, 0]
     assert opacity[0] == 0
     assert bool((opacity <= 1 + 1e-6).all())
     values = torch.rand(len(ray_indices), 3, generator=g)
-    colour = ops.accumulate_along_rays(weights, values, ray_indices, 4)
+    colour = ops.accumulate_along_rays(weights, values, ray_indices=ray_indices, n_rays=4)
     np.testing.assert_allclose(colour[3].numpy(), (weights[ray_indices == 3, None] * values[ray_indices == 3]).sum(0).numpy(), rtol=1e-5)
 
 
 def test_render_weights_gradients_flow():
     t_starts, t_ends, sigmas, ray_indices = _slab(n_rays=2, n_samples=4)
     sigmas = sigmas.clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda s: ops.render_weights(t_starts, t_ends, s, ray_indices, 2)[0], (sigmas,))
+    assert torch.autograd.gradcheck(lambda s: ops.render_weights(t_starts, t_ends, s, ray_indices=ray_indices, n_rays=2)[0], (sigmas,))
 
 
 AABB = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
@@ -164,7 +164,7 @@ def _rays(n, seed=0):
 def test_march_full_grid_tiles_the_box_interval():
     origins, directions = _rays(32)
     binary = torch.ones(8, 8, 8, dtype=torch.bool)
-    ray_indices, t_starts, t_ends = ops.march_rays(origins, directions, AABB, binary, 0.0, 1e10, 0.05)
+    ray_indices, t_starts, t_ends = ops.march_rays(origins, directions, aabb=AABB, binary=binary, near=0.0, far=1e10, step_size=0.05)
     t_min, t_max = ops.ray_aabb_intersect(origins, directions, AABB)
     for r in range(32):
         s, e = t_starts[ray_indices == r], t_ends[ray_indices == r]
@@ -177,7 +177,8 @@ def test_march_full_grid_tiles_the_box_interval():
 def test_march_near_far_clip_and_cone_growth():
     origins, directions = _rays(8, seed=1)
     binary = torch.ones(4, 4, 4, dtype=torch.bool)
-    ray_indices, t_starts, t_ends = ops.march_rays(origins, directions, AABB, binary, 2.5, 3.0, 0.01, cone_angle=0.01)
+    ray_indices, t_starts, t_ends = ops.march_rays(origins, directions, aabb=AABB, binary=binary, near=2.5, far=3.0, step_size=0.01,
+                                                  cone_angle=0.01)
     assert bool((t_starts >= 2.5 - 1e-6).all()) and bool((t_ends <= 3.0 + 1e-6).all())
     dt = t_ends - t_starts
     # steps grow as t * cone_angle once that exceeds the base step (except the clipped last one)
@@ -194,12 +195,13 @@ def test_march_skips_empty_cells_and_missing_rays():
     # two rays that miss the box entirely, one parallel to an axis
     origins[:2] = torch.tensor([[5.0, 5.0, 5.0], [0.0, 3.0, 0.0]])
     directions[:2] = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
-    ray_indices, t_starts, t_ends = ops.march_rays(origins, directions, AABB, binary, 0.0, 1e10, 0.02)
+    ray_indices, t_starts, t_ends = ops.march_rays(origins, directions, aabb=AABB, binary=binary, near=0.0, far=1e10, step_size=0.02)
     assert not bool(((ray_indices == 0) | (ray_indices == 1)).any())
     mid = origins[ray_indices] + directions[ray_indices] * ((t_starts + t_ends) / 2)[:, None]
     cell = ((mid + 1) / 2 * 8).floor().long().clamp(0, 7)
     assert bool(binary[cell[:, 0], cell[:, 1], cell[:, 2]].all())
-    full = ops.march_rays(origins, directions, AABB, torch.ones_like(binary), 0.0, 1e10, 0.02)[0]
+    full = ops.march_rays(origins, directions, aabb=AABB, binary=torch.ones_like(binary), near=0.0, far=1e10,
+                          step_size=0.02)[0]
     assert 0 < len(ray_indices) < len(full)
     assert bool((ray_indices[1:] >= ray_indices[:-1]).all())
 
@@ -237,11 +239,49 @@ def test_composite_reference_matches_separate_ops():
     normals = torch.nn.functional.normalize(torch.randn(10, 3, generator=g), dim=-1)
     origins, directions = torch.zeros(2, 3), torch.nn.functional.normalize(torch.randn(2, 3, generator=g), dim=-1)
     lights, li, amb = torch.randn(2, 3, generator=g) * 2, torch.ones(2) * 0.8, torch.ones(2) * 0.2
-    rgb, opacity, depth, normal, weights = ops.composite(t_starts, t_ends, ray_indices, 2, sigmas, albedo, normals, origins, directions, lights, li, amb, "lambertian")
+    rgb, opacity, depth, normal, weights = ops.composite(
+        t_starts, t_ends, sigmas, albedo, normals, ray_indices=ray_indices, n_rays=2, origins=origins, directions=directions,
+        light_positions=lights, light_intensity=li, ambient=amb, mode="lambertian")
     pos = origins[ray_indices] + directions[ray_indices] * ((t_starts + t_ends) / 2)[:, None]
     colours = ops.shade(albedo, normals, pos, lights[ray_indices], li[ray_indices], amb[ray_indices], "lambertian")
-    w = ops.render_weights(t_starts, t_ends, sigmas, ray_indices, 2)[0]
+    w = ops.render_weights(t_starts, t_ends, sigmas, ray_indices=ray_indices, n_rays=2)[0]
     assert torch.allclose(weights, w)
-    assert torch.allclose(rgb, ops.accumulate_along_rays(w, colours, ray_indices, 2), atol=1e-6)
-    assert torch.allclose(depth[:, 0], ops.accumulate_along_rays(w, ((t_starts + t_ends) / 2)[:, None], ray_indices, 2)[:, 0], atol=1e-6)
+    assert torch.allclose(rgb, ops.accumulate_along_rays(w, colours, ray_indices=ray_indices, n_rays=2), atol=1e-6)
+    assert torch.allclose(depth[:, 0], ops.accumulate_along_rays(w, ((t_starts + t_ends) / 2)[:, None], ray_indices=ray_indices,
+                                                                n_rays=2)[:, 0], atol=1e-6)
     assert torch.allclose(opacity[:, 0], w.reshape(2, 5).sum(1), atol=1e-6)
+
+
+def test_backend_is_chosen_once_and_switched_on_purpose(monkeypatch):
+    from fastdream import _backend
+    from fastdream.errors import FastDreamError
+
+    start = _backend.requested_backend()
+    monkeypatch.setenv("FASTDREAM_BACKEND", "native" if start != "native" else "torch")
+    assert _backend.requested_backend() == start, "the environment is read once, not on every op call"
+    with ops.use_backend("torch") as chosen:
+        assert chosen == "torch" and ops.backend_name("cpu") == "torch"
+        x = torch.rand(7, 3)
+        params = torch.rand(ops.hash_grid_n_params(n_levels=2, log2_hashmap_size=6)) * 0.1
+        torch.testing.assert_close(ops.hash_encode(x, params, n_levels=2, log2_hashmap_size=6),
+                                   hash_encode_reference(x, params, ops.hash_grid_layout(2, 2, 6, 16, None)))
+        with ops.use_backend(None):
+            assert _backend.requested_backend() == "torch"
+    assert _backend.requested_backend() == start
+    with pytest.raises(FastDreamError, match="'fast' is not understood"):
+        ops.use_backend("fast").__enter__()
+    assert _backend.requested_backend() == start
+
+
+def test_a_bad_backend_environment_variable_is_one_clear_error():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, FASTDREAM_BACKEND="cuda-please", PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-m", "fastdream.cli", "run", "a cat", "--out", "never", "--steps", "1"],
+                          env=env, cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 2 and "FASTDREAM_BACKEND='cuda-please' is not understood" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (root / "never").exists()

@@ -144,15 +144,9 @@ def test_run_reconstructs_the_reference_scene(tmp_path):
     iou = float((predicted & truth).sum() / (predicted | truth).sum())
 
     # appearance: held-out views (an elevation/azimuth/distance/focal never sampled exactly in training)
-    from fastdream.train import export  # noqa: F401  (the run's renderer is rebuilt from its checkpoint)
-    from fastdream.checkpoint import latest_checkpoint, load_checkpoint
-    from fastdream.config import config_from_dict
-    from fastdream.train import build_run_renderer
+    from fastdream.runs import load_run  # the run's renderer is rebuilt from its newest checkpoint
 
-    state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
-    renderer = build_run_renderer(config_from_dict(state["config"]), torch.device("cpu"))
-    renderer.load_state_dict(state["renderer"])
-    renderer.eval()
+    renderer = load_run(out, device="cpu").stage.renderer
     reference = ReferenceSceneGuidance(scene, "cpu", render_config=renderer.config, grid_resolution=32)
     cams = orbit_cameras(6, 48, 48, elevation_deg=25.0, distance=2.1, fov_y_deg=50.0, start_azimuth_deg=17.0)
     with torch.no_grad():

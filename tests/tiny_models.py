@@ -7,6 +7,7 @@ loads it through exactly the path users run (``fastdream.guidance.load_guidance(
     from tests.tiny_models import make_tiny_sd_pipeline, make_tiny_if_pipeline
     folder = make_tiny_sd_pipeline(tmp_path / "tiny-sd")   # -> folder (pathlib.Path)
     folder = make_tiny_if_pipeline(tmp_path / "tiny-if")
+    folder = make_tiny_zero123_pipeline(tmp_path / "tiny-zero123")
 
 Sizes (CPU, fp32): SD-like -- UNet on 8x8x4 latents, VAE factor 4 (32x32 model resolution); IF-like --
 pixel UNet at 16x16. A few hundred thousand parameters each; one SDS step takes milliseconds.
@@ -201,9 +202,43 @@ def make_tiny_if_pipeline(folder: PathLike, seed: int = 0) -> Path:
     return folder
 
 
+def make_tiny_zero123_pipeline(folder: PathLike, seed: int = 0) -> Path:
+    """Write a tiny random Zero-1-to-3 model in the diffusers layout of 'bennyguo/zero123-xl-diffusers' to
+    ``folder``: an 8-input-channel UNet on 8x8x4 latents (noisy latents + input-image latents), the tiny VAE
+    (factor 4, model resolution 32), a CLIP vision encoder with projection (width 32, 32x32 images), its
+    image processor, a DDPM scheduler and the camera projection (32 + 4 -> 32). Returns ``folder``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from fastdream.guidance.zero123 import camera_projection_class
+
+    folder = Path(folder)
+    if (folder / "model_index.json").exists() and (folder / "clip_camera_projection").is_dir():
+        return folder
+    _seed(seed)
+    UNet2DConditionModel(**tiny_unet_config(in_channels=8)).save_pretrained(folder / "unet")
+    AutoencoderKL(**tiny_vae_config()).save_pretrained(folder / "vae")
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        patch_size=8, projection_dim=TEXT_DIM)).save_pretrained(folder / "image_encoder")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder / "feature_extractor")
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                  clip_sample=False).save_pretrained(folder / "scheduler")
+    camera_projection_class()(embedding_dim=TEXT_DIM).save_pretrained(folder / "clip_camera_projection")
+    index = {"_class_name": "Zero123Pipeline", "_diffusers_version": "0.19.3",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+             "feature_extractor": ["transformers", "CLIPImageProcessor"], "scheduler": ["diffusers", "DDPMScheduler"],
+             "clip_camera_projection": ["zero123", "CLIPCameraProjection"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 if __name__ == "__main__":  # python tests/tiny_models.py OUTDIR
     import sys
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-models")
     print(make_tiny_sd_pipeline(out / "tiny-sd"))
     print(make_tiny_if_pipeline(out / "tiny-if"))
+    print(make_tiny_zero123_pipeline(out / "tiny-zero123"))

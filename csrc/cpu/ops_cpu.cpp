@@ -1,5 +1,6 @@
 // CPU launchers: OpenMP (through at::parallel_for) over points / levels / rays around the shared
-// per-element logic in csrc/kernels/*_impl.h. No atomics: the hash-grid parameter gradient is
+// per-element logic in csrc/kernels/*_impl.h; the volume-rendering launchers are shared with CUDA
+// (csrc/launchers/volume_rendering.h). No atomics: the hash-grid parameter gradient is
 // partitioned by level, so each thread owns a disjoint slice of the gradient buffer.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -11,6 +12,7 @@
 #include "fastdream/torch_glue.h"
 #include "../kernels/compositing_impl.h"
 #include "../kernels/marching_impl.h"
+#include "../launchers/volume_rendering.h"  // render_weights_fwd/bwd, composite_fwd/bwd (shared with CUDA)
 
 namespace fastdream {
 namespace {
@@ -173,11 +175,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_encode_bwd_bwd_cpu(
 
 // ------------------------------------------------------------------ marching
 std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays_cpu(const at::Tensor& origins_, const at::Tensor& directions_,
-                                                              const at::Tensor& box_, const at::Tensor& binary_,
+                                                              const at::Tensor& aabb_, const at::Tensor& binary_,
                                                               double near, double far, double step_size,
                                                               double cone_angle, double max_step_size) {
-    check_same_device("march_rays", {origins_, directions_, box_, binary_});
-    const MarchInputs in = prepare_march(origins_, directions_, box_, binary_);
+    check_same_device("march_rays", {origins_, directions_, aabb_, binary_});
+    const MarchInputs in = prepare_march(origins_, directions_, aabb_, binary_);
     const march::OccupancyView grid = in.view();
     const int64_t R = in.origins.size(0);
     const march::MarchParams p{near, far, step_size, cone_angle, max_step_size};
@@ -249,132 +251,6 @@ std::tuple<at::Tensor, at::Tensor> occupancy_update_cpu(const at::Tensor& occupa
     return occupancy_threshold(out, threshold);
 }
 
-// ------------------------------------------------------------------ volume rendering
-std::tuple<at::Tensor, at::Tensor, at::Tensor> render_weights_fwd_cpu(const at::Tensor& t_starts_,
-                                                                      const at::Tensor& t_ends_,
-                                                                      const at::Tensor& sigmas_,
-                                                                      const at::Tensor& ray_offsets_) {
-    check_same_device("render_weights_fwd", {t_starts_, t_ends_, sigmas_, ray_offsets_});
-    check_packed(t_starts_, t_ends_, sigmas_, ray_offsets_);
-    auto sigmas = sigmas_.contiguous();
-    auto t_starts = t_starts_.to(sigmas.scalar_type()).contiguous();
-    auto t_ends = t_ends_.to(sigmas.scalar_type()).contiguous();
-    auto off = ray_offsets_.contiguous();
-    const int64_t R = off.numel() - 1;
-    auto w = at::empty_like(sigmas), T = at::empty_like(sigmas), a = at::empty_like(sigmas);
-    AT_DISPATCH_FLOATING_TYPES(sigmas.scalar_type(), "render_weights_fwd_cpu", [&] {
-        using S = scalar_t;
-        const int64_t* o = off.data_ptr<int64_t>();
-        at::parallel_for(0, R, kRayGrain, [&](int64_t b, int64_t e) {
-            for (int64_t r = b; r < e; ++r)
-                render::weights_forward_ray(o[r], o[r + 1], t_starts.data_ptr<S>(), t_ends.data_ptr<S>(),
-                                            sigmas.data_ptr<S>(), w.data_ptr<S>(), T.data_ptr<S>(), a.data_ptr<S>());
-        });
-    });
-    return {w, T, a};
-}
-
-at::Tensor render_weights_bwd_cpu(const c10::optional<at::Tensor>& gw_, const c10::optional<at::Tensor>& gt_,
-                                  const c10::optional<at::Tensor>& ga_, const at::Tensor& t_starts_,
-                                  const at::Tensor& t_ends_, const at::Tensor& sigmas_, const at::Tensor& ray_offsets_,
-                                  const at::Tensor& trans_, const at::Tensor& alphas_) {
-    check_same_device("render_weights_bwd",
-                      {or_undefined(gw_), or_undefined(gt_), or_undefined(ga_), t_starts_, t_ends_, sigmas_, ray_offsets_, trans_, alphas_});
-    check_packed(t_starts_, t_ends_, sigmas_, ray_offsets_);
-    auto sigmas = sigmas_.contiguous();
-    const auto dt = sigmas.scalar_type();
-    auto t_starts = t_starts_.to(dt).contiguous(), t_ends = t_ends_.to(dt).contiguous();
-    auto trans = trans_.to(dt).contiguous(), alphas = alphas_.to(dt).contiguous();
-    auto off = ray_offsets_.contiguous();
-    const int64_t R = off.numel() - 1;
-    auto grad_s = at::empty_like(sigmas);
-    AT_DISPATCH_FLOATING_TYPES(dt, "render_weights_bwd_cpu", [&] {
-        using S = scalar_t;
-        at::Tensor k1, k2, k3;
-        const S* gw = opt_ptr<S>(gw_, k1, dt);
-        const S* gt = opt_ptr<S>(gt_, k2, dt);
-        const S* ga = opt_ptr<S>(ga_, k3, dt);
-        const int64_t* o = off.data_ptr<int64_t>();
-        at::parallel_for(0, R, kRayGrain, [&](int64_t b, int64_t e) {
-            for (int64_t r = b; r < e; ++r)
-                render::weights_backward_ray(o[r], o[r + 1], t_starts.data_ptr<S>(), t_ends.data_ptr<S>(),
-                                             sigmas.data_ptr<S>(), trans.data_ptr<S>(), alphas.data_ptr<S>(), gw, gt,
-                                             ga, grad_s.data_ptr<S>());
-        });
-    });
-    return grad_s;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_fwd_cpu(
-    const at::Tensor& t_starts, const at::Tensor& t_ends, const at::Tensor& ray_offsets, const at::Tensor& sigmas,
-    const at::Tensor& albedo, const c10::optional<at::Tensor>& normals, const at::Tensor& origins,
-    const at::Tensor& directions, const at::Tensor& light_positions, const at::Tensor& light_intensity,
-    const at::Tensor& ambient, int64_t mode) {
-    check_same_device("composite_fwd",
-                      {t_starts, t_ends, ray_offsets, sigmas, albedo, or_undefined(normals), origins, directions, light_positions, light_intensity, ambient});
-    CompositeArgs a = prepare_composite(t_starts, t_ends, ray_offsets, sigmas, albedo, normals, origins, directions,
-                                        light_positions, light_intensity, ambient, mode);
-    const int64_t R = a.off.numel() - 1;
-    auto opts = a.sigmas.options();
-    auto rgb = at::empty({R, 3}, opts), op = at::empty({R, 1}, opts), depth = at::empty({R, 1}, opts);
-    auto normal = at::empty({R, 3}, opts), weights = at::empty_like(a.sigmas);
-    AT_DISPATCH_FLOATING_TYPES(a.sigmas.scalar_type(), "composite_fwd_cpu", [&] {
-        using S = scalar_t;
-        const int64_t* o = a.off.data_ptr<int64_t>();
-        const S* np = a.normals.defined() ? a.normals.data_ptr<S>() : nullptr;
-        at::parallel_for(0, R, kRayGrain, [&](int64_t b, int64_t e) {
-            for (int64_t r = b; r < e; ++r)
-                render::composite_forward_ray(o[r], o[r + 1], static_cast<int>(mode), a.t_starts.data_ptr<S>(),
-                                              a.t_ends.data_ptr<S>(), a.sigmas.data_ptr<S>(), a.albedo.data_ptr<S>(),
-                                              np, shade_inputs<S>(a, r), rgb.data_ptr<S>() + 3 * r,
-                                              op.data_ptr<S>() + r, depth.data_ptr<S>() + r,
-                                              normal.data_ptr<S>() + 3 * r, weights.data_ptr<S>());
-        });
-    });
-    return {rgb, op, depth, normal, weights};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> composite_bwd_cpu(
-    const at::Tensor& g_rgb_, const at::Tensor& g_op_, const at::Tensor& g_depth_, const at::Tensor& g_normal_,
-    const c10::optional<at::Tensor>& g_weights_, const at::Tensor& t_starts, const at::Tensor& t_ends,
-    const at::Tensor& ray_offsets, const at::Tensor& sigmas, const at::Tensor& albedo,
-    const c10::optional<at::Tensor>& normals, const at::Tensor& origins, const at::Tensor& directions,
-    const at::Tensor& light_positions, const at::Tensor& light_intensity, const at::Tensor& ambient,
-    const at::Tensor& rgb_, const at::Tensor& op_, const at::Tensor& depth_, const at::Tensor& normal_,
-    const at::Tensor& weights_, int64_t mode, bool need_normals_grad) {
-    check_same_device("composite_bwd",
-                      {g_rgb_, g_op_, g_depth_, g_normal_, or_undefined(g_weights_), t_starts, t_ends, ray_offsets, sigmas, albedo, or_undefined(normals), origins, directions, light_positions, light_intensity, ambient, rgb_, op_, depth_, normal_, weights_});
-    CompositeArgs a = prepare_composite(t_starts, t_ends, ray_offsets, sigmas, albedo, normals, origins, directions,
-                                        light_positions, light_intensity, ambient, mode);
-    const int64_t R = a.off.numel() - 1;
-    const auto dt = a.sigmas.scalar_type();
-    CompositeBackwardTensors bw = prepare_composite_backward(a, g_rgb_, g_op_, g_depth_, g_normal_, rgb_, op_, depth_,
-                                                             normal_, weights_, need_normals_grad);
-    auto &g_rgb = bw.g_rgb, &g_op = bw.g_op, &g_depth = bw.g_depth, &g_normal = bw.g_normal;
-    auto &rgb = bw.rgb, &op = bw.op, &depth = bw.depth, &normal = bw.normal, &weights = bw.weights;
-    auto &grad_sigmas = bw.grad_sigmas, &grad_albedo = bw.grad_albedo, &grad_normals = bw.grad_normals;
-    const bool want_n = bw.want_normals;
-    AT_DISPATCH_FLOATING_TYPES(dt, "composite_bwd_cpu", [&] {
-        using S = scalar_t;
-        at::Tensor keep;
-        const S* gw = opt_ptr<S>(g_weights_, keep, dt);
-        const int64_t* o = a.off.data_ptr<int64_t>();
-        const S* np = a.normals.defined() ? a.normals.data_ptr<S>() : nullptr;
-        S* gnp = want_n ? grad_normals.data_ptr<S>() : nullptr;
-        at::parallel_for(0, R, kRayGrain, [&](int64_t b, int64_t e) {
-            for (int64_t r = b; r < e; ++r)
-                render::composite_backward_ray(
-                    o[r], o[r + 1], static_cast<int>(mode), a.t_starts.data_ptr<S>(), a.t_ends.data_ptr<S>(),
-                    a.sigmas.data_ptr<S>(), a.albedo.data_ptr<S>(), np, shade_inputs<S>(a, r),
-                    rgb.data_ptr<S>() + 3 * r, op.data_ptr<S>()[r], depth.data_ptr<S>()[r],
-                    normal.data_ptr<S>() + 3 * r, weights.data_ptr<S>(), g_rgb.data_ptr<S>() + 3 * r,
-                    g_op.data_ptr<S>()[r], g_depth.data_ptr<S>()[r], g_normal.data_ptr<S>() + 3 * r, gw,
-                    grad_sigmas.data_ptr<S>(), grad_albedo.data_ptr<S>(), gnp);
-        });
-    });
-    return {grad_sigmas, grad_albedo, grad_normals};
-}
-
 }  // namespace
 }  // namespace fastdream
 
@@ -385,8 +261,8 @@ TORCH_LIBRARY_IMPL(fastdream, CPU, m) {
     m.impl("hash_encode_bwd_bwd", &hash_encode_bwd_bwd_cpu);
     m.impl("march_rays", &march_rays_cpu);
     m.impl("occupancy_update", &occupancy_update_cpu);
-    m.impl("render_weights_fwd", &render_weights_fwd_cpu);
-    m.impl("render_weights_bwd", &render_weights_bwd_cpu);
-    m.impl("composite_fwd", &composite_fwd_cpu);
-    m.impl("composite_bwd", &composite_bwd_cpu);
+    m.impl("render_weights_fwd", &fastdream::render_weights_fwd);
+    m.impl("render_weights_bwd", &fastdream::render_weights_bwd);
+    m.impl("composite_fwd", &fastdream::composite_fwd);
+    m.impl("composite_bwd", &fastdream::composite_bwd);
 }

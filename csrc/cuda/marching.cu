@@ -38,12 +38,12 @@ __global__ void march_fill_kernel(int64_t R, const S* __restrict__ o, const S* _
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays_cuda(const at::Tensor& origins_, const at::Tensor& directions_,
-                                                               const at::Tensor& box_, const at::Tensor& binary_,
+                                                               const at::Tensor& aabb_, const at::Tensor& binary_,
                                                                double near, double far, double step_size,
                                                                double cone_angle, double max_step_size) {
-    check_same_device("march_rays", {origins_, directions_, box_, binary_});
+    check_same_device("march_rays", {origins_, directions_, aabb_, binary_});
     c10::cuda::CUDAGuard guard(origins_.device());
-    const MarchInputs in = prepare_march(origins_, directions_, box_, binary_);
+    const MarchInputs in = prepare_march(origins_, directions_, aabb_, binary_);
     const march::OccupancyView grid = in.view();
     const int64_t R = in.origins.size(0);
     const march::MarchParams p{near, far, step_size, cone_angle, max_step_size};

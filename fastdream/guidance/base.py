@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastDreamError
+from ..runtime import is_oom
 
 log = logging.getLogger("fastdream")
 from . import prompts as _prompts
@@ -52,7 +53,6 @@ WEIGHTINGS = ("sds", "uniform", "sqrt_alpha_sigma")
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "math")
 LATENT_MODES = ("vae", "linear")
 ANNEALS = ("linear", "sqrt")
-SHADINGS = ("albedo", "lambertian", "textureless")
 
 
 @dataclass
@@ -138,11 +138,6 @@ def out_of_memory_error(exc: BaseException, what: str = "SDS guidance") -> FastD
     return FastDreamError(f"The GPU ran out of memory during {what} ({first}). {OOM_HELP}")
 
 
-def _is_oom(exc: BaseException) -> bool:
-    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom_type is not None and isinstance(exc, oom_type)) or "out of memory" in str(exc).lower()
-
-
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear resize to size x size (antialiased when shrinking); identity when already that size."""
     h, w = images.shape[-2:]
@@ -152,12 +147,25 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
                          antialias=(h > size or w > size))
 
 
+@dataclass
+class Condition:
+    """What a guidance is conditioned on. Text families read the prompts; image-conditioned families
+    (novel-view models) read the reference image and its camera pose."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    image: Optional[torch.Tensor] = None  # (3, H, W) in [0, 1]
+    pose: Optional[Any] = None            # the reference image's camera (elevation, azimuth, distance)
+
+
 class Guidance(abc.ABC):
     """Frozen 2D diffusion prior scoring renders with SDS. Subclasses provide text encoding,
     the image -> model-input map and the noise prediction; everything else lives here."""
 
     #: model input resolution (renders are resized to this before encoding)
     resolution: int
+    #: the `Condition` fields this guidance reads (see registry.CONDITIONINGS)
+    conditioning: Tuple[str, ...] = ("text",)
 
     def __init__(self, *, options: GuidanceOptions, device: torch.device, dtype: torch.dtype,
                  alphas_cumprod: torch.Tensor):
@@ -192,6 +200,15 @@ class Guidance(abc.ABC):
         """The UNet's epsilon prediction for z_t (N, C, h, w) at timesteps t (N,) (no grad needed)."""
 
     # ------------------------------------------------------------------ prompts
+    def set_condition(self, condition: Condition) -> None:
+        """Condition the guidance; text-conditioned families take the prompts (see set_prompt)."""
+        if condition.image is not None and "image" not in self.conditioning:
+            raise FastDreamError(f"{type(self).__name__} is conditioned on text only; it cannot take a reference image.")
+        if "image" in self.conditioning and condition.image is None:
+            raise FastDreamError(f"{type(self).__name__} needs a reference image (and its camera pose) to condition on.")
+        if "text" in self.conditioning:
+            self.set_prompt(condition.prompt, condition.negative_prompt)
+
     def set_prompt(self, prompt: str, negative_prompt: str = "") -> None:
         """Validate the prompt and cache the per-view (and negative) text embeddings.
 
@@ -342,7 +359,7 @@ class Guidance(abc.ABC):
                 z = self.encode_images(images.to(self.device))
             return self.sds_from_latents(z, cond, uncond, progress, t=t, noise=noise)
         except RuntimeError as exc:
-            if _is_oom(exc):
+            if is_oom(exc):
                 raise out_of_memory_error(exc) from None
             raise
 

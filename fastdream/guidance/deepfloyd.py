@@ -15,8 +15,10 @@ from typing import Any, List, Optional
 
 import torch
 
+from ..errors import FastDreamError
 from .base import Guidance, GuidanceOptions, resize_images
 from .loading import configure_attention, load_shared_components, prepare_module, resolve_device, resolve_dtype
+from .registry import GuidanceFamily, register
 
 DEFAULT_IF_MODEL = "DeepFloyd/IF-I-XL-v1.0"
 
@@ -69,3 +71,17 @@ class DeepFloydIFGuidance(Guidance):
         if self.predicts_variance:
             out = out[:, : self.in_channels]
         return out
+
+
+def _is_deepfloyd_if(pipeline_class: str, unet_config: Optional[dict]) -> bool:
+    if pipeline_class.startswith("IF"):
+        if "SuperResolution" in pipeline_class:
+            raise FastDreamError(f"This is a DeepFloyd IF super-resolution stage ({pipeline_class}); SDS needs the "
+                                 "stage-I model, e.g. 'DeepFloyd/IF-I-XL-v1.0'.")
+        return True
+    return not pipeline_class and (unet_config or {}).get("in_channels") == 3  # a pixel-space UNet
+
+
+register(GuidanceFamily(
+    name="if", description="DeepFloyd IF stage I (IFPipeline)", default_model=DEFAULT_IF_MODEL,
+    recognise=_is_deepfloyd_if, create=lambda source, **kw: DeepFloydIFGuidance.from_pretrained(source, **kw)))

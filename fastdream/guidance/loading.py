@@ -1,8 +1,9 @@
 """Finding and loading diffusion models (hub id or local folder) with clear errors.
 
-``load_guidance`` is the one entry point: it resolves the model (local diffusers folder, or a hub
-id through the Hugging Face cache), reads ``model_index.json`` to pick Stable Diffusion vs DeepFloyd
-IF, and builds the guidance on the requested device and dtype. Every failure of the hub or of the
+``load_guidance`` is the entry point for a model: it resolves it (local diffusers folder, or a hub
+id through the Hugging Face cache), reads ``model_index.json`` to find the registered family that
+recognises it (``registry.detect``), and builds the guidance on the requested device and dtype;
+``build_guidance`` does the same from a family name (``--guidance``). Every failure of the hub or of the
 model files becomes one ``FastDreamError`` paragraph naming the model and what to do.
 diffusers/transformers are imported only inside these functions.
 """
@@ -16,7 +17,9 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 
+from .. import runtime
 from ..errors import FastDreamError
+from . import registry
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -27,16 +30,7 @@ DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16
 
 
 def resolve_device(device: Any = None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise FastDreamError(f"Unknown device {device!r} for the guidance model ({exc}).") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FastDreamError(f"Device {device} was requested for the guidance model but CUDA is not available "
-                             "in this PyTorch build or machine; pass device='cpu'.")
-    return device
+    return runtime.resolve_device(device, what="the guidance model's device")
 
 
 def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
@@ -204,31 +198,18 @@ def _hub_model_index(repo_id: str) -> dict:
 
 
 def model_family(index: Optional[dict], source: str, is_local: bool) -> str:
-    """'sd' or 'if' from model_index.json `_class_name` (or the UNet's input channels)."""
+    """The registered family ('sd', 'if', ...) of a diffusers pipeline, from model_index.json `_class_name`
+    (or, without one, the UNet's config)."""
     cls = (index or {}).get("_class_name", "") or ""
-    if cls.startswith("IF"):
-        if "SuperResolution" in cls:
-            raise FastDreamError(
-                f"'{source}' is a DeepFloyd IF super-resolution stage ({cls}); SDS needs the stage-I model, "
-                "e.g. 'DeepFloyd/IF-I-XL-v1.0'.")
-        return "if"
-    if "StableDiffusion" in cls or "LatentDiffusion" in cls:
-        if any(k in cls for k in ("XL", "3", "Upscale", "Depth", "Inpaint")):
-            raise FastDreamError(
-                f"'{source}' is a {cls}; fastdream's guidance supports Stable Diffusion 1.x/2.x text-to-image "
-                f"pipelines and DeepFloyd IF stage I (default '{DEFAULT_MODEL}').")
-        return "sd"
-    if cls:
-        raise FastDreamError(
-            f"'{source}' is a {cls} pipeline; fastdream's guidance supports Stable Diffusion 1.x/2.x "
-            f"(StableDiffusionPipeline) and DeepFloyd IF stage I (IFPipeline). Default: '{DEFAULT_MODEL}'.")
-    if is_local:
+    if isinstance(cls, (list, tuple)):  # a custom pipeline names (module, class)
+        cls = str(cls[-1])
+    unet = None
+    if not cls and is_local:
         try:
-            cfg = json.loads((Path(source) / "unet" / "config.json").read_text())
-            return "if" if cfg.get("in_channels") == 3 else "sd"
+            unet = json.loads((Path(source) / "unet" / "config.json").read_text())
         except (OSError, ValueError):
             pass
-    return "sd"
+    return registry.detect(cls, unet, source).name
 
 
 def transformers_dtype_kwarg(dtype: torch.dtype) -> dict:
@@ -308,23 +289,34 @@ def load_guidance(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, device:
 
     ``options`` is a GuidanceOptions (or None for defaults); keyword arguments override its fields,
     e.g. ``load_guidance("stabilityai/stable-diffusion-2-1-base", "cuda", guidance_scale=50)``.
-    Stable Diffusion vs DeepFloyd IF is chosen from model_index.json ``_class_name``.
+    The family (Stable Diffusion, DeepFloyd IF, ...) is the registered one that recognises the folder; without
+    ``options`` its option defaults (`GuidanceFamily.option_defaults`) apply under the keyword overrides.
     dtype: None -> float16 on CUDA, float32 on CPU.
     """
     from .base import GuidanceOptions
 
-    opts = GuidanceOptions.from_kwargs(options, **option_overrides)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     source, index, is_local = resolve_model(name_or_path)
-    family = model_family(index, str(name_or_path), is_local)
-    if family == "if":
-        from .deepfloyd import DeepFloydIFGuidance
+    family = registry.get(model_family(index, str(name_or_path), is_local))
+    if options is None:  # the family's own defaults (e.g. zero123's CFG scale) under the explicit overrides
+        option_overrides = {**family.option_defaults, **option_overrides}
+    opts = GuidanceOptions.from_kwargs(options, **option_overrides)
+    return family.create(source, device=dev, dtype=dt, options=opts)
 
-        return DeepFloydIFGuidance.from_pretrained(source, device=dev, dtype=dt, options=opts)
-    from .stable_diffusion import StableDiffusionGuidance
 
-    return StableDiffusionGuidance.from_pretrained(source, device=dev, dtype=dt, options=opts)
+def build_guidance(kind: str, model: str = "", device: Any = None, dtype: Any = None,
+                   options: Optional[dict] = None, **context: Any):
+    """The guidance of family `kind`: for model families, `model` (default: the family's default model;
+    the folder's own family wins, as with load_guidance); otherwise built from the run's `context`."""
+    from .base import GuidanceOptions
+
+    family = registry.get(kind)
+    options = {**family.option_defaults, **(options or {})}
+    if family.needs_model:
+        return load_guidance(model or family.default_model, device, dtype=dtype, **options)
+    opts = GuidanceOptions.from_kwargs(None, **options)
+    return family.create(None, device=resolve_device(device), dtype=dtype, options=opts, **context)
 
 
 def prepare_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype,

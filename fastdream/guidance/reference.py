@@ -9,6 +9,9 @@ to x0, eps_hat = (x_t - sqrt(ab) x0) / sqrt(1-ab). The SDS gradient w(t) (eps_ha
 equals w(t) sqrt(ab) / sqrt(1-ab) (x - x0): a randomly weighted photometric loss against the scene,
 delivered through the same noise sampling, weighting, surrogate loss, optimiser and occupancy grid as
 text-to-3D. A run that recovers the scene checks the whole loop end to end, without model weights.
+For image-to-3D runs (``--image``, a render of the scene from the input camera) the same scene is the exact
+novel-view denoiser: each camera's clean image is the scene seen from that camera, whose pose relative to
+the input view is its pose in the scene's frame (the input camera sits at azimuth 0).
 
 The model input z is the render in [-1, 1] (pixel space, like DeepFloyd IF), at the render resolution.
 
@@ -19,6 +22,7 @@ around its bounds, coloured from its vertex colours (or texture/material colour)
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -27,8 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..demo import sample_volume, voxel_volume
 from ..errors import FastDreamError
 from .base import Guidance, GuidanceOptions, SDSOutput
+from .registry import GuidanceFamily, register
+
+log = logging.getLogger("fastdream")
 
 MESH_SUFFIXES = (".obj", ".ply", ".glb", ".gltf", ".stl", ".off")
 
@@ -130,8 +138,7 @@ class VoxelField(nn.Module):
         density = torch.as_tensor(np.asarray(density), dtype=torch.float32)
         albedo = torch.as_tensor(np.asarray(albedo), dtype=torch.float32)
         self.register_buffer("aabb", torch.as_tensor(np.asarray(aabb), dtype=torch.float32).reshape(6))
-        # grid_sample: (1, C, Z, Y, X) volume, (x, y, z) coordinates in [-1, 1], align_corners=False = voxel centres
-        self.register_buffer("volume", torch.cat([density[None], albedo.permute(3, 0, 1, 2)], 0).permute(0, 3, 2, 1)[None].contiguous())
+        self.register_buffer("volume", voxel_volume(density, albedo).contiguous())  # (1, 4, Z, Y, X)
         self.resolution = tuple(density.shape)
         voxel = float(((self.aabb[3:] - self.aabb[:3]) / torch.tensor(self.resolution)).min())
         self.normal_epsilon = normal_epsilon_voxels * voxel
@@ -145,10 +152,7 @@ class VoxelField(nn.Module):
         return (self.aabb[:3] + self.aabb[3:]) / 2
 
     def _sample(self, x: torch.Tensor, channels: slice) -> torch.Tensor:
-        unit = (x.to(self.volume.dtype) - self.aabb[:3]) / (self.aabb[3:] - self.aabb[:3]) * 2.0 - 1.0
-        vol = self.volume[:, channels]
-        out = F.grid_sample(vol, unit.reshape(1, -1, 1, 1, 3), mode="bilinear", padding_mode="zeros", align_corners=False)
-        return out.reshape(vol.shape[1], -1).T
+        return sample_volume(self.volume[:, channels], self.aabb, x)
 
     def density(self, x: torch.Tensor) -> torch.Tensor:
         return self._sample(x, slice(0, 1))[:, 0].clamp_min(0.0).to(x.dtype)
@@ -212,6 +216,11 @@ class ReferenceSceneGuidance(Guidance):
     def aabb(self) -> Tuple[float, ...]:
         return tuple(float(v) for v in self.scene["aabb"])
 
+    def set_condition(self, condition) -> None:
+        """The scene is the condition: a prompt, an input image (a render of the scene) and its pose are accepted
+        and not needed, so text-to-3D and image-to-3D runs both check against the scene."""
+        self.set_prompt(condition.prompt or "the reference scene")
+
     # --------------------------------------------------------------- Guidance hooks
     def _encode_text(self, texts: List[str]) -> torch.Tensor:
         return torch.zeros(len(texts), 1, 1, device=self.device)  # the scene is the "prompt"
@@ -251,3 +260,25 @@ class ReferenceSceneGuidance(Guidance):
         d = super().describe()
         d.update(scene_resolution=list(self.scene["density"].shape), aabb=list(self.aabb))
         return d
+
+
+def _create_reference(source, *, device, dtype, options, reference_scene="", reference_resolution: int = 64,
+                      render_config=None, grid_resolution: int = 64, background_color=(1.0, 1.0, 1.0)):
+    return ReferenceSceneGuidance(reference_scene, device, options=options, render_config=render_config,
+                                  grid_resolution=grid_resolution, background_color=background_color,
+                                  resolution=reference_resolution)
+
+
+def _configure_run(config) -> None:
+    """The field lives in the scene's box and sees the scene's fixed background."""
+    scene = load_reference_scene(config.guidance.reference_scene, config.guidance.reference_resolution)
+    config.aabb = tuple(float(v) for v in scene["aabb"])
+    if config.background != "fixed":
+        log.info("fastdream: reference guidance renders the scene over a fixed background; using background=fixed.")
+        config.background = "fixed"
+
+
+register(GuidanceFamily(
+    name="reference", description="the exact denoiser of a known scene (no model weights)", needs_model=False,
+    conditioning=("text", "image", "pose"),
+    create=_create_reference, option_defaults={"view_dependent": False}, configure_run=_configure_run))

@@ -20,9 +20,11 @@ from typing import Any, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..errors import FastDreamError
 from .base import Guidance, GuidanceOptions, resize_images
 from .loading import (configure_attention, load_component, load_shared_components, prepare_module, resolve_device,
                       resolve_dtype)
+from .registry import GuidanceFamily, register
 
 
 class StableDiffusionGuidance(Guidance):
@@ -133,3 +135,23 @@ class StableDiffusionGuidance(Guidance):
         self.linear_bias = sol[3].float().to(self.device)
         resid = (x @ sol - y).pow(2).mean().sqrt() / y.std().clamp_min(1e-12)
         return resid.float()
+
+
+def _is_stable_diffusion(pipeline_class: str, unet_config: Optional[dict]) -> bool:
+    if "zero1to3" in pipeline_class.lower() or "zero123" in pipeline_class.lower():
+        return False  # a novel-view model (zero123 family)
+    if "StableDiffusion" in pipeline_class or "LatentDiffusion" in pipeline_class:
+        if any(k in pipeline_class for k in ("XL", "3", "Upscale", "Depth", "Inpaint")):
+            raise FastDreamError(
+                f"This is a {pipeline_class}; fastdream's guidance supports Stable Diffusion 1.x/2.x text-to-image "
+                "pipelines and DeepFloyd IF stage I (default 'stabilityai/stable-diffusion-2-1-base').")
+        return True
+    # no model_index.json: a latent UNet (4 input channels) is taken for Stable Diffusion
+    # (3 channels: a pixel-space IF UNet; 8: a zero123 UNet that also reads the input image's latents)
+    return not pipeline_class and (unet_config or {}).get("in_channels") not in (3, 8)
+
+
+register(GuidanceFamily(
+    name="sd", description="Stable Diffusion 1.x/2.x (StableDiffusionPipeline)",
+    default_model="stabilityai/stable-diffusion-2-1-base", recognise=_is_stable_diffusion,
+    create=lambda source, **kw: StableDiffusionGuidance.from_pretrained(source, **kw)))

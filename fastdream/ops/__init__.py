@@ -1,6 +1,11 @@
 """Differentiable ops of the engine. Each routes to the native extension when it is built for the
-tensor's device (see fastdream._backend) and otherwise runs its plain-PyTorch twin, which is also
-the oracle the native kernels are tested against."""
+tensor's device and the backend chosen (`use_backend`, `set_backend`) allows it, and otherwise runs its plain-PyTorch twin, which is also
+the oracle the native kernels are tested against.
+
+Signatures follow nerfacc and gsplat: the main tensors are positional, everything else is keyword-only.
+Shapes: N points or samples, R rays. Packed samples (nerfacc's convention) are three (N,) tensors
+`ray_indices` (int64, non-decreasing), `t_starts`, `t_ends`, each sample the interval [t_start, t_end)
+along ray `ray_indices[i]`; `aabb` is (6,) = (x_min, y_min, z_min, x_max, y_max, z_max)."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -9,26 +14,32 @@ from typing import Optional
 import torch
 
 from .. import _backend
+from .._backend import backend_name, set_backend, use_backend
 from .compositing import composite_reference
 from .hash_encoding import (DEFAULT_PER_LEVEL_SCALE, HashGridLayout, check_hash_encode_inputs, default_per_level_scale,
                             hash_encode_reference, hash_grid_layout, hash_grid_n_params)
 from .marching import march_rays_reference, occupancy_update_reference, ray_aabb_intersect
 from .shading import SHADING_MODES, shade, shading_code
-from .volume_rendering import accumulate_along_rays, render_weights_reference
+from .volume_rendering import accumulate_along_rays as _accumulate_along_rays
+from .volume_rendering import render_weights_reference
 
 __all__ = [
     "hash_encode", "hash_grid_n_params", "hash_grid_layout", "HashGridLayout", "default_per_level_scale",
     "DEFAULT_PER_LEVEL_SCALE", "render_weights", "accumulate_along_rays", "march_rays", "occupancy_update", "ray_aabb_intersect",
-    "composite", "shade", "SHADING_MODES", "shading_code",
+    "composite", "shade", "SHADING_MODES", "shading_code", "use_backend", "set_backend", "backend_name",
 ]
 
 _cached_layout = lru_cache(maxsize=64)(hash_grid_layout)
 
 
-def hash_encode(x: torch.Tensor, params: torch.Tensor, n_levels: int = 16, n_features_per_level: int = 2,
+def hash_encode(x: torch.Tensor, params: torch.Tensor, *, n_levels: int = 16, n_features_per_level: int = 2,
                 log2_hashmap_size: int = 19, base_resolution: int = 16, per_level_scale: Optional[float] = None,
                 check_range: bool = True) -> torch.Tensor:
-    """Encode points x (N, 3) in [0, 1] with a tiny-cuda-nn-compatible HashGrid -> (N, n_levels * F)."""
+    """tiny-cuda-nn-compatible HashGrid encoding.
+
+    x (N, 3) points in [0, 1]; params (hash_grid_n_params(...),) the flattened tables (float32, float16 or
+    float64). Returns (N, n_levels * n_features_per_level) in params' dtype, differentiable w.r.t. both
+    (twice w.r.t. params, for analytic normals)."""
     layout = _cached_layout(n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale)
     if check_range:
         check_hash_encode_inputs(x, params, layout)
@@ -38,17 +49,31 @@ def hash_encode(x: torch.Tensor, params: torch.Tensor, n_levels: int = 16, n_fea
     return hash_encode_reference(x, params, layout)
 
 
-def render_weights(t_starts, t_ends, sigmas, ray_indices, n_rays: int):
-    """(weights, transmittance, alphas) per sample, nerfacc's render_weight_from_density."""
+def render_weights(t_starts: torch.Tensor, t_ends: torch.Tensor, sigmas: torch.Tensor, *, ray_indices: torch.Tensor,
+                   n_rays: int):
+    """nerfacc's render_weight_from_density on packed samples.
+
+    t_starts, t_ends, sigmas, ray_indices (N,); returns (weights, transmittance, alphas), each (N,):
+    alpha = 1 - exp(-sigma dt), exclusive transmittance, weight = T * alpha. Differentiable w.r.t. all three."""
     if _backend.use_native(sigmas.device):
         from . import _native
         return _native.render_weights(t_starts, t_ends, sigmas, ray_indices, n_rays)
     return render_weights_reference(t_starts, t_ends, sigmas, ray_indices, n_rays)
 
 
-def march_rays(origins, directions, aabb, binary, near: float, far: float, step_size: float,
-               cone_angle: float = 0.0, max_step_size: float = 1e10):
-    """Packed samples (ray_indices, t_starts, t_ends) inside occupied cells; no gradients."""
+def accumulate_along_rays(weights: torch.Tensor, values: Optional[torch.Tensor] = None, *, ray_indices: torch.Tensor,
+                          n_rays: int) -> torch.Tensor:
+    """Sum of weight * value per ray: weights (N,), values (N, C) or None (accumulate the weights: opacity),
+    ray_indices (N,) -> (n_rays, C) (C = 1 without values)."""
+    return _accumulate_along_rays(weights, values, ray_indices, n_rays)
+
+
+def march_rays(origins: torch.Tensor, directions: torch.Tensor, *, aabb: torch.Tensor, binary: torch.Tensor,
+               near: float, far: float, step_size: float, cone_angle: float = 0.0, max_step_size: float = 1e10):
+    """Occupancy-grid ray marching (instant-ngp stepping, empty space skipped).
+
+    origins, directions (R, 3); aabb (6,); binary (X, Y, Z) bool occupancy of the box's cells. Returns the
+    packed samples (ray_indices, t_starts, t_ends), each (N,), inside occupied cells; no gradients."""
     with torch.no_grad():
         if _backend.use_native(origins.device):
             from . import _native
@@ -56,9 +81,11 @@ def march_rays(origins, directions, aabb, binary, near: float, far: float, step_
         return march_rays_reference(origins, directions, aabb, binary, near, far, step_size, cone_angle, max_step_size)
 
 
-def occupancy_update(occupancy, indices, estimates, decay: float, threshold: float):
-    """One occupancy-grid update (decay, max with the visited cells' estimates, mean-capped threshold)
-    -> (occupancy', occupied), flat; see ops.marching.occupancy_update_reference. No host sync."""
+def occupancy_update(occupancy: torch.Tensor, *, indices: torch.Tensor, estimates: torch.Tensor, decay: float,
+                     threshold: float):
+    """One occupancy-grid update: every cell of occupancy (C,) decays by `decay`, the visited cells indices (M,)
+    take the max with their estimates (M,); occupied = above min(threshold, mean). Returns (occupancy', occupied),
+    (C,) each, flat; see ops.marching.occupancy_update_reference. No host sync."""
     with torch.no_grad():
         if _backend.use_native(occupancy.device):
             from . import _native
@@ -66,9 +93,16 @@ def occupancy_update(occupancy, indices, estimates, decay: float, threshold: flo
         return occupancy_update_reference(occupancy, indices, estimates, decay, threshold)
 
 
-def composite(t_starts, t_ends, ray_indices, n_rays: int, sigmas, albedo, normals, origins, directions,
-              light_positions, light_intensity, ambient, mode: str):
-    """Fused shading + compositing -> (rgb, opacity, depth, normal, weights); see ops.compositing."""
+def composite(t_starts: torch.Tensor, t_ends: torch.Tensor, sigmas: torch.Tensor, albedo: torch.Tensor,
+              normals: Optional[torch.Tensor], *, ray_indices: torch.Tensor, n_rays: int, origins: torch.Tensor,
+              directions: torch.Tensor, light_positions: torch.Tensor, light_intensity: torch.Tensor,
+              ambient: torch.Tensor, mode: str):
+    """Fused DreamFusion shading + compositing in one pass per ray.
+
+    Per sample (N,): t_starts, t_ends, sigmas, ray_indices; (N, 3): albedo, normals (None for mode "albedo").
+    Per ray: origins, directions, light_positions (R, 3), light_intensity, ambient (R,). mode: albedo |
+    lambertian | textureless. Returns (rgb (R, 3), opacity (R, 1), depth (R, 1), normal (R, 3), weights (N,));
+    differentiable w.r.t. sigmas, albedo and normals. See ops.compositing."""
     if _backend.use_native(sigmas.device):
         from . import _native
         return _native.composite(t_starts, t_ends, ray_indices, n_rays, sigmas, albedo, normals, origins, directions,

@@ -27,9 +27,9 @@ from .marching import check_march_inputs, check_occupancy_update_inputs
 from .shading import shading_code
 from .volume_rendering import check_packed
 
-_C = _backend.native_module() or _backend._load()
+_C = _backend.extension()
 if _C is None:  # pragma: no cover - callers check _backend.use_native first
-    raise ImportError(f"fastdream native extension is not available: {_backend._state['error']}")
+    raise ImportError(f"fastdream native extension is not available: {_backend.extension_error()}")
 
 ops = torch.ops.fastdream
 _LIB = "fastdream::"
@@ -59,7 +59,7 @@ def _hash_encode_bwd_bwd_fake(ggx, grad_y, x, params, scales, resolutions, offse
 
 
 @torch.library.register_fake(_LIB + "march_rays")
-def _march_rays_fake(origins, directions, box, binary, near, far, step_size, cone_angle, max_step_size):
+def _march_rays_fake(origins, directions, aabb, binary, near, far, step_size, cone_angle, max_step_size):
     n = torch.library.get_ctx().new_dynamic_size()
     return origins.new_empty((n,), dtype=torch.int64), origins.new_empty((n,)), origins.new_empty((n,))
 
@@ -236,8 +236,7 @@ def march_rays(origins, directions, aabb, binary, near: float, far: float, step_
     check(step_size > 0, f"march: step_size must be > 0, got {step_size}")
     if origins.dtype not in (torch.float32, torch.float64):
         origins = origins.float()
-    box = torch.cat([aabb[:3].to(origins), aabb[3:].to(origins), (aabb[3:] - aabb[:3]).to(origins)])
-    return ops.march_rays(origins, directions.to(origins.dtype), box, binary, float(near), float(far),
+    return ops.march_rays(origins, directions.to(origins.dtype), aabb, binary, float(near), float(far),
                           float(step_size), float(cone_angle), float(max_step_size))
 
 

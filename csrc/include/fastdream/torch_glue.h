@@ -172,7 +172,8 @@ inline CompositeBackwardTensors prepare_composite_backward(
 
 // ---------------------------------------------------------------- marching argument prep
 // Marching inputs checked and laid out once for both devices: rays contiguous in one dtype, the box
-// (lo, hi, size) in that dtype, the bitfield and its coarse summary of march::kBlock^3-cell blocks.
+// (lo, hi, size) in that dtype, derived from the (6,) aabb with the reference's arithmetic (size = hi - lo in
+// the aabb's dtype, then converted), the bitfield and its coarse summary of march::kBlock^3-cell blocks.
 struct MarchInputs {
     at::Tensor origins, directions, box, cells, blocks;
 
@@ -188,17 +189,19 @@ struct MarchInputs {
     }
 };
 
-inline MarchInputs prepare_march(const at::Tensor& origins, const at::Tensor& directions, const at::Tensor& box,
+inline MarchInputs prepare_march(const at::Tensor& origins, const at::Tensor& directions, const at::Tensor& aabb,
                                  const at::Tensor& binary) {
     TORCH_CHECK(origins.dim() == 2 && origins.size(1) == 3, "march_rays: origins must be (N, 3)");
     TORCH_CHECK(directions.sizes() == origins.sizes(), "march_rays: directions must match origins");
     TORCH_CHECK(binary.dim() == 3 && binary.scalar_type() == at::kBool, "march_rays: binary must be a 3-D bool grid");
     TORCH_CHECK(binary.size(0) > 0 && binary.size(1) > 0 && binary.size(2) > 0, "march_rays: the grid must not be empty");
-    TORCH_CHECK(box.numel() == 9, "march_rays: box must hold lo, hi, size (9 values)");
+    TORCH_CHECK(aabb.numel() == 6, "march_rays: aabb must hold (x_min, y_min, z_min, x_max, y_max, z_max)");
     MarchInputs m;
     m.origins = origins.contiguous();
     m.directions = directions.to(m.origins.scalar_type()).contiguous();
-    m.box = box.to(m.origins.device(), m.origins.scalar_type()).contiguous();
+    const at::Tensor flat = aabb.reshape({6});
+    const at::Tensor lo = flat.slice(0, 0, 3), hi = flat.slice(0, 3, 6);
+    m.box = at::cat({lo, hi, hi - lo}).to(m.origins.device(), m.origins.scalar_type()).contiguous();
     m.cells = binary.to(m.origins.device()).contiguous();
     const int64_t k = march::kBlock;
     int64_t blocks[3], pad[6];

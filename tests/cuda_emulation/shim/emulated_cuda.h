@@ -1,8 +1,9 @@
 // Emulated CUDA: compiles fastdream's csrc/cuda/*.cu (kernels *and* torch launchers) as host C++ so
 // they run on CPU tensors. Force-included (-include emulated_cuda.h) before each translated .cu.
 //  - CUDA keywords become nothing; blockIdx/threadIdx/blockDim/gridDim are thread-local variables.
-//  - translate.py rewrites K<<<grid, block, smem, stream>>>(args) into
-//    ::cudaemu::launch_at("K", __LINE__, K, grid, block, smem, stream)(args): every block (spread over
+//  - translate.py rewrites K<<<grid, block, smem, stream>>>(args), in the .cu files and in the csrc headers
+//    (mirrored, translated, by build.py), into
+//    ::cudaemu::launch_at("K", "file", __LINE__, K, grid, block, smem, stream)(args): every block (spread over
 //    ATen's thread pool, in shuffled order) and every thread of each block runs. This is valid only
 //    for kernels without __syncthreads, __shared__ or warp intrinsics, which fastdream's kernels avoid.
 //  - Atomics are real host atomics (compare-and-swap loops for float, double, half and half2).
@@ -11,6 +12,9 @@
 //    c10::cuda::getCurrentCUDAStream(), a CUDAGuard alive); C10_CUDA_KERNEL_LAUNCH_CHECK raises it.
 //  - TORCH_LIBRARY_IMPL(fastdream, CUDA, m) registers each launcher as the op
 //    <CUDAEMU_NAMESPACE>::<name> (schema inferred from its C++ signature), callable with CPU tensors.
+//  - At its end this header defines __CUDACC__ (not __CUDA_ARCH__), after the torch headers: the project's
+//    sources then take the branches nvcc's host pass takes (fastdream/parallel_for.h: the kernel launch,
+//    __host__ __device__ lambdas, the CUDA device guard), not silently their CPU branches.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -61,7 +65,7 @@ inline thread_local int guards_alive = 0;
 struct State {
     std::mutex mu;
     std::string error;                        // first launch/kernel error since the last check
-    std::map<std::string, long> launches;     // "file:line kernel" -> count
+    std::map<std::string, long> launches;     // "file:line kernel" -> count (one entry per launch site)
     std::map<std::string, long long> threads;  // "file:line kernel" -> emulated threads
 };
 inline State& state() { static State s; return s; }
@@ -98,10 +102,11 @@ struct Launch {
     size_t smem;
     cudaStream_t stream;
     const char* name;
+    const char* file;
     int line;
     void operator()(P... args) const {
         std::ostringstream site;
-        site << line << " " << name;
+        site << file << ":" << line << " " << name;
         const std::string where = site.str();
         auto bad = [&](const std::string& why) { fail(where + ": " + why); };
         if (g.x == 0 || g.y == 0 || g.z == 0 || b.x == 0 || b.y == 0 || b.z == 0) return bad("invalid configuration argument (a zero grid/block dimension)");
@@ -140,9 +145,9 @@ struct Launch {
 };
 
 template <class... P>
-Launch<P...> launch_at(const char* name, int line, void (*k)(P...), dim3 g, dim3 b, size_t smem = 0,
-                       cudaStream_t s = nullptr) {
-    return Launch<P...>{k, g, b, smem, s, name, line};
+Launch<P...> launch_at(const char* name, const char* file, int line, void (*k)(P...), dim3 g, dim3 b,
+                       size_t smem = 0, cudaStream_t s = nullptr) {
+    return Launch<P...>{k, g, b, smem, s, name, file, line};
 }
 
 template <class T, class U>
@@ -227,3 +232,7 @@ struct EmuRegistrar {
     static const ::cudaemu::EmuRegistrar C10_CONCATENATE(cudaemu_reg_, __LINE__)(                               \
         &C10_CONCATENATE(cudaemu_init_, __LINE__), __FILE__, __LINE__);                                        \
     void C10_CONCATENATE(cudaemu_init_, __LINE__)(::cudaemu::EmuLib & m)
+
+// From here on, the translated sources are compiled as nvcc's host pass compiles them. Every torch header
+// they use is included above (the c10/cuda ones are the shims), so none sees this define.
+#define __CUDACC__ 1

@@ -1,0 +1,85 @@
+"""The seam between the training loop and what it trains.
+
+The loop (`fastdream.train.Trainer`) owns what every stage shares: steps, the random generators,
+the optimizer built from the stage's parameter groups, the NaN guard, Ctrl-C, atomic checkpoints,
+progress and previews. A stage owns its modules and everything specific to them:
+
+* ``param_groups(optim)``: Adam parameter groups (each with ``lr`` and a ``name``);
+* ``loss(cameras, step, progress, guidance, generator)``: the loss of one batch of sampled cameras;
+* ``set_input_view(photo, camera)``: image-to-3D only: the input photo to reconstruct at its camera;
+* ``after_step(step, generator)``: housekeeping after the optimizer step (e.g. the occupancy grid);
+* ``state_dict()`` / ``load_state_dict()``: its modules' state, stored at the top level of a checkpoint
+  next to ``"stage": name``;
+* ``preview(path, output)`` and ``export(out_dir, output, say)``: what it writes.
+
+A new stage is one module in this package with a ``Stage`` subclass, listed in ``STAGES``
+(``fastdream/stages/__init__.py``).
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import torch
+
+
+@dataclass
+class StepLoss:
+    """A stage's loss for one batch: the total (a scalar tensor), its named terms (detached scalar tensors,
+    read back with the loss in one host sync), what the loop reports (e.g. the shading used) and device
+    scalars for metrics.jsonl (read back every output.metrics_every steps, never per step)."""
+    loss: torch.Tensor
+    terms: Dict[str, torch.Tensor] = field(default_factory=dict)
+    info: Dict[str, Any] = field(default_factory=dict)
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Stage(abc.ABC):
+    name: str = ""
+
+    def __init__(self, config, device: torch.device):
+        self.config = config
+        self.device = device
+
+    @property
+    @abc.abstractmethod
+    def scene_radius(self) -> float:
+        """Half the largest side of the scene box: cameras are sampled at multiples of it."""
+
+    @abc.abstractmethod
+    def param_groups(self, optim) -> List[Dict[str, Any]]:
+        ...
+
+    @abc.abstractmethod
+    def loss(self, cameras, step: int, progress: float, guidance, generator: torch.Generator) -> StepLoss:
+        ...
+
+    def set_input_view(self, photo, camera) -> None:
+        """Image-to-3D: the input photo (an `image_input.InputImage`) and its fixed camera, to reconstruct."""
+        from ..errors import FastDreamError
+
+        raise FastDreamError(f"The {self.name!r} stage cannot be trained from an input image.")
+
+    def after_step(self, step: int, generator: torch.Generator) -> None:
+        """Called after every step (finite or skipped), before the step counter advances."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> Dict[str, Any]:
+        ...
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        ...
+
+    @abc.abstractmethod
+    def preview(self, path: Path, output) -> Path:
+        ...
+
+    @abc.abstractmethod
+    def export(self, out_dir: Path, output, say: Callable[..., None]) -> Dict[str, str]:
+        ...
+
+    def train(self, mode: bool = True) -> "Stage":
+        return self

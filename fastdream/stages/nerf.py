@@ -1,0 +1,165 @@
+"""The NeRF stage: a hash-grid radiance field rendered by ray marching, scored by SDS (DreamFusion).
+
+Each step: pick the shading mode (albedo only for the first `shading.albedo_only_fraction` of the run,
+then random), render the sampled cameras, score the renders with the guidance (view-dependent prompts
+are the guidance's job: it gets the cameras), add the orientation loss and the opacity regularisers, and for image-to-3D the reconstruction of the input
+photo at its fixed camera (colour inside the photo's mask, opacity toward the mask);
+after the optimizer step, every `grid.update_every` steps, update the occupancy grid. Parameter groups:
+the hash table at a higher learning rate than the MLPs, and the learned background.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import torch
+
+from ..ops import SHADING_MODES
+from ..regularizers import opacity_entropy, opacity_sparsity, orientation_loss
+from .base import Stage, StepLoss
+
+
+def build_run_renderer(config, device: torch.device):
+    """The renderer (field, background, occupancy grid) a run's configuration describes, on device."""
+    from ..renderer import build_renderer
+
+    grid_kwargs = dict(ema_decay=config.grid.ema_decay, threshold=config.grid.threshold, warmup_steps=config.grid.warmup_steps)
+    renderer = build_renderer(aabb=config.aabb, field_config=config.field, render_config=config.render,
+                              background=config.background, background_color=config.background_color,
+                              grid_resolution=config.grid.resolution, grid_kwargs=grid_kwargs)
+    return renderer.to(device)
+
+
+class NeRFStage(Stage):
+    name = "nerf"
+
+    def __init__(self, config, device: torch.device):
+        super().__init__(config, device)
+        self.renderer = build_run_renderer(config, device)
+        self.renderer.train()
+        self.input_camera = None
+        self.input_photo = None  # (3, R, R) the photo over the background, kept in checkpoints for previews/exports
+        self.input_rgb = self.input_mask = None  # (1, H, W, 3), (1, H, W, 1) at the render resolution
+
+    def set_input_view(self, photo, camera) -> None:
+        import torch.nn.functional as F
+
+        size = (camera.height, camera.width)
+        rgba = torch.cat([photo.rgb * photo.mask, photo.mask])[None]
+        rgba = F.interpolate(rgba, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        mask = rgba[3:].clamp(0, 1)
+        rgb = torch.where(mask > 1e-4, rgba[:3] / mask.clamp_min(1e-4), torch.zeros_like(rgba[:3])).clamp(0, 1)
+        self.input_photo = photo.on_background(self.config.background_color).cpu()
+        self.input_camera = camera.to(self.device)
+        self.input_rgb = rgb.permute(1, 2, 0)[None].to(self.device)
+        self.input_mask = mask.permute(1, 2, 0)[None].to(self.device)
+
+    def reconstruction_loss(self):
+        """(colour term, opacity term) at the input camera: squared colour error inside the photo's mask, and
+        squared error of the rendered opacity against the mask, each a mean over pixels."""
+        out = self.renderer.render(self.input_camera, shading="albedo", need_normals=False)
+        rgb = ((out.rgb - self.input_rgb) ** 2 * self.input_mask).mean()
+        mask = ((out.opacity.reshape(self.input_mask.shape) - self.input_mask) ** 2).mean()
+        return rgb, mask
+
+    @property
+    def scene_radius(self) -> float:
+        return self.renderer.field.scene_radius
+
+    def train(self, mode: bool = True) -> "NeRFStage":
+        self.renderer.train(mode)
+        return self
+
+    def param_groups(self, optim) -> List[Dict[str, Any]]:
+        renderer = self.renderer
+        groups = [{"params": [renderer.field.encoding_params], "lr": optim.lr_hash, "name": "hash"},
+                  {"params": list(renderer.field.mlp_parameters()), "lr": optim.lr_mlp, "name": "mlp"}]
+        bg = [p for p in renderer.background.parameters() if p.requires_grad]
+        if bg:
+            groups.append({"params": bg, "lr": optim.lr_background, "name": "background"})
+        return groups
+
+    def choose_shading(self, step: int, generator: torch.Generator) -> str:
+        s = self.config.shading
+        u = float(torch.rand((), generator=generator, device=self.device))
+        if step < s.albedo_only_fraction * self.config.steps:
+            return "albedo"
+        probs = torch.tensor([s.albedo, s.lambertian, s.textureless], dtype=torch.float64)
+        cdf = torch.cumsum(probs / probs.sum(), 0)
+        return SHADING_MODES[min(int((cdf <= u).sum()), 2)]
+
+    def loss(self, cameras, step: int, progress: float, guidance, generator: torch.Generator) -> StepLoss:
+        cfg = self.config
+        shading = self.choose_shading(step, generator)
+        out = self.renderer.render(cameras, shading=shading, need_normals=shading != "albedo")
+        images = out.rgb.permute(0, 3, 1, 2)
+        sds = guidance(images, cameras, shading, progress)
+        loss = sds.loss
+        terms = {"sds": sds.loss.detach()}
+        rays = out.rays
+        if cfg.reg.orientation > 0 and rays is not None and rays.sample_normals is not None:
+            orient = orientation_loss(rays.weights, rays.sample_normals, rays.directions, rays.ray_indices)
+            loss = loss + cfg.reg.orientation * orient
+            terms["orient"] = orient.detach()
+        opacity = out.opacity.reshape(-1)
+        if cfg.reg.opacity_entropy > 0:
+            ent = opacity_entropy(opacity)
+            loss = loss + cfg.reg.opacity_entropy * ent
+            terms["entropy"] = ent.detach()
+        if cfg.reg.opacity_sparsity > 0:
+            sp = opacity_sparsity(opacity)
+            loss = loss + cfg.reg.opacity_sparsity * sp
+            terms["sparsity"] = sp.detach()
+        if self.input_camera is not None:
+            rgb, mask = self.reconstruction_loss()
+            loss = loss + cfg.image.rgb_weight * rgb + cfg.image.mask_weight * mask
+            terms["input_rgb"], terms["input_mask"] = rgb.detach(), mask.detach()
+        n_rays = cfg.batch_size * cfg.width * cfg.height
+        info = {"shading": shading, "n_samples": out.n_samples, "samples_per_ray": out.n_samples / max(n_rays, 1)}
+        metrics = {"sds_grad_norm": sds.grad_norm, "t": sds.t.float().mean(),
+                   "occupancy": self.renderer.grid.binary.float().mean()}
+        return StepLoss(loss, terms, info, metrics)
+
+    def after_step(self, step: int, generator: torch.Generator) -> None:
+        if (step + 1) % self.config.grid.update_every == 0:
+            field, step_size = self.renderer.field, self.renderer.step_size
+            self.renderer.grid.update(step, lambda x: field.density(x) * step_size, generator=generator)
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = {"renderer": self.renderer.state_dict()}
+        if self.input_photo is not None:
+            state["input_photo"] = (self.input_photo * 255).round().to(torch.uint8)
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.renderer.load_state_dict(state["renderer"])
+        if "input_photo" in state:
+            self.input_photo = state["input_photo"].float() / 255
+
+    def _input_view(self):
+        """(photo, its camera) for previews of an image-to-3D run, else None."""
+        if self.input_photo is None:
+            return None
+        from ..cameras import orbit_cameras
+
+        im = self.config.image
+        camera = orbit_cameras(1, 64, 64, elevation_deg=im.elevation, distance=im.distance * self.scene_radius,
+                               fov_y_deg=im.fov)
+        return self.input_photo, camera
+
+    def view_distance(self, output) -> float:
+        from ..export import view_distance
+
+        return view_distance(self.scene_radius, output)
+
+    def preview(self, path: Path, output) -> Path:
+        from ..export import write_preview
+
+        return write_preview(self.renderer, path, output.preview_views, output.preview_resolution,
+                             output.video_elevation, self.view_distance(output), output.view_fov,
+                             input_view=self._input_view())
+
+    def export(self, out_dir: Path, output, say: Callable[..., None]) -> Dict[str, str]:
+        from ..export import export_outputs
+
+        return export_outputs(self.renderer, out_dir, output, say, input_photo=self.input_photo)
