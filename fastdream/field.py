@@ -129,9 +129,10 @@ class HashGridField(nn.Module):
     def mlp_parameters(self):
         return self.mlp.parameters()
 
-    def _raw(self, x: torch.Tensor) -> torch.Tensor:
+    def _raw(self, x: torch.Tensor, detach_grid: bool = False) -> torch.Tensor:
         unit = ((x - self.aabb[:3]) / (self.aabb[3:] - self.aabb[:3])).clamp(0.0, 1.0)
-        features = ops.hash_encode(unit, self.encoding_params, check_range=False, **self.encoding_kwargs)
+        params = self.encoding_params.detach() if detach_grid else self.encoding_params
+        features = ops.hash_encode(unit, params, check_range=False, **self.encoding_kwargs)
         if self.active_levels < self.config.n_levels:  # later (finer) levels masked out: no signal, no gradient
             keep = self.active_levels * self.config.n_features_per_level
             features = torch.cat([features[:, :keep], torch.zeros_like(features[:, keep:])], dim=1)
@@ -158,13 +159,16 @@ class HashGridField(nn.Module):
     def query(self, x: torch.Tensor, need_normals: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Density (N,), albedo (N,3) in [0,1] and, if asked, unit normals (N,3) pointing out of the surface."""
         if need_normals and self.config.normals == "analytic":
+            graph = torch.is_grad_enabled() and self.training
             with torch.enable_grad():
                 xg = x.detach().requires_grad_(True)
-                raw = self._raw(xg)
+                # Without a graph only d(sigma)/dx is wanted: a detached hash grid keeps the backward from
+                # computing (zeroing, scattering) a grid-sized parameter gradient autograd.grad would drop.
+                raw = self._raw(xg, detach_grid=not graph)
                 sigma = self._density_from_raw(xg, raw[:, 0])
-                grad = torch.autograd.grad(sigma.sum(), xg, create_graph=torch.is_grad_enabled() and self.training)[0]
+                grad = torch.autograd.grad(sigma.sum(), xg, create_graph=graph)[0]
             normals = F.normalize(-grad, dim=-1, eps=1e-12)
-            if not (torch.is_grad_enabled() and self.training):
+            if not graph:
                 sigma, raw = sigma.detach(), raw.detach()
             return sigma, torch.sigmoid(raw[:, 1:]), normals
         raw = self._raw(x)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from benchmarks import common, report, run_all
 
 jsonschema = pytest.importorskip("jsonschema")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _sample(benchmark="ops", device="cpu"):
@@ -135,3 +140,26 @@ def test_train_step_host_syncs_counted_and_bounded(tmp_path):
         float(x.sum()), x[x > 0], torch.nonzero(x), x.tolist()
     assert counter.syncs == 4 and set(counter.sync_ops) == {"aten::_local_scalar_dense", "aten::index",
                                                             "aten::nonzero", "Tensor.tolist"}
+
+
+def test_gpu_check_without_a_gpu_says_so_and_fails(tmp_path):
+    """On a CPU-only machine the GPU check runs nothing, says there is no GPU and exits non-zero."""
+    out = tmp_path / "gpu_check.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert "no CUDA GPU" in run.stderr
+    report = json.loads(out.read_text())
+    assert report["ok"] is False and report["steps"] == [] and "no CUDA GPU" in report["error"]
+
+
+def test_gpu_check_plan_runs_the_sanitizers_when_present():
+    from benchmarks.gpu_check import plan
+
+    names = lambda steps: [s[0] for s in steps]  # noqa: E731
+    assert names(plan("9.0", None, "b.json", quick=True)) == ["build", "tests", "benchmarks"]
+    steps = plan("8.6", "/cuda/bin/compute-sanitizer", "b.json", quick=False, build=False)
+    assert names(steps) == ["tests", "memcheck", "racecheck", "benchmarks"]
+    assert steps[1][1][:3] == ["/cuda/bin/compute-sanitizer", "--tool", "memcheck"]
+    assert "--quick" not in steps[-1][1] and steps[-1][1][-2:] == ["--json", "b.json"]

@@ -1,6 +1,7 @@
 """Cameras, field, occupancy grid and renderer."""
 import math
 
+import pytest
 import torch
 
 from fastdream.cameras import CameraSamplerConfig, generate_rays, look_at, orbit_cameras, orbit_c2w, sample_cameras
@@ -84,6 +85,34 @@ def test_analytic_normals_are_differentiable_for_training():
     _, _, normals = field.query(x, need_normals=True)
     normals[:, 0].sum().backward()
     assert field.encoding_params.grad is not None and field.encoding_params.grad.abs().sum() > 0
+
+
+def test_analytic_normals_without_a_graph_compute_no_grid_gradient(monkeypatch):
+    """Rendering normals (no training graph) asks the hash backward for dL/dx only: no grid-sized
+    parameter gradient is computed and thrown away. The normals are the same as with the graph."""
+    from fastdream import _backend
+
+    if _backend.extension() is None:
+        pytest.skip(f"native extension not built ({_backend.extension_error()})")
+    from fastdream.ops import _native
+
+    flags, real = [], _native.ops
+
+    class Spy:
+        def __getattr__(self, name):
+            op = getattr(real, name)
+            if name != "hash_encode_bwd":
+                return op
+            return lambda *args: flags.append(args[-2]) or op(*args)  # need_params_grad
+
+    field = HashGridField(config=FieldConfig(**{**TINY_FIELD.__dict__, "normals": "analytic", "init_scale": 0.3}))
+    x = torch.rand(32, 3) - 0.5
+    with_graph = field.query(x, need_normals=True)[2].detach()
+    monkeypatch.setattr(_native, "ops", Spy())
+    field.eval()
+    without = field.query(x, need_normals=True)[2]
+    assert flags == [False]
+    assert torch.equal(without, with_graph)
 
 
 def test_occupancy_grid_marks_dense_region_only():

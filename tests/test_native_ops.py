@@ -382,6 +382,25 @@ def test_occupancy_update_matches_reference(device, dtype):
         nat.occupancy_update(occupancy, torch.tensor([n]), torch.ones(1, dtype=dtype), 0.95, 0.01)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_occupancy_update_keeps_a_nan_cell_like_the_reference(device):
+    _native_on(device)
+    occupancy = torch.tensor([float("nan"), 0.1, 0.2], device=device)
+    indices, estimates = torch.tensor([0, 0, 2], device=device), torch.tensor([0.9, 0.8, 0.7], device=device)
+    out = torch.ops.fastdream.occupancy_update(occupancy, indices, estimates, 1.0, 0.5)[0]
+    ref = occupancy_update_reference(occupancy.cpu(), indices.cpu(), estimates.cpu(), 1.0, 0.5)[0]
+    assert torch.isnan(out[0]) and torch.equal(out[1:].cpu(), ref[1:]) and torch.isnan(ref[0])
+
+
+def test_ops_reject_tensors_on_two_devices():
+    """The CPU kernel, reached with one argument on another device (meta), names the op and the devices."""
+    _native()
+    cpu_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    occupancy, indices, estimates = torch.zeros(4), torch.tensor([1]), torch.ones(1)
+    with pytest.raises(RuntimeError, match="occupancy_update: all tensor arguments must be on one device, got cpu and meta"):
+        torch.ops.fastdream.occupancy_update.default.redispatch(cpu_only, occupancy, indices, estimates.to("meta"), 0.9, 0.5)
+
+
 # ----------------------------------------------------------------------------- volume rendering
 def _packed(n_rays=7, seed=0, dtype=torch.float64, max_samples=6):
     """Packed samples with rays of 0..max_samples samples, zero-length intervals and large densities."""
@@ -594,7 +613,7 @@ def test_cuda_hash_encode_matches_reference(params_dtype):
         outs.append((y,) + torch.autograd.grad(y, (xx, pp), g))
     (y0, gx0, gp0), (y1, gx1, gp1) = outs
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
-    tol = 2e-2 if params_dtype == torch.float16 else 1e-4  # half atomics round on every add
+    tol = 1e-3 if params_dtype == torch.float16 else 1e-4  # half: summed in float, rounded once
     torch.testing.assert_close(gp1.float(), gp0.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(gx1, gx0, rtol=1e-3, atol=1e-5 * max(layout.scales))
 
@@ -607,8 +626,9 @@ def test_cuda_hash_encode_double_backward():
     x = (torch.rand(12, 3, dtype=torch.float64, device="cuda") * 0.8 + 0.1).requires_grad_()
     p = torch.randn(layout.n_params, dtype=torch.float64, device="cuda").requires_grad_()
     fn = lambda xx, pp: nat.hash_encode(xx, pp, layout)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, p))
-    assert torch.autograd.gradgradcheck(fn, (x, p))
+    # parameter gradients are summed with atomics: another order, last-bit differences between runs
+    assert torch.autograd.gradcheck(fn, (x, p), nondet_tol=1e-12)
+    assert torch.autograd.gradgradcheck(fn, (x, p), nondet_tol=1e-12)
 
 
 @pytest.mark.cuda

@@ -35,6 +35,7 @@ struct PlainAcc {
 at::Tensor hash_encode_fwd_cpu(const at::Tensor& x_, const at::Tensor& params_, c10::ArrayRef<double> scales,
                                c10::IntArrayRef resolutions, c10::IntArrayRef offsets, c10::IntArrayRef hashed,
                                int64_t n_features) {
+    check_same_device("hash_encode_fwd", {x_, params_});
     check_hash_inputs(x_, params_, offsets, n_features);
     const GridMeta m = make_grid_meta(scales, resolutions, offsets, hashed, n_features);
     auto x = x_.contiguous();
@@ -83,6 +84,7 @@ std::tuple<at::Tensor, at::Tensor> hash_encode_bwd_cpu(const at::Tensor& grad_y_
                                                        c10::IntArrayRef resolutions, c10::IntArrayRef offsets,
                                                        c10::IntArrayRef hashed, int64_t n_features,
                                                        bool need_params_grad, bool need_x_grad) {
+    check_same_device("hash_encode_bwd", {grad_y_, x_, params_});
     check_hash_inputs(x_, params_, offsets, n_features);
     const GridMeta m = make_grid_meta(scales, resolutions, offsets, hashed, n_features);
     auto x = x_.contiguous();
@@ -126,6 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_encode_bwd_bwd_cpu(
     const at::Tensor& ggx_, const at::Tensor& grad_y_, const at::Tensor& x_, const at::Tensor& params_,
     c10::ArrayRef<double> scales, c10::IntArrayRef resolutions, c10::IntArrayRef offsets, c10::IntArrayRef hashed,
     int64_t n_features, bool need_params_grad, bool need_x_grad) {
+    check_same_device("hash_encode_bwd_bwd", {ggx_, grad_y_, x_, params_});
     check_hash_inputs(x_, params_, offsets, n_features);
     const GridMeta m = make_grid_meta(scales, resolutions, offsets, hashed, n_features);
     auto x = x_.contiguous();
@@ -176,6 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays_cpu(const at::Tensor& 
                                                               const at::Tensor& aabb_, const at::Tensor& binary_,
                                                               double near, double far, double step_size,
                                                               double cone_angle, double max_step_size) {
+    check_same_device("march_rays", {origins_, directions_, aabb_, binary_});
     const MarchInputs in = prepare_march(origins_, directions_, aabb_, binary_);
     const march::OccupancyView grid = in.view();
     const int64_t R = in.origins.size(0);
@@ -230,10 +234,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays_cpu(const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor> occupancy_update_cpu(const at::Tensor& occupancy, const at::Tensor& indices_,
                                                         const at::Tensor& estimates_, double decay, double threshold) {
+    check_same_device("occupancy_update", {occupancy, indices_, estimates_});
     at::Tensor out = occupancy_decayed(occupancy, indices_, estimates_, decay);
     auto indices = indices_.contiguous();
     auto estimates = estimates_.contiguous();
-    const int64_t n = out.numel(), m = indices.numel();
+    const int64_t m = indices.numel();
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "occupancy_update_cpu", [&] {
         using S = scalar_t;
         S* o = out.data_ptr<S>();
@@ -241,8 +246,7 @@ std::tuple<at::Tensor, at::Tensor> occupancy_update_cpu(const at::Tensor& occupa
         const S* est = estimates.data_ptr<S>();
         // Sequential: cells may be drawn twice, and the scatter is cheap next to the estimates' field queries.
         for (int64_t k = 0; k < m; ++k) {
-            TORCH_CHECK(idx[k] >= 0 && idx[k] < n, "occupancy_update: index ", idx[k], " out of range for ", n, " cells");
-            if (march::is_finite(est[k]) && est[k] > o[idx[k]]) o[idx[k]] = est[k];
+            if (march::estimate_raises_cell(o[idx[k]], est[k])) o[idx[k]] = est[k];
         }
     });
     return occupancy_threshold(out, threshold);

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "fastdream/cuda_glue.cuh"
 #include "fastdream/torch_glue.h"
 
@@ -10,6 +12,16 @@ namespace fastdream {
 namespace {
 
 using hashgrid::GridMeta;
+
+// Parameter gradients are summed in float for half params and cast once at the end (as tiny-cuda-nn
+// does): a half atomicAdd per contribution would drop every one below half's resolution (~6e-8).
+template <typename P>
+using GradAcc = std::conditional_t<std::is_same_v<P, __half>, float, P>;
+
+at::Tensor params_grad_accumulator(const at::Tensor& params, bool needed) {
+    const auto dtype = params.scalar_type() == at::kHalf ? at::kFloat : params.scalar_type();
+    return needed ? at::zeros({params.numel()}, params.options().dtype(dtype)) : at::empty({0}, params.options());
+}
 
 template <int NF, typename S, typename P>
 __global__ void hash_fwd_kernel(int64_t N, const GridMeta m, const S* __restrict__ x, const P* __restrict__ params,
@@ -74,6 +86,7 @@ __global__ void hash_bwd_bwd_kernel(int64_t N, const GridMeta m, const S* __rest
 at::Tensor hash_encode_fwd_cuda(const at::Tensor& x_, const at::Tensor& params_, c10::ArrayRef<double> scales,
                                 c10::IntArrayRef resolutions, c10::IntArrayRef offsets, c10::IntArrayRef hashed,
                                 int64_t n_features) {
+    check_same_device("hash_encode_fwd", {x_, params_});
     check_hash_inputs(x_, params_, offsets, n_features);
     const GridMeta m = make_grid_meta(scales, resolutions, offsets, hashed, n_features);
     c10::cuda::CUDAGuard guard(x_.device());
@@ -99,6 +112,7 @@ std::tuple<at::Tensor, at::Tensor> hash_encode_bwd_cuda(const at::Tensor& grad_y
                                                         c10::IntArrayRef resolutions, c10::IntArrayRef offsets,
                                                         c10::IntArrayRef hashed, int64_t n_features,
                                                         bool need_params_grad, bool need_x_grad) {
+    check_same_device("hash_encode_bwd", {grad_y_, x_, params_});
     check_hash_inputs(x_, params_, offsets, n_features);
     const GridMeta m = make_grid_meta(scales, resolutions, offsets, hashed, n_features);
     c10::cuda::CUDAGuard guard(x_.device());
@@ -108,8 +122,7 @@ std::tuple<at::Tensor, at::Tensor> hash_encode_bwd_cuda(const at::Tensor& grad_y
     const int64_t N = x.size(0);
     TORCH_CHECK(gy.dim() == 2 && gy.size(0) == N && gy.size(1) == m.n_levels * n_features,
                 "hash_encode_bwd: grad_y must be (N, L*F)");
-    // half params take their gradient in half directly (half2 atomics); float/double in their own dtype
-    at::Tensor gparams = need_params_grad ? at::zeros({params.numel()}, params.options()) : at::empty({0}, params.options());
+    at::Tensor gparams = params_grad_accumulator(params, need_params_grad);
     at::Tensor gx = need_x_grad ? at::empty({N, 3}, x.options()) : at::empty({0}, x.options());
     if (N == 0) {
         if (need_x_grad) gx.zero_();
@@ -119,9 +132,10 @@ std::tuple<at::Tensor, at::Tensor> hash_encode_bwd_cuda(const at::Tensor& grad_y
         const P* pp = static_cast<const P*>(params.data_ptr());
         FD_DISPATCH_N_FEATURES(n_features, [&] {
             if (need_params_grad) {
-                P* gp = static_cast<P*>(gparams.data_ptr());
+                at::globalContext().alertNotDeterministic("hash_encode_bwd (CUDA params gradient, atomic sums)");
+                auto* gp = static_cast<GradAcc<P>*>(gparams.data_ptr());
                 const dim3 grid(cuda::blocks_for(N), m.n_levels);
-                hash_bwd_params_kernel<kF, S, P><<<grid, cuda::kThreads, 0, cuda::stream()>>>(
+                hash_bwd_params_kernel<kF, S, GradAcc<P>><<<grid, cuda::kThreads, 0, cuda::stream()>>>(
                     N, m, x.data_ptr<S>(), gy.data_ptr<S>(), gp);
                 C10_CUDA_KERNEL_LAUNCH_CHECK();
             }
@@ -132,13 +146,14 @@ std::tuple<at::Tensor, at::Tensor> hash_encode_bwd_cuda(const at::Tensor& grad_y
             }
         });
     });
-    return {gparams, gx};
+    return {gparams.to(params.scalar_type()), gx};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_encode_bwd_bwd_cuda(
     const at::Tensor& ggx_, const at::Tensor& grad_y_, const at::Tensor& x_, const at::Tensor& params_,
     c10::ArrayRef<double> scales, c10::IntArrayRef resolutions, c10::IntArrayRef offsets, c10::IntArrayRef hashed,
     int64_t n_features, bool need_params_grad, bool need_x_grad) {
+    check_same_device("hash_encode_bwd_bwd", {ggx_, grad_y_, x_, params_});
     check_hash_inputs(x_, params_, offsets, n_features);
     const GridMeta m = make_grid_meta(scales, resolutions, offsets, hashed, n_features);
     c10::cuda::CUDAGuard guard(x_.device());
@@ -151,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_encode_bwd_bwd_cuda(
                 "hash_encode_bwd_bwd: grad_y must be (N, L*F)");
     TORCH_CHECK(ggx.dim() == 2 && ggx.size(0) == N && ggx.size(1) == 3, "hash_encode_bwd_bwd: ggx must be (N, 3)");
     at::Tensor ggy = at::empty({N, m.n_levels * n_features}, x.options());
-    at::Tensor gparams = need_params_grad ? at::zeros({params.numel()}, params.options()) : at::empty({0}, params.options());
+    at::Tensor gparams = params_grad_accumulator(params, need_params_grad);
     at::Tensor gx = need_x_grad ? at::empty({N, 3}, x.options()) : at::empty({0}, x.options());
     if (N == 0) {
         if (need_x_grad) gx.zero_();
@@ -159,15 +174,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_encode_bwd_bwd_cuda(
     }
     FD_DISPATCH_HASH_TYPES(x, params, __half, [&] {
         const P* pp = static_cast<const P*>(params.data_ptr());
-        P* gp = need_params_grad ? static_cast<P*>(gparams.data_ptr()) : nullptr;
+        if (need_params_grad)
+            at::globalContext().alertNotDeterministic("hash_encode_bwd_bwd (CUDA params gradient, atomic sums)");
+        auto* gp = need_params_grad ? static_cast<GradAcc<P>*>(gparams.data_ptr()) : nullptr;
         FD_DISPATCH_N_FEATURES(n_features, [&] {
-            hash_bwd_bwd_kernel<kF, S, P, P><<<cuda::blocks_for(N), cuda::kThreads, 0, cuda::stream()>>>(
+            hash_bwd_bwd_kernel<kF, S, P, GradAcc<P>><<<cuda::blocks_for(N), cuda::kThreads, 0, cuda::stream()>>>(
                 N, m, x.data_ptr<S>(), gy.data_ptr<S>(), ggx.data_ptr<S>(), pp, ggy.data_ptr<S>(), gp,
                 need_x_grad ? gx.data_ptr<S>() : nullptr);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
     });
-    return {ggy, gparams, gx};
+    return {ggy, gparams.to(params.scalar_type()), gx};
 }
 
 }  // namespace

@@ -33,7 +33,7 @@ __global__ void march_fill_kernel(int64_t R, const S* __restrict__ o, const S* _
     S b[9];
 #pragma unroll
     for (int i = 0; i < 9; ++i) b[i] = box[i];
-    march::WritePacked<S> emit{r, ends[r] - counts[r], ray_indices, t_starts, t_ends};
+    march::WritePacked<S> emit{r, ends[r] - counts[r], counts[r], ray_indices, t_starts, t_ends};
     march::march_ray(o + 3 * r, d + 3 * r, b, grid, p, emit);
 }
 
@@ -41,6 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays_cuda(const at::Tensor&
                                                                const at::Tensor& aabb_, const at::Tensor& binary_,
                                                                double near, double far, double step_size,
                                                                double cone_angle, double max_step_size) {
+    check_same_device("march_rays", {origins_, directions_, aabb_, binary_});
     c10::cuda::CUDAGuard guard(origins_.device());
     const MarchInputs in = prepare_march(origins_, directions_, aabb_, binary_);
     const march::OccupancyView grid = in.view();
@@ -73,13 +74,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays_cuda(const at::Tensor&
     return {ray_indices, t_starts, t_ends};
 }
 
-// Float max by compare-and-swap (no native float atomicMax); cells may be drawn more than once.
+// The occupancy update's max by compare-and-swap (no native float atomicMax; cells may be drawn more
+// than once), with the shared rule of march::estimate_raises_cell.
 __device__ __forceinline__ void atomic_max(float* address, float value) {
     int* bits = reinterpret_cast<int*>(address);
     int old = *bits, assumed;
     do {
         assumed = old;
-        if (__int_as_float(assumed) >= value) return;
+        if (!march::estimate_raises_cell(__int_as_float(assumed), value)) return;
         old = atomicCAS(bits, assumed, __float_as_int(value));
     } while (assumed != old);
 }
@@ -89,7 +91,7 @@ __device__ __forceinline__ void atomic_max(double* address, double value) {
     unsigned long long old = *bits, assumed;
     do {
         assumed = old;
-        if (__longlong_as_double(static_cast<long long>(assumed)) >= value) return;
+        if (!march::estimate_raises_cell(__longlong_as_double(static_cast<long long>(assumed)), value)) return;
         old = atomicCAS(bits, assumed, static_cast<unsigned long long>(__double_as_longlong(value)));
     } while (assumed != old);
 }
@@ -101,11 +103,12 @@ __global__ void occupancy_scatter_max_kernel(int64_t m, int64_t n, const int64_t
     if (k >= m) return;
     const int64_t i = indices[k];
     const S e = estimates[k];
-    if (i >= 0 && i < n && march::is_finite(e)) atomic_max(out + i, e);
+    if (i >= 0 && i < n) atomic_max(out + i, e);  // the launcher asserts the range; this keeps memory safe
 }
 
 std::tuple<at::Tensor, at::Tensor> occupancy_update_cuda(const at::Tensor& occupancy, const at::Tensor& indices_,
                                                          const at::Tensor& estimates_, double decay, double threshold) {
+    check_same_device("occupancy_update", {occupancy, indices_, estimates_});
     c10::cuda::CUDAGuard guard(occupancy.device());
     at::Tensor out = occupancy_decayed(occupancy, indices_, estimates_, decay);
     auto indices = indices_.contiguous();

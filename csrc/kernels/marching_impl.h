@@ -159,14 +159,19 @@ struct CountOnly {
     FD_HOST_DEVICE FD_INLINE void operator()(int64_t, float, float) const {}
 };
 
+// Writes a ray's samples into its slot [base, base + capacity) of the packed outputs. The slot comes
+// from a separate count pass; writes past it are dropped, so a count/fill disagreement cannot write
+// out of bounds.
 template <typename S>
 struct WritePacked {
     int64_t ray;
     int64_t base;
+    int64_t capacity;
     int64_t* ray_indices;
     S* t_starts;
     S* t_ends;
     FD_HOST_DEVICE FD_INLINE void operator()(int64_t k, S t0, S t1) const {
+        if (k >= capacity) return;
         ray_indices[base + k] = ray;
         t_starts[base + k] = t0;
         t_ends[base + k] = t1;
@@ -177,6 +182,14 @@ struct WritePacked {
 template <typename S>
 FD_HOST_DEVICE FD_INLINE bool is_finite(S v) {
     return v == v && fd_abs(v) != infinity<S>();
+}
+
+// Occupancy-grid update of one visited cell, the same rule on CPU and CUDA: the cell takes an estimate
+// above it; a non-finite estimate is skipped (a NaN must not poison a cell for good) and a NaN cell
+// stays NaN (as scatter_reduce(amax) in the reference keeps it).
+template <typename S>
+FD_HOST_DEVICE FD_INLINE bool estimate_raises_cell(S cell, S estimate) {
+    return is_finite(estimate) && estimate > cell;
 }
 
 }  // namespace march

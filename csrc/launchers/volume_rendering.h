@@ -37,6 +37,7 @@ CompositePtrs<S> composite_ptrs(const CompositeArgs& a, int64_t mode) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> render_weights_fwd(const at::Tensor& t_starts_, const at::Tensor& t_ends_,
                                                                   const at::Tensor& sigmas_,
                                                                   const at::Tensor& ray_offsets_) {
+    check_same_device("render_weights_fwd", {t_starts_, t_ends_, sigmas_, ray_offsets_});
     check_packed(t_starts_, t_ends_, sigmas_, ray_offsets_);
     DeviceGuard guard(sigmas_.device());
     auto sigmas = sigmas_.contiguous();
@@ -62,6 +63,8 @@ at::Tensor render_weights_bwd(const c10::optional<at::Tensor>& gw_, const c10::o
                               const c10::optional<at::Tensor>& ga_, const at::Tensor& t_starts_,
                               const at::Tensor& t_ends_, const at::Tensor& sigmas_, const at::Tensor& ray_offsets_,
                               const at::Tensor& trans_, const at::Tensor& alphas_) {
+    check_same_device("render_weights_bwd",
+                      {or_undefined(gw_), or_undefined(gt_), or_undefined(ga_), t_starts_, t_ends_, sigmas_, ray_offsets_, trans_, alphas_});
     check_packed(t_starts_, t_ends_, sigmas_, ray_offsets_);
     DeviceGuard guard(sigmas_.device());
     auto sigmas = sigmas_.contiguous();
@@ -94,6 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite
     const at::Tensor& albedo, const c10::optional<at::Tensor>& normals, const at::Tensor& origins,
     const at::Tensor& directions, const at::Tensor& light_positions, const at::Tensor& light_intensity,
     const at::Tensor& ambient, int64_t mode) {
+    check_same_device("composite_fwd",
+                      {t_starts, t_ends, ray_offsets, sigmas, albedo, or_undefined(normals), origins, directions, light_positions, light_intensity, ambient});
     DeviceGuard guard(sigmas.device());
     CompositeArgs a = prepare_composite(t_starts, t_ends, ray_offsets, sigmas, albedo, normals, origins, directions,
                                         light_positions, light_intensity, ambient, mode);
@@ -123,6 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> composite_bwd(
     const at::Tensor& light_positions, const at::Tensor& light_intensity, const at::Tensor& ambient,
     const at::Tensor& rgb_, const at::Tensor& op_, const at::Tensor& depth_, const at::Tensor& normal_,
     const at::Tensor& weights_, int64_t mode, bool need_normals_grad) {
+    check_same_device("composite_bwd",
+                      {g_rgb_, g_op_, g_depth_, g_normal_, or_undefined(g_weights_), t_starts, t_ends, ray_offsets, sigmas, albedo, or_undefined(normals), origins, directions, light_positions, light_intensity, ambient, rgb_, op_, depth_, normal_, weights_});
     DeviceGuard guard(sigmas.device());
     CompositeArgs a = prepare_composite(t_starts, t_ends, ray_offsets, sigmas, albedo, normals, origins, directions,
                                         light_positions, light_intensity, ambient, mode);

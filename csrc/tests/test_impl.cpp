@@ -3,6 +3,7 @@
 // PyTorch reference, this executable pins the header logic itself (and builds without torch/CUDA).
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <vector>
 
 #include "fastdream/common.h"
@@ -206,8 +207,24 @@ static void test_rasterize() {
     EXPECT_NEAR(hm.w, 0.2, 1e-12);
 }
 
+// The fill pass's writer stays inside its ray's slot even if asked for more samples than were counted,
+// and the occupancy update's per-cell rule skips non-finite estimates and keeps NaN cells.
+static void test_packed_writes_and_occupancy_rule() {
+    int64_t rays[4] = {-1, -1, -1, -1};
+    float t0[4] = {0, 0, 0, 0}, t1[4] = {0, 0, 0, 0};
+    march::WritePacked<float> emit{7, 1, 2, rays, t0, t1};
+    for (int k = 0; k < 3; ++k) emit(k, float(k), float(k) + 0.5f);  // a third sample beyond the count
+    EXPECT(rays[0] == -1 && rays[1] == 7 && rays[2] == 7 && rays[3] == -1);
+    EXPECT(t0[2] == 1.0f && t1[3] == 0.0f);
+    const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+    EXPECT(march::estimate_raises_cell(0.2f, 0.5f) && !march::estimate_raises_cell(0.5f, 0.2f));
+    EXPECT(!march::estimate_raises_cell(0.2f, nan) && !march::estimate_raises_cell(0.2f, inf));
+    EXPECT(!march::estimate_raises_cell(nan, 0.5f));
+}
+
 int main() {
     test_grid_index();
+    test_packed_writes_and_occupancy_rule();
     test_encode_level();
     test_marching();
     test_compositing();

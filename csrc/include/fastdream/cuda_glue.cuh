@@ -18,26 +18,12 @@ inline unsigned int blocks_for(int64_t n, int threads = kThreads) {
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-// Adds w * gy[f] into a gradient buffer with atomics. half: paired __half2 atomics when the feature
-// count is even (the pair is 4-byte aligned since i is a multiple of F), like tiny-cuda-nn.
+// Adds w * gy[f] into a gradient buffer with atomics (float or double: half params accumulate in float).
 template <typename S, typename G>
 struct AtomicAcc {
     G* buf;
     __device__ __forceinline__ void operator()(int64_t i, S w, const S* gy, int F) const {
         for (int f = 0; f < F; ++f) atomicAdd(buf + i + f, static_cast<G>(w * gy[f]));
-    }
-};
-
-template <>
-struct AtomicAcc<float, __half> {
-    __half* buf;
-    __device__ __forceinline__ void operator()(int64_t i, float w, const float* gy, int F) const {
-        if ((F & 1) == 0) {
-            for (int f = 0; f < F; f += 2)
-                atomicAdd(reinterpret_cast<__half2*>(buf + i + f), __floats2half2_rn(w * gy[f], w * gy[f + 1]));
-        } else {
-            for (int f = 0; f < F; ++f) atomicAdd(buf + i + f, __float2half_rn(w * gy[f]));
-        }
     }
 };
 

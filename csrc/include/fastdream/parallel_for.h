@@ -34,7 +34,7 @@ __global__ void parallel_for_kernel(int64_t n, Fn fn) {
 template <typename Fn>
 void parallel_for(int64_t n, int64_t /*grain*/, Fn fn) {
     if (n <= 0) return;
-    parallel_for_kernel<<<cuda::blocks_for(n), cuda::kThreads, 0, cuda::stream()>>>(n, fn);
+    parallel_for_kernel<Fn><<<cuda::blocks_for(n), cuda::kThreads, 0, cuda::stream()>>>(n, fn);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/ArrayRef.h>
 
+#include <initializer_list>
+
 #include "../../kernels/compositing_impl.h"
 #include "../../kernels/hash_encoding_impl.h"
 #include "../../kernels/marching_impl.h"
@@ -11,6 +13,20 @@
 namespace fastdream {
 
 #define FD_CHECK_CONTIGUOUS(t) TORCH_CHECK((t).is_contiguous(), #t " must be contiguous")
+
+// Every tensor argument of an op on one device: the dispatcher picks the kernel from the highest-priority
+// device among them, so a CPU tensor could otherwise reach a CUDA kernel (or the other way round).
+inline void check_same_device(const char* op, std::initializer_list<at::Tensor> tensors) {
+    const at::Tensor* first = nullptr;
+    for (const at::Tensor& t : tensors) {
+        if (!t.defined()) continue;
+        if (first == nullptr) first = &t;
+        TORCH_CHECK(t.device() == first->device(), op, ": all tensor arguments must be on one device, got ",
+                    first->device(), " and ", t.device());
+    }
+}
+
+inline at::Tensor or_undefined(const c10::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
 inline hashgrid::GridMeta make_grid_meta(c10::ArrayRef<double> scales, c10::IntArrayRef resolutions,
                                          c10::IntArrayRef offsets, c10::IntArrayRef hashed, int64_t n_features) {
@@ -202,7 +218,7 @@ inline MarchInputs prepare_march(const at::Tensor& origins, const at::Tensor& di
 }
 
 // ---------------------------------------------------------------- occupancy-grid update
-// The launchers scatter the estimates into `decayed` (max, non-finite ones skipped); the decay and the
+// The launchers scatter the estimates into `decayed` (march::estimate_raises_cell); the index check, the decay and the
 // mean-capped threshold are ATen ops on the device, so the update needs no host sync.
 inline at::Tensor occupancy_decayed(const at::Tensor& occupancy, const at::Tensor& indices, const at::Tensor& estimates,
                                     double decay) {
@@ -213,6 +229,12 @@ inline at::Tensor occupancy_decayed(const at::Tensor& occupancy, const at::Tenso
                 "occupancy_update: estimates must match indices, in the occupancy's dtype");
     TORCH_CHECK(indices.device() == occupancy.device() && estimates.device() == occupancy.device(),
                 "occupancy_update: all tensors must be on one device");
+    if (indices.numel() > 0) {
+        // Raises on CPU; a device-side assert on CUDA (as torch's own scatter does), with no host sync.
+        const auto [lo, hi] = at::aminmax(indices);
+        at::_assert_async(at::logical_and(lo >= 0, hi < occupancy.numel()),
+                          "occupancy_update: an index is out of range for the grid's cells");
+    }
     return at::mul(occupancy.contiguous(), decay);
 }
 
