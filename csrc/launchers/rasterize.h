@@ -9,6 +9,7 @@
 
 #include "../kernels/rasterize_impl.h"
 #include "fastdream/parallel_for.h"
+#include "fastdream/torch_glue.h"
 
 namespace fastdream {
 namespace {
@@ -43,6 +44,7 @@ inline at::Tensor scatter_rows(const at::Tensor& idx, const at::Tensor& values, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rasterize_fwd(const at::Tensor& pos_, const at::Tensor& tri_,
                                                              int64_t height, int64_t width) {
+    check_same_device("rasterize_fwd", {pos_, tri_});
     check_mesh(pos_, tri_, "rasterize");
     TORCH_CHECK(height >= 1 && width >= 1, "rasterize: height and width must be positive");
     DeviceGuard guard(pos_.device());
@@ -75,6 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rasterize_fwd(const at::Tensor& p
 
 at::Tensor rasterize_bwd(const at::Tensor& g_bary_, const at::Tensor& g_depth_, const at::Tensor& pos_,
                          const at::Tensor& tri_, const at::Tensor& tri_id_) {
+    check_same_device("rasterize_bwd", {g_bary_, g_depth_, pos_, tri_, tri_id_});
     check_mesh(pos_, tri_, "rasterize_bwd");
     check_image(tri_id_, pos_.size(0), "rasterize_bwd");
     DeviceGuard guard(pos_.device());
@@ -110,6 +113,7 @@ at::Tensor rasterize_bwd(const at::Tensor& g_bary_, const at::Tensor& g_depth_, 
 
 at::Tensor interpolate_fwd(const at::Tensor& attr_, const at::Tensor& tri_id_, const at::Tensor& bary_,
                            const at::Tensor& tri_) {
+    check_same_device("interpolate_fwd", {attr_, tri_id_, bary_, tri_});
     TORCH_CHECK(attr_.dim() == 2, "interpolate: attr must be (V, C)");
     TORCH_CHECK(tri_.dim() == 2 && tri_.size(1) == 3 && tri_.scalar_type() == at::kLong,
                 "interpolate: tri must be (F, 3) int64");
@@ -135,6 +139,7 @@ at::Tensor interpolate_fwd(const at::Tensor& attr_, const at::Tensor& tri_id_, c
 std::tuple<at::Tensor, at::Tensor> interpolate_bwd(const at::Tensor& g_out_, const at::Tensor& attr_,
                                                    const at::Tensor& tri_id_, const at::Tensor& bary_,
                                                    const at::Tensor& tri_) {
+    check_same_device("interpolate_bwd", {g_out_, attr_, tri_id_, bary_, tri_});
     DeviceGuard guard(attr_.device());
     auto attr = attr_.contiguous();
     const auto dt = attr.scalar_type();
@@ -193,6 +198,7 @@ inline AntialiasInputs prepare_antialias(const at::Tensor& color, const at::Tens
 
 at::Tensor antialias_fwd(const at::Tensor& color, const at::Tensor& tri_id, const at::Tensor& depth,
                          const at::Tensor& pos, const at::Tensor& tri) {
+    check_same_device("antialias_fwd", {color, tri_id, depth, pos, tri});
     DeviceGuard guard(color.device());
     AntialiasInputs a = prepare_antialias(color, tri_id, depth, pos, tri);
     auto out = at::empty_like(a.color);
@@ -222,6 +228,7 @@ at::Tensor antialias_fwd(const at::Tensor& color, const at::Tensor& tri_id, cons
 std::tuple<at::Tensor, at::Tensor> antialias_bwd(const at::Tensor& g_out_, const at::Tensor& color,
                                                  const at::Tensor& tri_id, const at::Tensor& depth,
                                                  const at::Tensor& pos, const at::Tensor& tri) {
+    check_same_device("antialias_bwd", {g_out_, color, tri_id, depth, pos, tri});
     DeviceGuard guard(color.device());
     AntialiasInputs a = prepare_antialias(color, tri_id, depth, pos, tri);
     const int64_t B = a.B, H = a.H, W = a.W, C = a.C, V = a.V, P = B * H * W;
