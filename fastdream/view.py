@@ -14,7 +14,6 @@ import ipaddress
 import json
 import logging
 import mimetypes
-import os
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

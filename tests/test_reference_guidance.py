@@ -111,9 +111,32 @@ def mesh_occupancy(mesh, points: np.ndarray, pitch: float) -> np.ndarray:
     return inside
 
 
-def test_run_reconstructs_the_reference_scene(tmp_path):
+def reconstruction_scores(out, scene) -> tuple:
+    """(mesh IoU, held-out PSNR) of the run in `out` against the reference `scene`: occupancy of the exported
+    mesh vs the scene's (density above the export threshold) on a 48^3 lattice, and albedo renders from six
+    held-out cameras (an elevation/azimuth/distance/focal never sampled exactly in training)."""
     import trimesh
 
+    from fastdream.runs import load_run  # the run's renderer is rebuilt from its newest checkpoint
+
+    D = 48
+    aabb = scene["aabb"]
+    pitch = float(aabb[3] - aabb[0]) / D
+    c = [aabb[i] + (np.arange(D) + 0.5) * pitch for i in range(3)]
+    points = np.stack(np.meshgrid(*c, indexing="ij"), -1).reshape(-1, 3)
+    predicted = mesh_occupancy(trimesh.load(out / "mesh.obj", force="mesh"), points, pitch / 2)
+    truth = VoxelField(scene["density"], scene["albedo"], aabb).density(torch.as_tensor(points, dtype=torch.float32)).numpy() > 10.0
+    iou = float((predicted & truth).sum() / (predicted | truth).sum())
+
+    renderer = load_run(out, device="cpu").stage.renderer
+    reference = ReferenceSceneGuidance(scene, "cpu", render_config=renderer.config, grid_resolution=32)
+    cams = orbit_cameras(6, 48, 48, elevation_deg=25.0, distance=2.1, fov_y_deg=50.0, start_azimuth_deg=17.0)
+    with torch.no_grad():
+        pred = renderer.render(cams, "albedo").rgb
+    return iou, psnr(pred, reference.reference_images(cams, "albedo").permute(0, 2, 3, 1))
+
+
+def test_run_reconstructs_the_reference_scene(tmp_path):
     from fastdream.cli import main
 
     scene = demo_scene(32)
@@ -128,26 +151,7 @@ def test_run_reconstructs_the_reference_scene(tmp_path):
     assert main(args) == 0
     wall = time.perf_counter() - t0
 
-    # geometry: occupancy of the exported mesh vs the scene's (density above the export threshold)
-    D = 48
-    aabb = scene["aabb"]
-    pitch = float(aabb[3] - aabb[0]) / D
-    c = [aabb[i] + (np.arange(D) + 0.5) * pitch for i in range(3)]
-    points = np.stack(np.meshgrid(*c, indexing="ij"), -1).reshape(-1, 3)
-    mesh = trimesh.load(out / "mesh.obj", force="mesh")
-    predicted = mesh_occupancy(mesh, points, pitch / 2)
-    truth = VoxelField(scene["density"], scene["albedo"], aabb).density(torch.as_tensor(points, dtype=torch.float32)).numpy() > 10.0
-    iou = float((predicted & truth).sum() / (predicted | truth).sum())
-
-    # appearance: held-out views (an elevation/azimuth/distance/focal never sampled exactly in training)
-    from fastdream.runs import load_run  # the run's renderer is rebuilt from its newest checkpoint
-
-    renderer = load_run(out, device="cpu").stage.renderer
-    reference = ReferenceSceneGuidance(scene, "cpu", render_config=renderer.config, grid_resolution=32)
-    cams = orbit_cameras(6, 48, 48, elevation_deg=25.0, distance=2.1, fov_y_deg=50.0, start_azimuth_deg=17.0)
-    with torch.no_grad():
-        pred = renderer.render(cams, "albedo").rgb
-    view_psnr = psnr(pred, reference.reference_images(cams, "albedo").permute(0, 2, 3, 1))
+    iou, view_psnr = reconstruction_scores(out, scene)
     metrics = json.loads((out / "metrics.json").read_text())
     print(f"\nreference reconstruction: IoU {iou:.3f}, held-out PSNR {view_psnr:.2f} dB, {RECON_STEPS} steps in "
           f"{wall:.1f}s ({metrics['it_per_s']} it/s, backend {metrics['versions']['backend']})")

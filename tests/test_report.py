@@ -14,7 +14,7 @@ import pytest
 
 from fastdream import runs
 from fastdream.cli import main
-from fastdream.report import index_data, write_index, write_report
+from fastdream.report import write_index
 from fastdream.view import ViewServer
 
 from test_run import TINY, scene_path  # noqa: F401  (fixture)

@@ -13,7 +13,7 @@ import json
 import logging
 import mimetypes
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 from .. import atomic
 from ..metrics_log import FILENAME as METRICS_LOG, read_metrics
