@@ -101,7 +101,7 @@ class NeRFStage(Stage):
         out = self.renderer.render(cameras, shading=shading, need_normals=shading != "albedo" or reg["orient"] > 0,
                                    background=background)
         images = out.rgb.permute(0, 3, 1, 2)
-        sds = guidance(images, cameras, shading, progress)
+        sds = guidance(images, cameras, shading, progress, opacity=out.opacity.permute(0, 3, 1, 2))
         loss = sds.loss
         terms = {"sds": sds.loss.detach()}
         rays = out.rays
