@@ -121,7 +121,9 @@ class GuidanceConfig:
     dtype: str = ""                 # "" -> float16 on CUDA, float32 on the CPU
     reference_scene: str = ""       # kind=reference: .npz voxel scene or .obj/.ply/.glb mesh
     reference_resolution: int = 64  # voxels per axis when the reference is a mesh
-    options: Dict[str, Any] = _field(default_factory=dict)  # further GuidanceOptions (e.g. latent_mode, attention)
+    # further GuidanceOptions (e.g. latent_mode, attention; perp_neg=true and its perp_neg_f_* curves, off by
+    # default as in both peers: see fastdream.guidance.base)
+    options: Dict[str, Any] = _field(default_factory=dict)
 
 
 @dataclass

@@ -612,3 +612,25 @@ def test_resume_removes_stale_temporaries_and_warns_about_a_new_total(tmp_path, 
     with caplog.at_level("INFO", logger="fastdream"):
         assert runs.run("two spheres", out, resume=True, **{**kwargs, "cli": {**kwargs["cli"], "steps": 5}})["steps"] == 5
     assert "no training step this time" in caplog.text and "None" not in caplog.text
+
+
+def test_tiny_stable_diffusion_run_with_perp_neg(tmp_path, capsys, monkeypatch):
+    tiny = pytest.importorskip("tests.tiny_models")
+    pytest.importorskip("diffusers")
+    from fastdream.guidance import StableDiffusionGuidance
+
+    calls = []
+    original = StableDiffusionGuidance.perp_neg_embeddings
+    monkeypatch.setattr(StableDiffusionGuidance, "perp_neg_embeddings",
+                        lambda self, *a: calls.append(len(a)) or original(self, *a))
+    model = tiny.make_tiny_sd_pipeline(tmp_path / "tiny-sd")
+    out = tmp_path / "run"
+    args = ["run", "a hamburger", "--model", str(model), "--steps", "4", "--out", str(out), "--device", "cpu",
+            "--quiet"] + _sets(*NO_OUTPUTS, "guidance.options.perp_neg=true", "guidance.options.perp_neg_f_sb=[1,0.5,-0.5]")
+    assert main(args) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["n_skipped"] == 0 and len(calls) == 4  # Perp-Neg on every step
+    import yaml
+
+    options = yaml.safe_load((out / "config.yaml").read_text())["guidance"]["options"]
+    assert options["perp_neg"] is True and options["perp_neg_f_sb"] == [1, 0.5, -0.5]
