@@ -270,6 +270,7 @@ NUMERIC_RANGES: Dict[str, str] = {
     "camera.light_position_perturb": "[0, inf)", "camera.light_intensity_range": "[0, inf)",
     "camera.ambient_range": "[0, 1]",
     "camera.position_jitter": "[0, inf)", "camera.target_jitter": "[0, inf)", "camera.up_jitter": "[0, inf)",
+    "camera.progressive_until": "[0, 1]", "camera.progressive_elevation": "[-90, 90]",
     "grid.resolution": "[1, inf)", "grid.update_every": "[1, inf)", "grid.ema_decay": "[0, 1]",
     "grid.threshold": "[0, inf)", "grid.warmup_steps": "[0, inf)",
     "optim.lr_hash": "[0, inf)", "optim.lr_mlp": "[0, inf)", "optim.lr_background": "[0, inf)",
