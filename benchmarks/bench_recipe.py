@@ -178,7 +178,19 @@ def run(args) -> Dict:
               "overrides": list(OUTPUT_SETS) + list(args.set or []), "scene_resolution": 32}
     if args.quick:
         notes.append("quick mode: 20 steps on the demo scene: a plumbing test, not a convergence figure")
+    notes += loaded_machine_note()
     return common.make_result("recipe", args, config, results, [], [], started, notes)
+
+
+def loaded_machine_note() -> List[str]:
+    """The scores do not depend on the machine's load (fixed seeds), the wall times do: say so when it was busy."""
+    import os
+
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= cpus:
+        return []
+    return [f"the machine was shared (load average {load:.1f} on {cpus} CPUs): the wall times are inflated; "
+            "the scores do not depend on it"]
 
 
 def main(argv=None):
