@@ -217,9 +217,9 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> Dict[str, Any]:
         cfg = self.config
-        cams = sample_cameras(cfg.batch_size, cfg.width, cfg.height, self.stage.scene_radius, cfg.camera,
-                              generator=self.generator, device=self.device)
         progress = step / max(cfg.steps, 1)
+        cams = sample_cameras(cfg.batch_size, cfg.width, cfg.height, self.stage.scene_radius, cfg.camera,
+                              generator=self.generator, device=self.device, progress=progress)
         result = self.stage.loss(cams, step, progress, self.guidance, self.generator)
         loss, terms = result.loss, result.terms
         self.optimizer.zero_grad(set_to_none=True)

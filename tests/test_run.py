@@ -637,3 +637,24 @@ def test_the_first_step_marches_only_the_initial_blob(tmp_path, scene_path):
     # rays march the blob's shell and stop at its opaque surface: tens of samples each, not a march across
     # the box (about 250 at the default 512 steps per diagonal)
     assert info["samples_per_ray"] < 64
+
+def test_tiny_stable_diffusion_run_with_perp_neg(tmp_path, capsys, monkeypatch):
+    tiny = pytest.importorskip("tests.tiny_models")
+    pytest.importorskip("diffusers")
+    from fastdream.guidance import StableDiffusionGuidance
+
+    calls = []
+    original = StableDiffusionGuidance.perp_neg_embeddings
+    monkeypatch.setattr(StableDiffusionGuidance, "perp_neg_embeddings",
+                        lambda self, *a: calls.append(len(a)) or original(self, *a))
+    model = tiny.make_tiny_sd_pipeline(tmp_path / "tiny-sd")
+    out = tmp_path / "run"
+    args = ["run", "a hamburger", "--model", str(model), "--steps", "4", "--out", str(out), "--device", "cpu",
+            "--quiet"] + _sets(*NO_OUTPUTS, "guidance.options.perp_neg=true", "guidance.options.perp_neg_f_sb=[1,0.5,-0.5]")
+    assert main(args) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["n_skipped"] == 0 and len(calls) == 4  # Perp-Neg on every step
+    import yaml
+
+    options = yaml.safe_load((out / "config.yaml").read_text())["guidance"]["options"]
+    assert options["perp_neg"] is True and options["perp_neg_f_sb"] == [1, 0.5, -0.5]
