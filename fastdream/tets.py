@@ -142,7 +142,7 @@ def marching_tets(vertices: torch.Tensor, tets: torch.Tensor, sdf: torch.Tensor)
         cut_tets, cut_code = tets[surface], code[surface]
         local = torch.tensor(TET_EDGES, device=device)
         ends = cut_tets[:, local]  # (Ts, 6, 2)
-        lo, hi = ends.min(-1).values, ends.max(-1).values
+        lo, hi = torch.minimum(ends[..., 0], ends[..., 1]), torch.maximum(ends[..., 0], ends[..., 1])
         crossing = inside[lo] != inside[hi]
         keys, edge_vertex = torch.unique(lo[crossing] * V + hi[crossing], return_inverse=True)
         edge_of = torch.full(lo.shape, -1, dtype=torch.int64, device=device)
