@@ -153,5 +153,5 @@ def marching_tets(vertices: torch.Tensor, tets: torch.Tensor, sdf: torch.Tensor)
         faces = torch.gather(edge_of[:, None, :].expand(-1, 2, -1), 2, table.clamp_min(0))[present]
     s_a, s_b = sdf[a], sdf[b]
     t = (s_a / (s_a - s_b))[:, None].to(vertices.dtype)
-    verts = vertices[a] + t * (vertices[b] - vertices[a])
+    verts = torch.lerp(vertices[a], vertices[b], t)  # exactly p_b at t = 1 (an end point with sdf 0)
     return verts, faces
