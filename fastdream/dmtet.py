@@ -114,6 +114,10 @@ class DMTetGeometry(nn.Module):
         keep[labels[near]] = True
         keep[0] = False
         inside = keep[labels]
+        if not bool(inside.any()):
+            raise FastDreamError(f"DMTetGeometry.init_from_density: the surface at threshold {threshold:g} encloses no "
+                                 f"vertex of the {self.resolution}^3 tetrahedral grid (the object is thinner than a "
+                                 f"grid cell, {float(self.cell.max()):.3g}); use a finer grid.")
         # a vertex exactly on the surface counts as outside (marching_tets' rule); keep it strictly signed
         distance = distance.clamp_min(1e-6 * float(self.cell.min()))
         self.sdf.copy_(torch.where(inside, -distance, distance).to(self.sdf))

@@ -195,6 +195,13 @@ def test_dmtet_without_a_surface_at_the_threshold_is_refused():
     assert torch.equal(geometry.sdf.detach(), before)  # nothing half-set
 
 
+def test_dmtet_refuses_a_surface_thinner_than_its_grid():
+    geometry = DMTetGeometry(3)  # vertices at -1, -1/3, 1/3, 1: a ball of radius 0.2 holds none
+    with pytest.raises(FastDreamError, match="finer grid"):
+        geometry.init_from_density(lambda p: 100.0 * (0.2 - torch.linalg.vector_norm(p, dim=-1)), 0.0,
+                                   mesh_resolution=64)
+
+
 def test_dmtet_extract_is_differentiable_and_the_deformation_bounded():
     geometry = DMTetGeometry(8, aabb=(-1, -1, -1, 1, 1, 1), deform_scale=0.5)
     verts, faces = geometry.extract()

@@ -231,3 +231,22 @@ def test_laplacian_smoothness_matches_the_dense_uniform_laplacian():
         (normal_consistency(noisy, f0) + 0.1 * laplacian_smoothness(noisy, f0)).backward()
         opt.step()
     assert float(normal_consistency(noisy, f0)) < 0.7 * start[0] and float(laplacian_smoothness(noisy, f0)) < start[1]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_dmtet_extraction_and_render_on_cuda_match_the_cpu():
+    geometry = DMTetGeometry(16)
+    cams = orbit_cameras(2, 48, 40, distance=2.2)
+    out = {}
+    for device in ("cpu", "cuda"):
+        g = geometry.to(device)
+        g.zero_grad(set_to_none=True)
+        verts, faces = g.extract()
+        render = render_mesh(verts, faces, cams.to(device), color_fn=lambda p: torch.sigmoid(3 * p), shading="lambertian")
+        (render.rgb.mean() + render.opacity.mean()).backward()
+        out[device] = [t.detach().cpu() for t in (verts, render.rgb, render.opacity, g.sdf.grad, g.deform.grad)]
+        out[device].append(faces.cpu())
+    assert torch.equal(out["cpu"][-1], out["cuda"][-1])
+    for a, b in zip(out["cpu"][:-1], out["cuda"][:-1]):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
