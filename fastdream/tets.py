@@ -6,8 +6,9 @@ from the cube's lowest corner to its highest one steps along x, y and z. Every c
 so neighbouring cubes cut their shared square along the same diagonal and the grid is conforming (two
 tetrahedra meet in a whole face, an edge, a vertex or not at all). Magic3D and threestudio load a grid
 precomputed by quartet (``load/tets/128_tets.npz``, from nvdiffrec/Kaolin); this one is generated in code
-instead, so nothing is downloaded or shipped. Sizes: threestudio's "128" grid has about 277k vertices,
-about as many as ``tet_grid(64)`` (65^3 = 275k vertices, 1.57M tetrahedra).
+instead, so nothing is downloaded or shipped. Sizes: threestudio's "128" grid has roughly as many vertices
+as ``tet_grid(64)`` (65^3 = 275k vertices, 1.57M tetrahedra): its tetrahedra are about 2 / 128 of the box
+across, and so are these cubes.
 
 ``marching_tets`` extracts the zero level set of a signed distance sampled at the grid vertices
 (sdf < 0 inside, > 0 outside; a vertex at exactly 0 counts as outside). The surface crosses every tet
