@@ -172,7 +172,7 @@ def test_fitting_a_dmtet_to_target_silhouettes_through_the_rasterizer_reduces_th
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        errors.append(float(loss))
+        errors.append(float(loss.detach()))
     assert errors[-1] < 0.3 * errors[0], errors
     assert float(geometry.deform.grad.abs().sum()) > 0
 
