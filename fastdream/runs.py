@@ -45,7 +45,7 @@ log = logging.getLogger("fastdream")
 
 OUTPUT_NAMES = ("checkpoints", "previews", "config.yaml", "metrics.json", "mesh.obj", "mesh.mtl", "mesh.ply",
                 "mesh.glb", "mesh_albedo.png", "turntable.mp4", "turntable.gif", "turntable_textureless.mp4",
-                "turntable_textureless.gif", "metrics.jsonl", "report.html", "tensorboard")
+                "turntable_textureless.gif", "metrics.jsonl", "report.html", "tensorboard", "coarse")
 
 
 def slugify(prompt: str, max_len: int = 60) -> str:

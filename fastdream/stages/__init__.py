@@ -1,6 +1,6 @@
-"""Training stages: what the training loop optimises (see `base.Stage`). ``STAGES`` maps the name stored
-in the configuration (``stage``) and in every checkpoint to the class; checkpoints written before
-stages were named hold a NeRF run."""
+"""Training stages: what the training loop optimises (see `base.Stage`). ``STAGES`` maps the names listed
+in the configuration (``stages``, trained in that order) and stored in every checkpoint to the classes;
+checkpoints written before stages were named hold a NeRF run."""
 from __future__ import annotations
 
 from typing import Dict, Type
