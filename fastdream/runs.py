@@ -207,6 +207,8 @@ def _warn_schedule_change(state: Dict[str, Any], config: RunConfig) -> None:
 
 
 def apply_flags(config: RunConfig, cli: Dict[str, Any]) -> None:
+    if "stages" in cli:
+        apply_overrides(config, [f"stages={cli['stages']}"])
     if "steps" in cli:
         config.steps = int(cli["steps"])
     if "seed" in cli:
