@@ -14,6 +14,12 @@ Opacity regularisers on the accumulated per-ray opacity a:
   entropy   mean over rays of -(a log a + (1-a) log(1-a)): pushes rays to be empty or opaque;
   sparsity  mean sqrt(a^2 + 0.01) (DreamFusion): penalises the foreground area.
 
+Mesh regularisers (the mesh stage; nvdiffrec's and threestudio's ``magic3d-refine`` / Fantasia3D terms), on a
+triangle mesh (verts (V, 3), faces (F, 3)):
+  normal consistency    mean over the edges shared by two faces of 1 - cos(angle between their normals);
+  Laplacian smoothness  mean over the vertices of |deg(v) v - sum of its neighbours| (the uniform Laplacian,
+                        unnormalised, as threestudio's ``laplacian_smooth_loss``).
+
 Weights over training (``ramp``): a weight may move linearly from a start to an end value over the
 first fraction of the steps, then stay there (threestudio writes ``[start_step, start, end, end_step]``).
 """
@@ -65,3 +71,45 @@ def per_ray_orientation(weights, normals, directions, ray_indices) -> torch.Tens
     facing = (normals * directions[ray_indices]).sum(-1).clamp_min(0.0)
     return ops.accumulate_along_rays(weights.detach(), facing.pow(2)[:, None], ray_indices=ray_indices,
                                      n_rays=directions.shape[0])[:, 0]
+
+
+def _edge_keys(faces: torch.Tensor, n_verts: int) -> torch.Tensor:
+    """(3F,) key lo * V + hi of every face's edges (v0v1, v1v2, v2v0), face-major."""
+    a = faces
+    b = faces.roll(-1, dims=1)
+    return (torch.minimum(a, b) * n_verts + torch.maximum(a, b)).reshape(-1)
+
+
+def normal_consistency(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 - n_f . n_g over the pairs of faces (f, g) that share an edge (scalar; zero without any).
+    Edges on a boundary are skipped; at an edge shared by more than two faces, faces next to each other in
+    the edge's list are paired."""
+    if faces.shape[0] == 0:
+        return verts.new_zeros(())
+    v0, v1, v2 = (verts[faces[:, i]] for i in range(3))
+    normal = torch.nn.functional.normalize(torch.linalg.cross(v1 - v0, v2 - v0, dim=-1), dim=-1, eps=1e-20)
+    with torch.no_grad():
+        keys = _edge_keys(faces, verts.shape[0])
+        order = torch.argsort(keys, stable=True)
+        sorted_keys = keys[order]
+        pair = (sorted_keys[1:] == sorted_keys[:-1]).nonzero()[:, 0]
+        f, g = order[pair] // 3, order[pair + 1] // 3
+    if f.numel() == 0:
+        return verts.new_zeros(())
+    cos = (normal[f] * normal[g]).sum(-1).clamp(-1.0, 1.0)
+    return (1.0 - cos).mean()
+
+
+def laplacian_smoothness(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Mean over the vertices of the norm of the uniform Laplacian deg(v) v - sum of v's neighbours (scalar)."""
+    if faces.shape[0] == 0:
+        return verts.new_zeros(())
+    with torch.no_grad():
+        n = verts.shape[0]
+        keys = torch.unique(_edge_keys(faces, n))
+        a, b = keys // n, keys % n
+        src, dst = torch.cat([a, b]), torch.cat([b, a])
+        degree = torch.zeros(n, dtype=verts.dtype, device=verts.device).index_add_(
+            0, src, torch.ones_like(src, dtype=verts.dtype))
+    neighbours = torch.zeros_like(verts).index_add(0, src, verts[dst])
+    return torch.linalg.vector_norm(degree[:, None] * verts - neighbours, dim=-1).mean()
