@@ -7,9 +7,10 @@ from typing import Dict, Type
 
 from ..errors import FastDreamError
 from .base import Stage, StepLoss
+from .mesh import MeshStage
 from .nerf import NeRFStage
 
-STAGES: Dict[str, Type[Stage]] = {NeRFStage.name: NeRFStage}
+STAGES: Dict[str, Type[Stage]] = {NeRFStage.name: NeRFStage, MeshStage.name: MeshStage}
 DEFAULT_STAGE = NeRFStage.name
 
 
@@ -24,4 +25,4 @@ def build_stage(name: str, config, device) -> Stage:
     return stage_class(name)(config, device)
 
 
-__all__ = ["Stage", "StepLoss", "NeRFStage", "STAGES", "DEFAULT_STAGE", "stage_class", "build_stage"]
+__all__ = ["Stage", "StepLoss", "NeRFStage", "MeshStage", "STAGES", "DEFAULT_STAGE", "stage_class", "build_stage"]
