@@ -7,7 +7,8 @@ fastdream wrote), trains with `fastdream.train.Trainer` and exports.
 
 Outputs (DIR defaults to outputs/<prompt slug>): config.yaml, previews/step_XXXXX.png,
 checkpoints/step_XXXXXXX.pt (atomic), and at the end mesh.obj/.mtl/.ply/.glb, turntable.mp4,
-turntable_textureless.mp4 and metrics.json. `--resume` continues exactly where the last checkpoint
+turntable_textureless.mp4 and metrics.json (with `stages: [nerf, mesh]` the refined mesh and its turntables,
+and the NeRF stage's under coarse/). `--resume` continues exactly where the last checkpoint
 left off (parameters, Adam moments, occupancy grid, step and every random generator), so a resumed run
 equals an uninterrupted one (given the same --steps: the shading and timestep schedules follow the total,
 and a changed total is warned about). Ctrl-C or SIGTERM writes a checkpoint at the last completed step and

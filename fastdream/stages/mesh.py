@@ -72,8 +72,9 @@ class MeshModel(nn.Module):
         return MeshViewOutput(rgb=out.rgb, opacity=out.opacity, normal=out.normal, depth=out.depth)
 
     @torch.no_grad()
-    def trimesh(self):
-        """The extracted surface as a trimesh.Trimesh with per-vertex albedo (None when empty)."""
+    def trimesh(self, min_component: float = 0.0):
+        """The extracted surface as a trimesh.Trimesh with per-vertex albedo (None when empty); connected
+        pieces with fewer faces than `min_component` of the largest are dropped (as `export.extract_mesh`)."""
         import trimesh
 
         from ..export import query_albedo
@@ -83,6 +84,11 @@ class MeshModel(nn.Module):
             return None
         v = verts.detach().float().cpu().numpy()
         mesh = trimesh.Trimesh(vertices=v, faces=faces.cpu().numpy(), process=True)
+        if min_component > 0:
+            parts = mesh.split(only_watertight=False)
+            if len(parts) > 1:
+                sizes = np.array([len(p.faces) for p in parts])
+                mesh = trimesh.util.concatenate([p for p, n in zip(parts, sizes) if n >= min_component * sizes.max()])
         albedo = query_albedo(self.field, np.asarray(mesh.vertices))
         rgba = np.concatenate([albedo, np.ones((len(albedo), 1), np.float32)], 1)
         mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=(rgba * 255).round().astype(np.uint8))
@@ -246,7 +252,7 @@ class MeshStage(Stage):
         self.model.eval()
         try:
             if output.mesh:
-                mesh = self.model.trimesh()
+                mesh = self.model.trimesh(output.mesh_min_component)
                 if mesh is None:
                     say("the refined mesh is empty; no mesh written")
                 else:
