@@ -11,8 +11,7 @@ stage (its density blob). Only the diffusion model is tiny: the geometry and the
 default sizes (512 px, 128^3 cells) unless --quick.
 
 ``refine``: `fastdream run --guidance reference --stages nerf,mesh` on a second reference scene (a
-coloured torus beside a box, voxelised from a mesh: a hole and flat faces, neither in the demo scene the
-tests use), then the NeRF stage's exported mesh (coarse/) and the refined one are scored as the tests
+coloured torus beside a box: a hole and flat faces, neither in the demo scene the tests use), then the NeRF stage's exported mesh (coarse/) and the refined one are scored as the tests
 score the demo scene (`tests/test_reference_guidance.reconstruction_scores`: occupancy IoU against the
 scene on a 48^3 lattice, albedo PSNR from six held-out cameras), with the CPU time of each stage.
 """
@@ -39,6 +38,10 @@ from . import common  # noqa: E402
 OUTPUT_SETS = ["output.mesh_resolution=64", "output.video=false", "output.preview_every=0",
                "output.checkpoint_every=0", "output.texture_resolution=256"]
 MESH_SETS = ["mesh.resolution=64", "mesh.tet_resolution=48"]
+# Opaque objects, as the tests' reference for the mesh stage: with the demo scene's default peak of 60 the
+# ramp renders a semi-transparent rim, whose alpha = 0.5 outline (what a surface fits) lies outside the
+# density > 10 occupancy the scores count.
+PEAK_DENSITY = 300.0
 
 
 def build_parser():
@@ -51,22 +54,27 @@ def build_parser():
     return p
 
 
-def second_scene(path: Path) -> Path:
-    """A torus (orange to purple around its ring) beside a green box, as a PLY mesh for the reference guidance."""
-    import trimesh
-
-    torus = trimesh.creation.torus(major_radius=0.4, minor_radius=0.15, major_sections=48, minor_sections=24)
-    torus.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 2.5, [1, 0, 0]))
-    torus.apply_translation([-0.2, 0.1, 0.0])
-    angle = np.arctan2(torus.vertices[:, 2], torus.vertices[:, 0] + 0.2)
-    mix = (np.cos(angle)[:, None] + 1) / 2
-    torus.visual.vertex_colors = np.concatenate(
-        [(mix * [240, 140, 30] + (1 - mix) * [120, 40, 200]).round(), np.full((len(mix), 1), 255)], 1).astype(np.uint8)
-    box = trimesh.creation.box(extents=(0.35, 0.5, 0.35))
-    box.apply_translation([0.5, -0.2, 0.1])
-    box.visual.vertex_colors = np.tile([40, 180, 90, 255], (len(box.vertices), 1)).astype(np.uint8)
-    trimesh.util.concatenate([torus, box]).export(path)
-    return path
+def second_scene(resolution: int = 32, peak_density: float = PEAK_DENSITY) -> Dict[str, np.ndarray]:
+    """A tilted torus (orange to purple around its ring) beside a green box, as voxel arrays built like
+    `demo.demo_scene` (density ramped over 1.5 voxels across the surface), opaque (see PEAK_DENSITY)."""
+    D = int(resolution)
+    c = (np.arange(D) + 0.5) / D * 2 - 1
+    p = np.stack(np.meshgrid(c, c, c, indexing="ij"), -1)
+    tilt = np.radians(60.0)
+    q = p - [-0.25, 0.1, 0.0]
+    y = q[..., 1] * np.cos(tilt) - q[..., 2] * np.sin(tilt)
+    z = q[..., 1] * np.sin(tilt) + q[..., 2] * np.cos(tilt)
+    ring = np.sqrt(q[..., 0] ** 2 + z ** 2)
+    torus = np.sqrt((ring - 0.4) ** 2 + y ** 2) - 0.15
+    d = np.abs(p - [0.5, -0.25, 0.1]) - [0.18, 0.25, 0.18]
+    box = np.linalg.norm(np.maximum(d, 0), axis=-1) + np.minimum(d.max(-1), 0)
+    sdf = np.minimum(torus, box)
+    mix = ((np.cos(np.arctan2(z, q[..., 0])) + 1) / 2)[..., None]
+    albedo = np.where((torus < box)[..., None], mix * [0.95, 0.55, 0.1] + (1 - mix) * [0.45, 0.15, 0.8],
+                      [0.15, 0.7, 0.35])
+    density = peak_density * np.clip(0.5 - sdf / (1.5 * 2.0 / D), 0.0, 1.0)
+    return {"density": density.astype(np.float32), "albedo": albedo.astype(np.float32),
+            "aabb": np.array([-1, -1, -1, 1, 1, 1], np.float32)}
 
 
 def _tiny_sd(folder: Path) -> Path:
@@ -103,12 +111,12 @@ def refine(device: str, nerf_steps: int, mesh_steps: int) -> Dict:
     sys.path.insert(0, str(common.REPO_ROOT / "tests"))
     from test_reference_guidance import reconstruction_scores
 
-    from fastdream.guidance.reference import load_reference_scene
     from fastdream.runs import run
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = second_scene(Path(tmp) / "torus_and_box.ply")
-        scene = load_reference_scene(path, resolution=32)
+        scene = second_scene(32)
+        path = Path(tmp) / "torus_and_box.npz"
+        np.savez(path, **scene)
         out = Path(tmp) / "run"
         result = run("a torus and a box", out, overrides=[*OUTPUT_SETS, *MESH_SETS, f"mesh.steps={mesh_steps}"],
                      quiet=True, preset="draft",
@@ -119,7 +127,7 @@ def refine(device: str, nerf_steps: int, mesh_steps: int) -> Dict:
         mesh_time = max(r["time"] for r in rows) - nerf_time
         coarse_iou, coarse_psnr = reconstruction_scores(out, scene, coarse=True)
         iou, view_psnr = reconstruction_scores(out, scene)
-    return {"scene": "torus and box (mesh, voxelised at 32^3)", "nerf_steps": nerf_steps, "mesh_steps": mesh_steps,
+    return {"scene": f"torus and box (32^3 voxels, peak density {PEAK_DENSITY:g})", "nerf_steps": nerf_steps, "mesh_steps": mesh_steps,
             "nerf_stage_cpu_s" if device == "cpu" else "nerf_stage_s": round(nerf_time, 1),
             "mesh_stage_cpu_s" if device == "cpu" else "mesh_stage_s": round(mesh_time, 1),
             "nerf_mesh_iou": round(coarse_iou, 4), "refined_mesh_iou": round(iou, 4),
