@@ -10,11 +10,12 @@ checkpoints hold no index arrays):
 
 ``init_from_density`` places the zero level set on the radiance field's density iso-surface, the surface
 the mesh export writes (``export.extract_mesh``: marching cubes at ``output.mesh_threshold``, small pieces
-dropped). Magic3D and threestudio instead fit the sdf to the coarse field by optimisation
-(``initialize_shape`` on sampled points); here the sdf is set directly to the signed distance to the
-exported marching-cubes mesh, which needs no optimisation, puts the surface where the export has it, and
-gives magnitudes that are distances (so the learning rate of the refinement means the same thing whatever
-the field's density scale). The sign comes from the density at each grid vertex, restricted to the
+dropped). threestudio (``TetrahedraSDFGrid.create_from`` an implicit volume) copies the density level at the
+grid vertices, ``threshold - density``, into the sdf (and shrinks the grid's box to the object; here the
+caller chooses the box). Here the sdf is the signed distance to the exported marching-cubes mesh instead:
+the surface lies where the export has it (the density is far from linear across a cell, so interpolating
+its level would move the surface), floaters the export drops are dropped too, and the magnitudes are
+distances, so the learning rate of the refinement means the same thing whatever the field's density scale. The sign comes from the density at each grid vertex, restricted to the
 connected inside regions that reach the exported mesh (so pieces the export drops are dropped here too);
 the magnitude is the distance to the nearest point of a dense sample of the mesh (its vertices and face
 centroids, about half a marching-cubes cell apart). Vertices on the box's boundary are kept outside, as
@@ -114,6 +115,10 @@ class DMTetGeometry(nn.Module):
         keep[labels[near]] = True
         keep[0] = False
         inside = keep[labels]
+        if not bool(inside.any()):
+            raise FastDreamError(f"DMTetGeometry.init_from_density: the surface at threshold {threshold:g} encloses no "
+                                 f"vertex of the {self.resolution}^3 tetrahedral grid (the object is thinner than a "
+                                 f"grid cell, {float(self.cell.max()):.3g}); use a finer grid.")
         # a vertex exactly on the surface counts as outside (marching_tets' rule); keep it strictly signed
         distance = distance.clamp_min(1e-6 * float(self.cell.min()))
         self.sdf.copy_(torch.where(inside, -distance, distance).to(self.sdf))

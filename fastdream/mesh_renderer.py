@@ -133,11 +133,11 @@ def render_mesh(verts: torch.Tensor, faces: torch.Tensor, cameras: CameraBatch, 
     pos = clip_positions(verts, cameras, near, far)
     tri_id, bary, ndc_depth = ops.rasterize(pos, faces, resolution=(H, W))
     covered = tri_id >= 0
-    points_img = ops.interpolate(verts, tri_id, bary, tri=faces)  # (B, H, W, 3) world positions
-    if normals == "vertex":
-        normal_img = torch.nn.functional.normalize(
-            ops.interpolate(vertex_normals(verts, faces), tri_id, bary, tri=faces), dim=-1, eps=1e-20)
+    if normals == "vertex":  # positions and normals in one pass over the image
+        both = ops.interpolate(torch.cat([verts, vertex_normals(verts, faces)], -1), tri_id, bary, tri=faces)
+        points_img, normal_img = both[..., :3], torch.nn.functional.normalize(both[..., 3:], dim=-1, eps=1e-20)
     else:
+        points_img = ops.interpolate(verts, tri_id, bary, tri=faces)
         normal_img = face_normals(verts, faces)[tri_id.clamp_min(0)]
     zero = verts.new_zeros(())
     normal_img = torch.where(covered[..., None], normal_img, zero)

@@ -6,8 +6,9 @@ from the cube's lowest corner to its highest one steps along x, y and z. Every c
 so neighbouring cubes cut their shared square along the same diagonal and the grid is conforming (two
 tetrahedra meet in a whole face, an edge, a vertex or not at all). Magic3D and threestudio load a grid
 precomputed by quartet (``load/tets/128_tets.npz``, from nvdiffrec/Kaolin); this one is generated in code
-instead, so nothing is downloaded or shipped. Sizes: threestudio's "128" grid has about 277k vertices,
-about as many as ``tet_grid(64)`` (65^3 = 275k vertices, 1.57M tetrahedra).
+instead, so nothing is downloaded or shipped. Sizes: threestudio's "128" grid has roughly as many vertices
+as ``tet_grid(64)`` (65^3 = 275k vertices, 1.57M tetrahedra): its tetrahedra are about 2 / 128 of the box
+across, and so are these cubes.
 
 ``marching_tets`` extracts the zero level set of a signed distance sampled at the grid vertices
 (sdf < 0 inside, > 0 outside; a vertex at exactly 0 counts as outside). The surface crosses every tet
@@ -142,7 +143,7 @@ def marching_tets(vertices: torch.Tensor, tets: torch.Tensor, sdf: torch.Tensor)
         cut_tets, cut_code = tets[surface], code[surface]
         local = torch.tensor(TET_EDGES, device=device)
         ends = cut_tets[:, local]  # (Ts, 6, 2)
-        lo, hi = ends.min(-1).values, ends.max(-1).values
+        lo, hi = torch.minimum(ends[..., 0], ends[..., 1]), torch.maximum(ends[..., 0], ends[..., 1])
         crossing = inside[lo] != inside[hi]
         keys, edge_vertex = torch.unique(lo[crossing] * V + hi[crossing], return_inverse=True)
         edge_of = torch.full(lo.shape, -1, dtype=torch.int64, device=device)
@@ -153,5 +154,5 @@ def marching_tets(vertices: torch.Tensor, tets: torch.Tensor, sdf: torch.Tensor)
         faces = torch.gather(edge_of[:, None, :].expand(-1, 2, -1), 2, table.clamp_min(0))[present]
     s_a, s_b = sdf[a], sdf[b]
     t = (s_a / (s_a - s_b))[:, None].to(vertices.dtype)
-    verts = vertices[a] + t * (vertices[b] - vertices[a])
+    verts = torch.lerp(vertices[a], vertices[b], t)  # exactly p_b at t = 1 (an end point with sdf 0)
     return verts, faces

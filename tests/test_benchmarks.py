@@ -117,6 +117,20 @@ def test_raster_benchmark_quick_cpu(tmp_path):
     assert all(r["extra"]["coverage_32px"] > 0.2 for r in data["results"] if r["median_ms"] is not None)
 
 
+def test_mesh_benchmark_quick_cpu(tmp_path):
+    """bench_mesh times DMTet extraction and render_mesh (forward + backward) and its JSON validates."""
+    from benchmarks import bench_mesh
+
+    out = tmp_path / "mesh_cpu.json"
+    assert bench_mesh.main(["--device", "cpu", "--quick", "--tet-resolutions", "6", "--resolution", "24",
+                            "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert common.validate(data) == []
+    measured = {(r["name"], r["backend"]) for r in data["results"] if r["median_ms"] is not None}
+    assert {("marching_tets_fwd_bwd", "torch"), ("mesh_step_fwd_bwd", "reference")} <= measured
+    assert all(r["extra"]["faces"] > 0 for r in data["results"] if r["median_ms"] is not None)
+
+
 def test_train_step_host_syncs_counted_and_bounded(tmp_path):
     """The real Trainer.train_step (reference guidance, 16x16, a grid-update step past the albedo warm-up)
     under bench_overhead's counter: the only host syncs left are the marcher's output size and the

@@ -16,7 +16,7 @@ LAYERS = [
     ("ops", ["fastdream.ops", "fastdream.ops.*"]),
     ("engine", ["fastdream.cameras", "fastdream.field", "fastdream.occupancy", "fastdream.renderer",
                 "fastdream.regularizers", "fastdream.export", "fastdream.data", "fastdream.demo",
-                "fastdream.image_input"]),
+                "fastdream.image_input", "fastdream.tets", "fastdream.dmtet", "fastdream.mesh_renderer"]),
     ("guidance", ["fastdream.guidance", "fastdream.guidance.*"]),
     ("training", ["fastdream.config", "fastdream.stages", "fastdream.stages.*", "fastdream.train", "fastdream.runs",
                   "fastdream.fit", "fastdream.evaluate", "fastdream.batch", "fastdream.metrics_log", "fastdream.report",

@@ -85,6 +85,31 @@ def test_bad_mesh_is_a_clear_error():
         ops.rasterize(pos[0], tri, resolution=(8, 8))
 
 
+def test_reference_draws_no_pixel_for_degenerate_triangles_and_matches_the_native_z_buffer():
+    """Marching tetrahedra make zero-area triangles (crossings at shared end points): rounding must not let them
+    cover pixels, in the twin as in the kernel (which only tests the pixels of each triangle's screen box)."""
+    from fastdream.tets import marching_tets, tet_grid
+
+    vertices, tets = tet_grid(10)
+    sdf = torch.linalg.vector_norm(vertices - torch.tensor([0.2, 0.0, 0.0]), dim=-1) - 0.6  # zero at some vertices
+    assert bool((sdf == 0).any())
+    verts, faces = marching_tets(vertices, tets, sdf)
+    angle = torch.tensor(0.4)
+    pos = torch.stack([verts[:, 0] * torch.cos(angle) + verts[:, 2] * torch.sin(angle), verts[:, 1],
+                       0.1 * verts[:, 2], torch.full_like(verts[:, 0], 1.5) + 0.2 * verts[:, 2]], -1)[None]
+    pos = pos.double()
+    tri_id, _, _ = rasterize_reference(pos, faces, 24, 24)
+    screen = pos[0, :, :2] / pos[0, :, 3:]
+    ys, xs = torch.meshgrid((torch.arange(24.0) * 2 + 1) / 24 - 1, (torch.arange(24.0) * 2 + 1) / 24 - 1, indexing="ij")
+    covered = tri_id[0] >= 0
+    # every covered pixel is within the projected mesh's extent
+    assert float(xs[covered].max()) <= float(screen[:, 0].max()) and float(ys[covered].min()) >= float(screen[:, 1].min())
+    assert 0 < int(covered.sum()) < 24 * 24
+    nat = _native() if _backend.extension() is not None else None
+    if nat is not None:
+        assert torch.equal(nat.rasterize(pos, faces, 24, 24)[0], tri_id)
+
+
 def test_antialias_gives_the_silhouette_a_gradient_that_matches_finite_differences():
     """A hard coverage mask has no gradient w.r.t. the outline; the antialiased one does, and it is the
     derivative of the blended image (moving a vertex by less than a pixel)."""

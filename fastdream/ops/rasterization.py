@@ -38,7 +38,10 @@ def _barycentrics(p0, p1, p2, px, py):
     """Perspective-correct barycentrics (..., 3) and their denominator sum(k); p_i (..., 4)."""
     a = torch.stack([p0[..., 0] - px * p0[..., 3], p1[..., 0] - px * p1[..., 3], p2[..., 0] - px * p2[..., 3]], -1)
     c = torch.stack([p0[..., 1] - py * p0[..., 3], p1[..., 1] - py * p1[..., 3], p2[..., 1] - py * p2[..., 3]], -1)
-    k = torch.linalg.cross(a, c, dim=-1)
+    # a x c with the native kernel's products (torch.linalg.cross may round differently: for a degenerate
+    # triangle that is the difference between s == 0, not drawn, and a tiny s that passes the inside test)
+    k = torch.stack([a[..., 1] * c[..., 2] - a[..., 2] * c[..., 1], a[..., 2] * c[..., 0] - a[..., 0] * c[..., 2],
+                     a[..., 0] * c[..., 1] - a[..., 1] * c[..., 0]], -1)
     s = k.sum(-1, keepdim=True)
     return k / torch.where(s == 0, torch.ones_like(s), s), s[..., 0]
 
@@ -47,6 +50,27 @@ def _depth(p0, p1, p2, b):
     num = b[..., 0] * p0[..., 2] + b[..., 1] * p1[..., 2] + b[..., 2] * p2[..., 2]
     den = b[..., 0] * p0[..., 3] + b[..., 1] * p1[..., 3] + b[..., 2] * p2[..., 3]
     return num / den
+
+
+def _in_screen_box(v: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, H, W, n) whether each pixel lies in the screen bounding box (one pixel of slack each side) of the
+    triangles v (B, n, 3, 4), the native kernel's candidate pixels: outside it, rounding in the barycentrics
+    of a tiny triangle could pass the inside test far from the triangle."""
+    ndc = v[..., :2] / v[..., 3:]
+    lo, hi = ndc.min(-2).values, ndc.max(-2).values  # (B, n, 2)
+
+    def span(lo_, hi_, n):
+        first = torch.floor((lo_ + 1) * n * 0.5 - 0.5).clamp_min(0)
+        last = (torch.floor((hi_ + 1) * n * 0.5 - 0.5) + 1).clamp_max(n - 1)
+        return first[:, None, :], last[:, None, :]  # (B, 1, n)
+
+    c0, c1 = span(lo[..., 0], hi[..., 0], width)
+    r0, r1 = span(lo[..., 1], hi[..., 1], height)
+    cols = torch.arange(width, device=v.device, dtype=v.dtype)[None, :, None]
+    rows = torch.arange(height, device=v.device, dtype=v.dtype)[None, :, None]
+    in_cols = (cols >= c0) & (cols <= c1)  # (B, W, n)
+    in_rows = (rows >= r0) & (rows <= r1)  # (B, H, n)
+    return in_rows[:, :, None, :] & in_cols[:, None, :, :]
 
 
 def _zbuffer(pos: torch.Tensor, tri: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -64,7 +88,7 @@ def _zbuffer(pos: torch.Tensor, tri: torch.Tensor, height: int, width: int) -> t
         b, s = _barycentrics(p[0], p[1], p[2], px, py)  # (B, H, W, n, 3)
         d = _depth(p[0], p[1], p[2], b)
         front = (v[..., 3] > 0).all(-1)[:, None, None, :]
-        ok = front & (s != 0) & (b >= 0).all(-1) & (d >= -1) & (d <= 1)
+        ok = front & _in_screen_box(v, height, width) & (s != 0) & (b >= 0).all(-1) & (d >= -1) & (d <= 1)
         # the native z-buffer compares float32 depths mapped to [0, 1]
         key = torch.where(ok, ((d + 1) * 0.5).float(), torch.full_like(d, float("inf"), dtype=torch.float32))
         k_min, arg = key.min(-1)  # first minimum: the lower id among ties
