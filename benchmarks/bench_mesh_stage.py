@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_mesh_stage [--device cpu|cuda] [--quick] [--json OUT]
                                           [--resolution 512] [--tet-resolution 128] [--no-refine]
-                                          [--nerf-steps 400] [--mesh-steps 200]
+                                          [--nerf-steps 150] [--mesh-steps 150]
 
 ``mesh_stage_step``: one `Trainer.train_step` of the mesh stage (marching tetrahedra on the DMTet grid,
 rasterization at ``--resolution``, colour field at the covered pixels, SDS from Stable Diffusion with the
@@ -49,8 +49,8 @@ def build_parser():
     p.add_argument("--resolution", type=int, default=None, help="mesh-stage render size (default 512; quick 64)")
     p.add_argument("--tet-resolution", type=int, default=None, help="tetrahedral grid cells per axis (default 128; quick 16)")
     p.add_argument("--no-refine", action="store_true", help="skip the refinement proof on the second scene")
-    p.add_argument("--nerf-steps", type=int, default=400, help="refine: NeRF stage steps (quick 20)")
-    p.add_argument("--mesh-steps", type=int, default=200, help="refine: mesh stage steps (quick 5)")
+    p.add_argument("--nerf-steps", type=int, default=150, help="refine: NeRF stage steps (quick 20)")
+    p.add_argument("--mesh-steps", type=int, default=150, help="refine: mesh stage steps (quick 5)")
     return p
 
 

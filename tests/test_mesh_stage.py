@@ -136,7 +136,7 @@ def test_the_mesh_stage_keeps_the_input_view_of_an_image_run(tmp_path, capsys):
 
 
 # The proof's run: the draft NeRF stage, then a short mesh stage at 64 px on a 48^3 grid.
-PROOF_NERF_STEPS, PROOF_MESH_STEPS = 150, 60
+PROOF_NERF_STEPS, PROOF_MESH_STEPS = 150, 150
 PROOF_SETS = ["mesh.resolution=64", "mesh.tet_resolution=48", "output.mesh_resolution=64", "output.video=false",
               "output.preview_every=0", "output.checkpoint_every=0", "output.texture_resolution=128"]
 
