@@ -190,6 +190,8 @@ class MeshStage(Stage):
                           background=m.background if background is None else background)
         sds = guidance(out.rgb.permute(0, 3, 1, 2), cameras, shading, progress)
         loss, terms = sds.loss, {"sds": sds.loss.detach()}
+        for name, part in getattr(sds, "parts", {}).items():  # a joint guidance: each model's own (unweighted) SDS
+            terms[f"sds_{name}"] = part.loss.detach()
         if cfg.mesh.normal_consistency > 0:
             nc = normal_consistency(verts, faces)
             loss = loss + cfg.mesh.normal_consistency * nc
