@@ -93,6 +93,7 @@ def time_step(device: str, resolution: int, tet_resolution: int, args) -> Dict:
         config = build_config(overrides=[
             "prompt=a hamburger", f"guidance.model={model}", "stages=nerf,mesh", "steps=1", f"device={device}",
             f"mesh.resolution={resolution}", f"mesh.tet_resolution={tet_resolution}", "output.preview_views=1",
+            f"output.mesh_resolution={64 if args.quick else 256}",  # the level set the DMTet starts from
             "output.preview_resolution=16"])
         trainer = Trainer(config, Path(tmp) / "run", quiet=True, device=torch.device(device))
         trainer.step = trainer.stage_end  # the NeRF stage as initialised: its density blob is the shape
