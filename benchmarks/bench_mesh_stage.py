@@ -12,7 +12,7 @@ default sizes (512 px, 128^3 cells) unless --quick.
 
 ``refine``: `fastdream run --guidance reference --stages nerf,mesh` on a second reference scene (a
 coloured torus beside a box: a hole and flat faces, neither in the demo scene the tests use), then the NeRF stage's exported mesh (coarse/) and the refined one are scored as the tests
-score the demo scene (`tests/test_reference_guidance.reconstruction_scores`: occupancy IoU against the
+score the demo scene (`benchmarks.bench_recipe.reconstruction_scores`: occupancy IoU against the
 scene on a 48^3 lattice, albedo PSNR from six held-out cameras), with the CPU time of each stage.
 """
 from __future__ import annotations
@@ -109,8 +109,7 @@ def time_step(device: str, resolution: int, tet_resolution: int, args) -> Dict:
 
 
 def refine(device: str, nerf_steps: int, mesh_steps: int) -> Dict:
-    sys.path.insert(0, str(common.REPO_ROOT / "tests"))
-    from test_reference_guidance import reconstruction_scores
+    from .bench_recipe import reconstruction_scores
 
     from fastdream.runs import run
 

@@ -79,6 +79,32 @@ class CameraSamplerConfig:
     position_jitter: float = 0.0
     target_jitter: float = 0.0
     up_jitter: float = 0.0
+    # Progressive view range (threestudio's random camera ``progressive_until``): over the first
+    # ``progressive_until`` of the run (a fraction of the steps; threestudio counts steps) the azimuth range
+    # widens linearly from the front (azimuth 0) and the elevation range from ``progressive_elevation``
+    # (threestudio's ``eval_elevation_deg``, 15) to the full ranges above. 0 (off) by default, as threestudio's
+    # ``progressive_until: 0``; stable-dreamfusion has no such schedule.
+    progressive_until: float = 0.0
+    progressive_elevation: float = 15.0
+
+
+def view_ranges(config: CameraSamplerConfig, progress: float = 1.0) -> Tuple[Tuple[float, float], Tuple[float, float]]:
+    """(elevation_range, azimuth_range) in degrees at this training progress in [0, 1] (see
+    ``CameraSamplerConfig.progressive_until``). While the range widens, the azimuth range is taken around the
+    front: a full circle as (-180, 180), a partial one shifted by whole turns to have its middle in [-180, 180]."""
+    until = float(config.progressive_until)
+    if until <= 0:
+        return tuple(config.elevation_range), tuple(config.azimuth_range)
+    r = min(max(float(progress), 0.0) / until, 1.0)
+    lo, hi = (float(v) for v in config.azimuth_range)
+    if hi - lo >= 360.0:
+        lo, hi = -180.0, 180.0
+    else:
+        turns = 360.0 * math.floor((lo + hi) / 2 / 360.0 + 0.5)
+        lo, hi = lo - turns, hi - turns
+    e0 = float(config.progressive_elevation)
+    elevation = tuple((1.0 - r) * e0 + r * float(v) for v in config.elevation_range)
+    return elevation, (r * lo, r * hi)
 
 
 def spherical_position(elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
@@ -126,13 +152,15 @@ def _uniform(lo_hi, n, generator, device) -> torch.Tensor:
 
 def sample_cameras(batch_size: int, width: int, height: int, scene_radius: float = 1.0,
                    config: Optional[CameraSamplerConfig] = None, generator: Optional[torch.Generator] = None,
-                   device="cpu") -> CameraBatch:
-    """DreamFusion's random training cameras and point lights."""
+                   device="cpu", progress: float = 1.0) -> CameraBatch:
+    """DreamFusion's random training cameras and point lights; ``progress`` (in [0, 1]) sets the view range
+    when it widens over training (``CameraSamplerConfig.progressive_until``)."""
     cfg = config or CameraSamplerConfig()
     check(batch_size >= 1 and width >= 1 and height >= 1, "sample_cameras: batch size and image size must be positive")
     gen_device = generator.device if generator is not None else torch.device("cpu")
     draw = lambda rng: _uniform(rng, batch_size, generator, gen_device)  # noqa: E731
-    elevation, azimuth = draw(cfg.elevation_range), draw(cfg.azimuth_range) % 360.0
+    elevation_range, azimuth_range = view_ranges(cfg, progress)
+    elevation, azimuth = draw(elevation_range), draw(azimuth_range) % 360.0
     distance = draw(cfg.distance_range) * scene_radius
     focal = draw(cfg.focal_range) * height
     c2w = orbit_c2w(elevation, azimuth, distance)

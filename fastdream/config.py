@@ -121,7 +121,9 @@ class GuidanceConfig:
     dtype: str = ""                 # "" -> float16 on CUDA, float32 on the CPU
     reference_scene: str = ""       # kind=reference: .npz voxel scene or .obj/.ply/.glb mesh
     reference_resolution: int = 64  # voxels per axis when the reference is a mesh
-    options: Dict[str, Any] = _field(default_factory=dict)  # further GuidanceOptions (e.g. latent_mode, attention)
+    # further GuidanceOptions (e.g. latent_mode, attention; perp_neg=true and its perp_neg_f_* curves, off by
+    # default as in both peers: see fastdream.guidance.base)
+    options: Dict[str, Any] = _field(default_factory=dict)
 
 
 @dataclass
@@ -307,6 +309,7 @@ NUMERIC_RANGES: Dict[str, str] = {
     "field.n_levels": "[1, inf)", "field.n_features_per_level": "[1, inf)", "field.log2_hashmap_size": "[1, 30]",
     "field.base_resolution": "[1, inf)", "field.max_resolution": "[1, inf)", "field.hidden_dim": "[1, inf)",
     "field.n_hidden_layers": "[0, inf)", "field.blob_density": "(-inf, inf)", "field.blob_radius": "(0, inf)",
+    "field.density_bias": "(-inf, inf)",
     "field.normal_epsilon": "(0, inf)", "field.init_scale": "[0, inf)",
     "field.progressive_start_levels": "[0, inf)", "field.progressive_every": "[0, 1]",
     "render.samples_per_ray": "[1, inf)", "render.cone_angle": "[0, inf)", "render.near": "[0, inf)",
@@ -317,6 +320,7 @@ NUMERIC_RANGES: Dict[str, str] = {
     "camera.light_position_perturb": "[0, inf)", "camera.light_intensity_range": "[0, inf)",
     "camera.ambient_range": "[0, 1]",
     "camera.position_jitter": "[0, inf)", "camera.target_jitter": "[0, inf)", "camera.up_jitter": "[0, inf)",
+    "camera.progressive_until": "[0, 1]", "camera.progressive_elevation": "[-90, 90]",
     "grid.resolution": "[1, inf)", "grid.update_every": "[1, inf)", "grid.ema_decay": "[0, 1]",
     "grid.threshold": "[0, inf)", "grid.warmup_steps": "[0, inf)",
     "optim.lr_hash": "[0, inf)", "optim.lr_mlp": "[0, inf)", "optim.lr_background": "[0, inf)",

@@ -275,11 +275,11 @@ class Trainer:
     def train_step(self, step: int) -> Dict[str, Any]:
         """One step at global step `step` of the current stage (which counts its steps from its own start)."""
         cfg = self.config
-        width, height = self.stage.image_size()
-        cams = sample_cameras(cfg.batch_size, width, height, self.stage.scene_radius, cfg.camera,
-                              generator=self.generator, device=self.device)
         step = step - self.stage_start()
         progress = step / max(self.stage.n_steps(cfg), 1)
+        width, height = self.stage.image_size()
+        cams = sample_cameras(cfg.batch_size, width, height, self.stage.scene_radius, cfg.camera,
+                              generator=self.generator, device=self.device, progress=progress)
         result = self.stage.loss(cams, step, progress, self.guidance, self.generator)
         loss, terms = result.loss, result.terms
         self.optimizer.zero_grad(set_to_none=True)

@@ -177,3 +177,16 @@ def test_gpu_check_plan_runs_the_sanitizers_when_present():
     assert names(steps) == ["tests", "memcheck", "racecheck", "benchmarks"]
     assert steps[1][1][:3] == ["/cuda/bin/compute-sanitizer", "--tool", "memcheck"]
     assert "--quick" not in steps[-1][1] and steps[-1][1][-2:] == ["--json", "b.json"]
+
+
+def test_committed_recipe_results_score_every_scene():
+    """benchmarks/results/recipe_cpu.json (written by bench_recipe) validates and holds a score per scene."""
+    from benchmarks import bench_recipe
+
+    data = json.loads((ROOT / "benchmarks" / "results" / "recipe_cpu.json").read_text())
+    assert common.validate(data) == [] and not data["quick"]
+    scored = {r["extra"]["scene"]: r["extra"] for r in data["results"]}
+    assert set(scored) == set(bench_recipe.SCENES)
+    for r in scored.values():
+        assert 0.0 <= r["iou"] <= 1.0 and r["psnr_db"] > 0 and r["steps"] == bench_recipe.RECON_STEPS
+    assert scored["demo"]["iou"] >= 0.7 and scored["demo"]["psnr_db"] >= 18.0  # the reconstruction test's bounds

@@ -4,6 +4,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # never touch the hub from tests
 
 import dataclasses
+import math
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -78,9 +79,11 @@ def test_options_validation():
         GuidanceOptions.from_kwargs(t_min=0.9, t_max=0.5)
     o = GuidanceOptions.from_kwargs(GuidanceOptions(guidance_scale=7.5), t_max_end=0.5)
     assert o.guidance_scale == 7.5 and o.t_max_end == 0.5
-    # flat, simple types only (embedded in the training config)
+    # flat, simple types only (embedded in the training config): scalars and tuples of numbers
     for f in dataclasses.fields(GuidanceOptions):
-        assert isinstance(getattr(GuidanceOptions(), f.name), (int, float, str, bool, type(None)))
+        value = getattr(GuidanceOptions(), f.name)
+        assert isinstance(value, (int, float, str, bool, type(None))) or (
+            isinstance(value, tuple) and all(isinstance(v, (int, float)) for v in value)), f.name
 
 
 # ---------------------------------------------------------------------------- views
@@ -669,3 +672,173 @@ def test_fp16_on_cuda_runs_without_autocast():
             warnings.simplefilter("ignore")  # "CUDA is not available" on a CPU-only machine
             ctx = g._autocast()
         assert ctx.device == device and not ctx._enabled
+
+
+def test_latent_warmup_skips_the_vae_and_reaches_the_field(sd_folder, monkeypatch):
+    """latent_warmup: before that fraction of training the render's RGB + opacity are the latent (the VAE
+    encoder is never called) and the SDS gradient still reaches the field; after it the VAE encodes."""
+    from fastdream.renderer import build_renderer
+    from fastdream.field import FieldConfig
+    from fastdream.cameras import orbit_cameras
+
+    g = load_guidance(sd_folder, "cpu", seed=0, latent_warmup=0.25)
+    g.set_prompt("a chair")
+    calls = []
+    encode = g.vae.encode
+    monkeypatch.setattr(g.vae, "encode", lambda x: (calls.append(tuple(x.shape)), encode(x))[1])
+    torch.manual_seed(0)
+    renderer = build_renderer(field_config=FieldConfig(n_levels=4, log2_hashmap_size=10, max_resolution=32, hidden_dim=16))
+    side = g.latent_resolution * 2  # renders larger than the latent: the warm-up resizes them
+    cams = orbit_cameras(2, side, side, distance=3.0)
+
+    def step(progress):
+        renderer.zero_grad(set_to_none=True)
+        out = renderer.render(cams, shading="albedo")
+        sds = g(out.rgb.permute(0, 3, 1, 2), cams, "albedo", progress, opacity=out.opacity.permute(0, 3, 1, 2))
+        sds.loss.backward()
+        return renderer.field.encoding_params.grad
+
+    grad = step(0.1)
+    assert calls == []  # warm-up: no VAE encoder
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    z = g.model_input(torch.full((1, 3, side, side), 0.75), torch.ones(1, 1, side, side), 0.1)
+    assert z.shape == (1, 4, g.latent_resolution, g.latent_resolution)
+    assert torch.allclose(z[:, :3], torch.full_like(z[:, :3], 0.5)) and torch.allclose(z[:, 3], torch.ones_like(z[:, 3]))
+    with pytest.raises(FastDreamError, match="opacity"):
+        g(torch.rand(1, 3, side, side), None, "albedo", 0.1)
+    step(0.5)
+    assert len(calls) == 1 and calls[0][-1] == g.resolution  # after the warm-up: the VAE path
+
+# ---------------------------------------------------------------------------- Perp-Neg
+def _f(abc, r):
+    a, b, c = abc
+    return a * math.exp(-b * r) + c
+
+
+# (elevation, azimuth) -> the negative views and weights, written out from the rule of threestudio's
+# prompt_processors/base.py with its default curves
+F_SB, F_FSB, F_FS, F_SF = (1, 0.5, -0.606), (1, 0.5, 0.967), (4, 0.5, -2.426), (4, 0.5, -2.426)
+PERP_NEG_CASES = [
+    (10.0, 0.0, ("front", "side"), (-_f(F_FS, 1.0), -_f(F_SF, 0.0))),      # front: no "front" negative
+    (10.0, 405.0, ("front", "side"), (-_f(F_FS, 0.5), -_f(F_SF, 0.5))),    # 45 degrees after wrapping
+    (0.0, -60.0, ("front", "side"), (-_f(F_FS, 1 / 3), -_f(F_SF, 2 / 3))),
+    (30.0, 90.0, ("side", "front"), (-_f(F_SB, 1.0), -_f(F_FSB, 1.0))),    # side: no "side" negative
+    (30.0, 225.0, ("side", "front"), (-_f(F_SB, 0.5), -_f(F_FSB, 0.5))),   # |azimuth| 135
+    (-10.0, 180.0, ("side", "front"), (-_f(F_SB, 0.0), -_f(F_FSB, 0.0))),  # back: the front pushed hardest
+    (75.0, 30.0, ("front", "side"), (0.0, 0.0)),                           # overhead: no negatives
+]
+
+
+def test_perp_neg_weights_follow_the_azimuth_rule():
+    from fastdream.guidance import VIEWS, perp_neg_weights
+
+    elev = torch.tensor([c[0] for c in PERP_NEG_CASES])
+    azim = torch.tensor([c[1] for c in PERP_NEG_CASES])
+    views, weights = perp_neg_weights(elev, azim, F_SB, F_FSB, F_FS, F_SF, overhead_deg=60.0)
+    for i, (_, _, names, w) in enumerate(PERP_NEG_CASES):
+        assert tuple(VIEWS[int(v)] for v in views[i]) == names, PERP_NEG_CASES[i]
+        torch.testing.assert_close(weights[i], torch.tensor(w, dtype=torch.float32), rtol=0, atol=1e-6)
+    assert abs(float(weights[0, 0])) < 1e-3 and abs(float(weights[3, 0])) < 1e-3  # a view's own negative vanishes
+    assert bool((weights <= 1e-3).all())
+
+
+def test_perp_neg_is_off_by_default_and_needs_view_prompts(sd):
+    from fastdream.config import RunConfig
+
+    assert GuidanceOptions().perp_neg is False and "perp_neg" not in RunConfig().guidance.options
+    assert sd.options.perp_neg is False
+    calls = []
+    original = sd.predict_noise
+    sd.predict_noise = lambda z_t, t, emb: calls.append(z_t.shape[0]) or original(z_t, t, emb)
+    try:
+        sd(torch.rand(2, 3, 16, 16), cams([0.0, 0.0], [0.0, 90.0]), t=torch.tensor([500, 500]))
+    finally:
+        del sd.predict_noise
+    assert calls == [4]  # [uncond; cond] only
+    with pytest.raises(FastDreamError, match="view_dependent"):
+        GuidanceOptions(perp_neg=True, view_dependent=False).validate()
+    with pytest.raises(FastDreamError, match="perp_neg_f_sb must be three finite numbers"):
+        GuidanceOptions.from_kwargs(perp_neg_f_sb=[1.0, float("nan"), 0.0])
+    assert GuidanceOptions.from_kwargs(perp_neg_f_fs=[2, 1, 0]).perp_neg_f_fs == (2, 1, 0)  # YAML lists are taken
+
+
+def _perp_neg_reference(u, c, negs, weights, scale):
+    """The Perp-Neg formula in float64, one image at a time."""
+    e_pos = (c - u).double()
+    out = e_pos.clone()
+    for e, w in zip(negs, weights):
+        e = (e - u).double()
+        out += float(w) * (e - (e * e_pos).sum() / (e_pos * e_pos).sum() * e_pos)
+    return u.double() + scale * out
+
+
+def test_perp_neg_combination_matches_the_formula_for_given_noise_predictions(sd):
+    """Hand-constructed predictions per row of the one batched UNet call: uncond, cond, negative 1, negative 2."""
+    g = torch.Generator().manual_seed(11)
+    b = 3
+    table = torch.randn(4 * b, 4, 8, 8, generator=g)
+    table[2 * b] = table[b] * 0.5 + table[0] * 0.5 + torch.randn(4, 8, 8, generator=g)  # partly along the positive
+    seen = []
+
+    def fake_unet(z_t, t, emb):
+        seen.append((z_t.shape[0], emb.shape[0]))
+        return table.to(z_t.dtype)
+
+    c = cams([10.0, 30.0, 70.0], [20.0, 150.0, 0.0])
+    cond, uncond = sd.text_embeddings(c, b)
+    negatives = sd.perp_neg_embeddings(c, b)
+    sd.predict_noise = fake_unet
+    try:
+        eps_hat, eps_c, eps_u = sd.guided_noise(torch.zeros(b, 4, 8, 8), torch.tensor([100, 500, 900]), cond, uncond,
+                                                negatives=negatives)
+    finally:
+        del sd.predict_noise
+    assert seen == [(4 * b, 4 * b)]
+    u, cc, n1, n2 = table[:b], table[b:2 * b], table[2 * b:3 * b], table[3 * b:]
+    s = sd.options.guidance_scale
+    for i in range(b):
+        expected = _perp_neg_reference(u[i], cc[i], (n1[i], n2[i]), negatives[1][i], s)
+        torch.testing.assert_close(eps_hat[i].double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(eps_hat[2], u[2] + s * (cc[2] - u[2]), rtol=1e-5, atol=1e-4)  # overhead: plain CFG
+    assert not torch.allclose(eps_hat[0], u[0] + s * (cc[0] - u[0]), atol=1e-2)
+
+
+@pytest.mark.parametrize("which", ["sd", "if"])
+def test_perp_neg_sds_with_a_tiny_unet_equals_separate_calls(which, sd_folder, if_folder):
+    """The whole SDS step with Perp-Neg on: one UNet call on the 4B batch, the negative prompts chosen by azimuth,
+    and the gradient w(t) (eps_hat - eps) with eps_hat from four separate UNet calls and the float64 formula."""
+    folder = sd_folder if which == "sd" else if_folder
+    g = load_guidance(str(folder), "cpu", seed=0, perp_neg=True, guidance_scale=7.5)
+    g.set_prompt("a chair")
+    torch.manual_seed(5)
+    images = torch.rand(2, 3, 16, 16, requires_grad=True)
+    c = cams([15.0, 5.0], [30.0, 200.0])
+    z = g.encode_images(images).detach().requires_grad_(True)
+    t = torch.tensor([300, 700])
+    noise = torch.randn(z.shape)
+    calls = []
+    original = g.predict_noise
+    g.predict_noise = lambda z_t, tt, emb: calls.append(z_t.shape[0]) or original(z_t, tt, emb)
+    try:
+        out = g.sds_from_latents(z, *g.text_embeddings(c, 2), t=t, noise=noise, negatives=g.perp_neg_embeddings(c, 2))
+    finally:
+        del g.predict_noise
+    out.loss.backward()
+    assert calls == [8]
+    ab = g.alphas_cumprod[t].view(2, 1, 1, 1)
+    z_t = ab.sqrt() * z.detach() + (1 - ab).sqrt() * noise
+    texts = {"front": "a chair, front view", "side": "a chair, side view"}
+    # 30 degrees: negatives front and side; 200 degrees (|-160|): side and front
+    neg_texts = [(texts["front"], texts["side"]), (texts["side"], texts["front"])]
+    cond, uncond = g.text_embeddings(c, 2)
+    eps_c, eps_u = manual_eps(g, z_t, t, cond, uncond)
+    n1 = manual_eps(g, z_t, t, g.embed_texts([p[0] for p in neg_texts]), uncond)[0]
+    n2 = manual_eps(g, z_t, t, g.embed_texts([p[1] for p in neg_texts]), uncond)[0]
+    weights = g.perp_neg_embeddings(c, 2)[1]
+    for i in range(2):
+        eps_hat = _perp_neg_reference(eps_u[i], eps_c[i], (n1[i], n2[i]), weights[i], 7.5)
+        expected = ((1 - ab[i]).double() * (eps_hat - noise[i].double())) / 2
+        torch.testing.assert_close(z.grad[i].double(), expected, rtol=1e-4, atol=1e-5)
+    # through __call__ too (the images' gradient is the latents' one pulled back through the encoder)
+    g(images, c, t=t, noise=noise).loss.backward()
+    assert images.grad is not None and bool(torch.isfinite(images.grad).all()) and float(images.grad.abs().sum()) > 0

@@ -149,7 +149,7 @@ def test_the_refined_mesh_beats_the_nerf_stage_on_the_demo_scene(tmp_path):
     import time
 
     from fastdream.demo import demo_scene
-    from test_reference_guidance import reconstruction_scores
+    from benchmarks.bench_recipe import reconstruction_scores
 
     scene = demo_scene(32, peak_density=300.0)
     np.savez(tmp_path / "scene.npz", **scene)

@@ -76,7 +76,7 @@ def test_regulariser_weight_schedules():
 class _NoSDS:
     """Guidance contributing nothing, so that one regulariser alone moves the parameters."""
 
-    def __call__(self, images, cameras, shading, progress):
+    def __call__(self, images, cameras, shading, progress, **_):
         from types import SimpleNamespace
 
         return SimpleNamespace(loss=images.sum() * 0.0, t=torch.zeros(images.shape[0]), grad_norm=images.new_zeros(()))
@@ -188,3 +188,60 @@ def test_camera_jitter_moves_cameras_but_keeps_them_looking_at_the_scene():
     assert float(miss.max()) < 1.0 and float(miss.mean()) > 0.05
     # off by default: the orbit frames, exactly
     assert torch.equal(base.c2w, sample_cameras(256, 8, 8, generator=torch.Generator().manual_seed(3)).c2w)
+
+
+def _wrapped(azimuth_deg: torch.Tensor) -> torch.Tensor:
+    return torch.remainder(azimuth_deg + 180.0, 360.0) - 180.0
+
+
+@pytest.mark.parametrize("progress,r", [(0.0, 0.0), (0.1, 0.2), (0.25, 0.5), (0.45, 0.9), (0.5, 1.0), (0.8, 1.0)])
+def test_progressive_view_range_widens_from_the_front(progress, r):
+    """threestudio's progressive_until (here 0.5 of the run): azimuth within r * 180 degrees of the front,
+    elevation between (1 - r) * 15 + r * (-10) and (1 - r) * 15 + r * 90, the full ranges once r = 1."""
+    cfg = CameraSamplerConfig(progressive_until=0.5)
+    cams = sample_cameras(4000, 4, 4, config=cfg, generator=torch.Generator().manual_seed(7), progress=progress)
+    azimuth = _wrapped(cams.azimuth_deg).abs()
+    elevation = cams.elevation_deg
+    lo, hi = (1 - r) * 15.0 + r * -10.0, (1 - r) * 15.0 + r * 90.0
+    assert float(azimuth.max()) <= 180.0 * r + 1e-3
+    assert float(elevation.min()) >= lo - 1e-3 and float(elevation.max()) <= hi + 1e-3
+    if r > 0:  # the range is used up to its ends, not narrower
+        assert float(azimuth.max()) > 0.97 * 180.0 * r
+        assert float(elevation.min()) < lo + 0.03 * (hi - lo) and float(elevation.max()) > hi - 0.03 * (hi - lo)
+    else:
+        assert float(azimuth.max()) < 1e-3 and torch.allclose(elevation, torch.full_like(elevation, 15.0))
+    if r == 1.0:  # all around, both halves
+        assert float(_wrapped(cams.azimuth_deg).min()) < -170 and float(_wrapped(cams.azimuth_deg).max()) > 170
+
+
+def test_progressive_view_range_is_off_by_default_and_keeps_partial_ranges_around_their_middle():
+    from fastdream.cameras import view_ranges
+
+    assert CameraSamplerConfig().progressive_until == 0.0 and RunConfig().camera.progressive_until == 0.0
+    default = sample_cameras(2000, 4, 4, generator=torch.Generator().manual_seed(2), progress=0.0)
+    assert float(default.elevation_deg.max()) > 85 and float(_wrapped(default.azimuth_deg).abs().max()) > 175
+    cfg = CameraSamplerConfig(azimuth_range=(300.0, 420.0), elevation_range=(0.0, 30.0), progressive_until=1.0)
+    assert view_ranges(cfg, 0.5) == ((7.5, 22.5), (-30.0, 30.0))  # (300, 420) is (-60, 60) around the front
+    assert view_ranges(cfg, 1.0) == ((0.0, 30.0), (-60.0, 60.0))
+
+
+def test_training_steps_sample_the_progressive_view_range(tmp_path, tiny_scene, monkeypatch):
+    from fastdream import train
+    from fastdream.config import apply_overrides
+    from fastdream.guidance.reference import _configure_run as prepare_reference
+
+    sets = ["steps=10", "width=8", "height=8", "batch_size=64", "field.n_levels=2", "field.log2_hashmap_size=8",
+            "field.max_resolution=16", "field.hidden_dim=8", "field.n_hidden_layers=1", "render.samples_per_ray=8",
+            "grid.resolution=8", "guidance.kind=reference", f"guidance.reference_scene={tiny_scene}",
+            "guidance.reference_resolution=8", "camera.progressive_until=0.5"]
+    config = apply_overrides(RunConfig(prompt="scene", device="cpu"), sets)
+    prepare_reference(config)
+    trainer = train.Trainer(config, tmp_path, quiet=True, device=torch.device("cpu"))
+    trainer.guidance = _NoSDS()
+    seen = []
+    original = train.sample_cameras
+    monkeypatch.setattr(train, "sample_cameras", lambda *a, **k: seen.append(original(*a, **k)) or seen[-1])
+    for step in (1, 8):
+        trainer.train_step(step)
+    assert float(_wrapped(seen[0].azimuth_deg).abs().max()) <= 180.0 * 0.2 + 1e-3  # step 1 of 10: r = 0.2
+    assert float(_wrapped(seen[1].azimuth_deg).abs().max()) > 90.0  # step 8: the full range

@@ -14,7 +14,7 @@ from . import registry
 from .base import (ATTENTION_BACKENDS, LATENT_MODES, OOM_HELP, WEIGHTINGS, Condition, Guidance, GuidanceOptions,
                    SDSOutput, out_of_memory_error)
 from .loading import DEFAULT_MODEL, build_guidance, load_guidance, resolve_model
-from .prompts import VIEWS, view_index, view_name, view_prompt, view_prompts, view_weights
+from .prompts import VIEWS, perp_neg_weights, view_index, view_name, view_prompt, view_prompts, view_weights
 from .joint import JointGuidance
 from .registry import GuidanceFamily, register
 
@@ -28,5 +28,5 @@ __all__ = [
     "Guidance", "GuidanceOptions", "SDSOutput", "Condition", "StableDiffusionGuidance", "DeepFloydIFGuidance",
     "ReferenceSceneGuidance", "Zero123Guidance", "JointGuidance", "load_guidance", "build_guidance", "registry", "GuidanceFamily", "register",
     "resolve_model", "DEFAULT_MODEL", "VIEWS", "view_index", "view_name", "view_prompt", "view_prompts",
-    "view_weights", "WEIGHTINGS", "ATTENTION_BACKENDS", "LATENT_MODES", "OOM_HELP", "out_of_memory_error",
+    "view_weights", "perp_neg_weights", "WEIGHTINGS", "ATTENTION_BACKENDS", "LATENT_MODES", "OOM_HELP", "out_of_memory_error",
 ]

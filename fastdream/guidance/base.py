@@ -36,6 +36,20 @@ Timesteps are integers t ~ U{round(t_min*T), ..., round(t_max*T)} (T = number of
 accept ``[start_step, start, end, end_step]``. By default both are constant (threestudio's and
 stable-dreamfusion's DreamFusion configs).
 
+Perp-Neg (``perp_neg``, off by default as in threestudio's and stable-dreamfusion's DreamFusion configs:
+threestudio's ``prompt_processor.use_perp_neg: false``, stable-dreamfusion's ``--perpneg`` flag) fights the
+multi-face "Janus" problem by steering each render away from the views it should not show: per camera two
+negative view prompts with weights w_k <= 0 (``prompts.perp_neg_weights``, threestudio's curves
+``perp_neg_f_*`` and their defaults), and the guided noise becomes
+
+    eps_hat = eps_u + s * (e_pos + sum_k w_k * perp(e_k, e_pos)),   e_pos = eps_c - eps_u,  e_k = eps_k - eps_u
+
+where perp(x, y) = x - (<x, y> / max(<y, y>, 1e-6)) y is the part of x orthogonal to y (per image): only
+what a negative adds *beyond* the positive direction is pushed against, so the positive prompt is not
+weakened. The UNet runs once on the 4B batch [uncond; cond; negative 1; negative 2]. It needs
+view-dependent prompts; the positive embedding is the one ``view_selection`` gives (the paper's blend by
+default, like threestudio's Perp-Neg, which blends the positive too).
+
 Non-finite gradient entries are zeroed. ``SDSOutput.n_nonfinite`` is a 0-dim int64 *tensor* on the
 guidance device (``int(out.n_nonfinite)`` reads it; that synchronizes) so the step itself never
 waits for the GPU. A ``RuntimeWarning`` with the count is issued every ``nonfinite_check_every``
@@ -66,6 +80,7 @@ LATENT_MODES = ("vae", "linear")
 ANNEALS = ("linear", "sqrt")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 VIEW_SELECTIONS = ("paper", "hard", "interpolate")
+PERP_NEG_CURVES = ("perp_neg_f_sb", "perp_neg_f_fsb", "perp_neg_f_fs", "perp_neg_f_sf")
 
 
 @dataclass
@@ -84,6 +99,9 @@ class GuidanceOptions:
     channels_last: bool = True  # channels_last memory format for UNet/VAE (CUDA only)
     compile_unet: bool = False  # torch.compile the UNet (first steps slow, later ones faster)
     latent_mode: str = "vae"  # SD only: "vae" (exact, VAE encoder) | "linear" (RGB->latent 1x1 map at latent res)
+    # SD only: for this first fraction of training the render's RGB and opacity, resized to the latent
+    # resolution, are the 4-channel latent itself (no VAE); see stable_diffusion. 0 (default) = off.
+    latent_warmup: float = 0.0
     view_dependent: bool = True  # append ", front view" etc. to the prompt per camera
     # "paper" (default): blend front/side/back by azimuth, hard switch to overhead above view_overhead_deg
     # (DreamFusion); "hard": pick one view (threestudio / stable-dreamfusion); "interpolate": blend, with
@@ -95,6 +113,20 @@ class GuidanceOptions:
     negative_prompt: str = ""  # unconditional branch text (set_prompt's argument wins when non-empty)
     nonfinite_check_every: int = 100  # warn about zeroed non-finite gradients every N calls (one sync)
     seed: Optional[int] = None  # seed of the guidance's own generator for t and noise (None: global RNG)
+    # Perp-Neg (see the module docstring): off by default, as in both peers' DreamFusion configs. The negative
+    # views' weights are -(a exp(-b r) + c) with (a, b, c) below: threestudio's defaults
+    # (``prompt_processors/base.py``: perp_neg_f_sb, perp_neg_f_fsb, perp_neg_f_fs, perp_neg_f_sf).
+    perp_neg: bool = False
+    perp_neg_f_sb: Tuple[float, float, float] = (1.0, 0.5, -0.606)   # "side" negative between side and back
+    perp_neg_f_fsb: Tuple[float, float, float] = (1.0, 0.5, 0.967)   # "front" negative between side and back
+    perp_neg_f_fs: Tuple[float, float, float] = (4.0, 0.5, -2.426)   # "front" negative between front and side
+    perp_neg_f_sf: Tuple[float, float, float] = (4.0, 0.5, -2.426)   # "side" negative between front and side
+
+    def __post_init__(self):
+        for name in PERP_NEG_CURVES:  # YAML / --set give lists
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, tuple(value))
 
     def validate(self) -> "GuidanceOptions":
         def bad(msg: str):
@@ -114,6 +146,8 @@ class GuidanceOptions:
             bad(f"attention={self.attention!r}; choose one of {ATTENTION_BACKENDS}.")
         if self.latent_mode not in LATENT_MODES:
             bad(f"latent_mode={self.latent_mode!r}; choose one of {LATENT_MODES}.")
+        if not 0.0 <= self.latent_warmup <= 1.0:
+            bad(f"latent_warmup is a fraction of the training run and must lie in [0, 1], got {self.latent_warmup}.")
         if self.grad_clip is not None and not self.grad_clip > 0:
             bad(f"grad_clip must be positive or None, got {self.grad_clip}.")
         if not self.guidance_scale >= 0:
@@ -124,6 +158,14 @@ class GuidanceOptions:
             bad(f"view_overhead_deg must lie in [0, 90), got {self.view_overhead_deg}.")
         if self.nonfinite_check_every < 1:
             bad(f"nonfinite_check_every must be >= 1, got {self.nonfinite_check_every}.")
+        for name in PERP_NEG_CURVES:
+            value = getattr(self, name)
+            if not (isinstance(value, (tuple, list)) and len(value) == 3
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+                bad(f"{name} must be three finite numbers (a, b, c) of the weight curve a * exp(-b * r) + c, got {value!r}.")
+        if self.perp_neg and not self.view_dependent:
+            bad("perp_neg=true needs view-dependent prompts (view_dependent=true): its negative prompts are the "
+                "views the camera does not see.")
         return self
 
     @classmethod
@@ -158,6 +200,13 @@ def out_of_memory_error(exc: BaseException, what: str = "SDS guidance") -> FastD
     """A FastDreamError explaining a GPU out-of-memory in ``what`` and the knobs that reduce memory."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return FastDreamError(f"The GPU ran out of memory during {what} ({first}). {OOM_HELP}")
+
+
+def perpendicular_component(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The part of each x[i] orthogonal to y[i] (tensors (N, ...)); y[i] = 0 leaves x[i] unchanged."""
+    dims = tuple(range(1, x.dim()))
+    coef = (x * y).sum(dims, keepdim=True) / (y * y).sum(dims, keepdim=True).clamp_min(1e-6)
+    return x - coef * y
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -222,6 +271,11 @@ class Guidance(abc.ABC):
     @abc.abstractmethod
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Differentiable map from renders (B,3,H,W) in [0,1] to the diffusion model's clean input z."""
+
+    def model_input(self, images: torch.Tensor, opacity: Optional[torch.Tensor], progress: float) -> torch.Tensor:
+        """The diffusion model's clean input z for renders at this training progress; opacity (B,1,H,W) is
+        the renders' accumulated opacity where the caller has it. Default: encode_images(images)."""
+        return self.encode_images(images)
 
     @abc.abstractmethod
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
@@ -293,10 +347,7 @@ class Guidance(abc.ABC):
                 cond = cond[:1]
             c = cond.expand(batch_size, -1, -1)
         else:
-            elev = torch.as_tensor(cameras.elevation_deg).to(self.device, torch.float32, non_blocking=True).reshape(-1)
-            azim = torch.as_tensor(cameras.azimuth_deg).to(self.device, torch.float32, non_blocking=True).reshape(-1)
-            if elev.shape[0] != batch_size:
-                raise FastDreamError(f"Got {batch_size} images but {elev.shape[0]} cameras; they must match.")
+            elev, azim = self._camera_angles(cameras, batch_size)
             if o.view_selection != "hard":
                 w = _prompts.view_weights(elev, azim, overhead_deg=o.view_overhead_deg,
                                           overhead_ramp=o.view_selection == "interpolate").to(cond.dtype)
@@ -306,6 +357,28 @@ class Guidance(abc.ABC):
                                           overhead_deg=o.view_overhead_deg)
                 c = cond[idx]
         return c, self._uncond.unsqueeze(0).expand(batch_size, -1, -1)
+
+    def _camera_angles(self, cameras: Any, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(elevation, azimuth) in degrees, each (B,) float32 on the guidance device."""
+        elev = torch.as_tensor(cameras.elevation_deg).to(self.device, torch.float32, non_blocking=True).reshape(-1)
+        azim = torch.as_tensor(cameras.azimuth_deg).to(self.device, torch.float32, non_blocking=True).reshape(-1)
+        if elev.shape[0] != batch_size:
+            raise FastDreamError(f"Got {batch_size} images but {elev.shape[0]} cameras; they must match.")
+        return elev, azim
+
+    def perp_neg_embeddings(self, cameras: Any, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Perp-Neg's negatives: embeddings (B, 2, L, D) of the two negative view prompts of each camera and
+        their weights (B, 2) float32 (see ``prompts.perp_neg_weights``)."""
+        if self._cond is None or self._cond.shape[0] != len(_prompts.VIEWS):
+            raise FastDreamError("Perp-Neg needs the view-dependent prompt embeddings: set view_dependent=true and "
+                                 "call guidance.set_prompt('a description') before the first step.")
+        if cameras is None:
+            raise FastDreamError("Perp-Neg needs the cameras of the renders (their azimuth and elevation).")
+        o = self.options
+        elev, azim = self._camera_angles(cameras, batch_size)
+        views, weights = _prompts.perp_neg_weights(elev, azim, o.perp_neg_f_sb, o.perp_neg_f_fsb, o.perp_neg_f_fs,
+                                                   o.perp_neg_f_sf, overhead_deg=o.view_overhead_deg)
+        return self._cond[views], weights
 
     # ------------------------------------------------------------------ schedule
     def _annealed(self, start: float, end: Optional[float], progress: float) -> float:
@@ -343,26 +416,40 @@ class Guidance(abc.ABC):
         return ab.sqrt() * (1.0 - ab).sqrt()
 
     # ------------------------------------------------------------------ SDS
-    def guided_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                     uncond: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One UNet call on [uncond; cond]; returns (eps_hat, eps_cond, eps_uncond), float32."""
+    def guided_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                     negatives: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One UNet call on [uncond; cond] (and the Perp-Neg ``negatives``: embeddings (B, K, L, D) and weights
+        (B, K), appended as K more copies of the batch); returns (eps_hat, eps_cond, eps_uncond), float32."""
         n = z_t.shape[0]
+        embeddings = [uncond, cond]
+        if negatives is not None:
+            embeddings += list(negatives[0].transpose(0, 1))
+        copies = len(embeddings)
+        tt = t.repeat(copies)
         with torch.no_grad(), self._autocast():
-            eps = self.predict_noise(torch.cat([z_t, z_t]).to(self.dtype), torch.cat([t, t]),
-                                     torch.cat([uncond, cond]).to(self.dtype))
+            eps = self.predict_noise(z_t.repeat(copies, 1, 1, 1).to(self.dtype), tt, torch.cat(embeddings).to(self.dtype))
         eps = eps.float()
         if self.prediction_type == "v_prediction":  # v = sqrt(ab) eps - sqrt(1-ab) z  =>  eps = sqrt(ab) v + sqrt(1-ab) z_t
-            ab = self.alphas_cumprod[torch.cat([t, t]).to(self.device, torch.long)].view(-1, 1, 1, 1)
-            zz = torch.cat([z_t, z_t]).float()
-            eps = ab.sqrt() * eps + (1.0 - ab).sqrt() * zz
-        eps_u, eps_c = eps[:n], eps[n:]
-        eps_hat = eps_u + self.options.guidance_scale * (eps_c - eps_u)
+            ab = self.alphas_cumprod[tt.to(self.device, torch.long)].view(-1, 1, 1, 1)
+            eps = ab.sqrt() * eps + (1.0 - ab).sqrt() * z_t.float().repeat(copies, 1, 1, 1)
+        eps_u, eps_c = eps[:n], eps[n:2 * n]
+        direction = eps_c - eps_u
+        if negatives is not None:  # Perp-Neg: push against what each negative adds orthogonally to the positive
+            weights = negatives[1].to(self.device, torch.float32)
+            positive = direction
+            for k in range(copies - 2):
+                e_k = eps[(2 + k) * n:(3 + k) * n] - eps_u
+                direction = direction + weights[:, k].view(-1, 1, 1, 1) * perpendicular_component(e_k, positive)
+        eps_hat = eps_u + self.options.guidance_scale * direction
         return eps_hat, eps_c, eps_u
 
     def sds_from_latents(self, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                          progress: float = 0.0, *, t: Optional[torch.Tensor] = None,
-                         noise: Optional[torch.Tensor] = None) -> SDSOutput:
-        """SDS on the model input z (B,C,h,w) (latents for SD, pixels in [-1,1] for IF)."""
+                         noise: Optional[torch.Tensor] = None,
+                         negatives: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> SDSOutput:
+        """SDS on the model input z (B,C,h,w) (latents for SD, pixels in [-1,1] for IF); ``negatives``: Perp-Neg's
+        (see ``perp_neg_embeddings``)."""
         b = z.shape[0]
         if t is None:
             t = self.sample_timesteps(b, progress)
@@ -373,7 +460,8 @@ class Guidance(abc.ABC):
         noise = noise.to(self.device, torch.float32)
         ab = self.alphas_cumprod[t].view(b, 1, 1, 1)
         z_t = ab.sqrt() * z32 + (1.0 - ab).sqrt() * noise
-        eps_hat, _, _ = self.guided_noise(z_t.to(self.dtype), t, cond, uncond)
+        extra = {} if negatives is None else {"negatives": negatives}  # families with their own CFG take none
+        eps_hat, _, _ = self.guided_noise(z_t.to(self.dtype), t, cond, uncond, **extra)
         grad = self.weight(t).view(b, 1, 1, 1) * (eps_hat - noise)
         finite = torch.isfinite(grad)
         n_nonfinite = (~finite).sum()
@@ -387,16 +475,20 @@ class Guidance(abc.ABC):
         return SDSOutput(loss=loss, t=t, grad_norm=grad.norm().detach(), n_nonfinite=n_nonfinite)
 
     def __call__(self, images: torch.Tensor, cameras: Any, shading: str = "albedo", progress: float = 0.0,
-                 *, t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> SDSOutput:
-        """SDS on renders ``images`` (B,3,H,W) in [0,1]. ``t``/``noise`` override the random draws (tests)."""
+                 *, t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                 opacity: Optional[torch.Tensor] = None) -> SDSOutput:
+        """SDS on renders ``images`` (B,3,H,W) in [0,1] with their opacity (B,1,H,W) if known.
+        ``t``/``noise`` override the random draws (tests)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise FastDreamError(f"SDS guidance expects images of shape (B, 3, H, W), got {tuple(images.shape)}.")
         b = images.shape[0]
         try:
             cond, uncond = self.text_embeddings(cameras, b)
+            negatives = self.perp_neg_embeddings(cameras, b) if self.options.perp_neg else None
             with self._autocast():
-                z = self.encode_images(images.to(self.device))
-            return self.sds_from_latents(z, cond, uncond, progress, t=t, noise=noise)
+                z = self.model_input(images.to(self.device), None if opacity is None else opacity.to(self.device),
+                                     progress)
+            return self.sds_from_latents(z, cond, uncond, progress, t=t, noise=noise, negatives=negatives)
         except RuntimeError as exc:
             if is_oom(exc):
                 raise out_of_memory_error(exc) from None

@@ -22,6 +22,21 @@ DreamFusion (stable-dreamfusion uses a narrower +-30 degree front sector and the
 
 "interpolate": the paper's azimuth blend, then towards "overhead" linearly in elevation from
 overhead_deg (weight 0) to 90 degrees (weight 1) instead of the hard switch.
+
+Perp-Neg (Armandpour et al. 2023, "Re-imagine the Negative Prompt Algorithm"; threestudio's
+``prompt_processors/base.py`` ``get_text_embeddings_perp_neg``) adds two *negative* view prompts per
+camera, weighted by how far the camera is from the views they name (``perp_neg_weights``): between the
+front and the side (|azimuth| < 90) the negatives are "front" and "side"; between the side and the back
+they are "side" and "front". With r the position between the two views (r = 1 - |azimuth| / 90 from the
+side to the front; r = 2 - |azimuth| / 90 from the back to the side) and f(a, b, c; r) = a exp(-b r) + c:
+
+  front-side   w_front = -f_fs(r),   w_side  = -f_sf(1 - r)
+  side-back    w_side  = -f_sb(r),   w_front = -f_fsb(r)
+  overhead     both 0 (elevation > overhead_deg)
+
+threestudio's defaults f_fs = f_sf = (4, 0.5, -2.426), f_sb = (1, 0.5, -0.606), f_fsb = (1, 0.5, 0.967)
+make a view's own negative vanish where the camera sees that view (f_fs(1) = 0: no "front" negative
+from the front) and push hardest against the front from the back (w_front = -1.967 at 180 degrees).
 All functions are pure tensor ops (no host sync), so they can run every step on the GPU.
 """
 from __future__ import annotations
@@ -94,3 +109,26 @@ def view_weights(elevation_deg: Angle, azimuth_deg: Angle, overhead_deg: float =
     else:
         o = (elevation_deg > overhead_deg).to(w_front.dtype)
     return torch.stack([(1 - o) * w_front, (1 - o) * w_side, (1 - o) * w_back, o], dim=-1)
+
+
+def _decay(abc, r: torch.Tensor) -> torch.Tensor:
+    a, b, c = (float(v) for v in abc)
+    return a * torch.exp(-b * r) + c
+
+
+def perp_neg_weights(elevation_deg: Angle, azimuth_deg: Angle, f_sb, f_fsb, f_fs, f_sf,
+                     overhead_deg: float = 60.0):
+    """Perp-Neg's two negative views per camera: (views (..., 2) long indices into ``VIEWS``, weights (..., 2)
+    float32, all <= 0 for the default curves). See the module docstring for the rule."""
+    azimuth_deg = _as_tensor(azimuth_deg)
+    elevation_deg = _as_tensor(elevation_deg, azimuth_deg)
+    a = wrap_azimuth(azimuth_deg).abs()
+    front_side = a < 90.0
+    r = torch.where(front_side, 1.0 - a / 90.0, 2.0 - a / 90.0)
+    w_first = torch.where(front_side, -_decay(f_fs, r), -_decay(f_sb, r))
+    w_second = torch.where(front_side, -_decay(f_sf, 1.0 - r), -_decay(f_fsb, r))
+    overhead = elevation_deg > overhead_deg
+    weights = torch.stack([w_first, w_second], dim=-1) * (~overhead).unsqueeze(-1).to(torch.float32)
+    front, side = torch.full_like(a, FRONT, dtype=torch.long), torch.full_like(a, SIDE, dtype=torch.long)
+    views = torch.stack([torch.where(front_side, front, side), torch.where(front_side, side, front)], dim=-1)
+    return views, weights
