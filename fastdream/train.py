@@ -278,8 +278,10 @@ class Trainer:
         step = step - self.stage_start()
         progress = step / max(self.stage.n_steps(cfg), 1)
         width, height = self.stage.image_size()
+        # the progressive view range widens during the first stage; later ones start from a whole object
         cams = sample_cameras(cfg.batch_size, width, height, self.stage.scene_radius, cfg.camera,
-                              generator=self.generator, device=self.device, progress=progress)
+                              generator=self.generator, device=self.device,
+                              progress=progress if self.stage_index == 0 else 1.0)
         result = self.stage.loss(cams, step, progress, self.guidance, self.generator)
         loss, terms = result.loss, result.terms
         self.optimizer.zero_grad(set_to_none=True)
@@ -331,7 +333,7 @@ class Trainer:
         return self.stage.preview(self.out_dir / "previews" / f"step_{self.step:05d}.png", self.config.output)
 
     def train(self) -> bool:
-        """Run until config.steps. Returns False when stopped by a signal: after one, at the next step boundary with
+        """Run every stage of config.stages to its end. Returns False when stopped by a signal: after one, at the next step boundary with
         a checkpoint (saved_on_stop); after a second one, at once and without writing anything."""
         from .metrics_log import MetricsLog
         from .progress import progress
