@@ -99,10 +99,11 @@ def mesh_occupancy(mesh, points: np.ndarray, pitch: float) -> np.ndarray:
     return inside
 
 
-def reconstruction_scores(out, scene) -> Tuple[float, float]:
+def reconstruction_scores(out, scene, coarse: bool = False) -> Tuple[float, float]:
     """(mesh IoU, held-out PSNR) of the run in `out` against the reference `scene`: occupancy of the exported
     mesh vs the scene's (density above the export threshold) on a 48^3 lattice, and albedo renders from six
-    held-out cameras (an elevation/azimuth/distance/focal never sampled exactly in training)."""
+    held-out cameras (an elevation/azimuth/distance/focal never sampled exactly in training). `coarse`: the
+    NeRF stage's result of a run that refined it into a mesh (coarse/mesh.obj and the NeRF renderer)."""
     import torch
     import trimesh
 
@@ -117,12 +118,14 @@ def reconstruction_scores(out, scene) -> Tuple[float, float]:
     pitch = float(aabb[3] - aabb[0]) / D
     c = [aabb[i] + (np.arange(D) + 0.5) * pitch for i in range(3)]
     points = np.stack(np.meshgrid(*c, indexing="ij"), -1).reshape(-1, 3)
-    predicted = mesh_occupancy(trimesh.load(out / "mesh.obj", force="mesh"), points, pitch / 2)
+    predicted = mesh_occupancy(trimesh.load(out / ("coarse" if coarse else "") / "mesh.obj", force="mesh"), points,
+                               pitch / 2)
     truth = VoxelField(scene["density"], scene["albedo"], aabb).density(torch.as_tensor(points, dtype=torch.float32)).numpy() > 10.0
     iou = float((predicted & truth).sum() / (predicted | truth).sum())
 
-    renderer = load_run(out, device="cpu").stage.renderer
-    reference = ReferenceSceneGuidance(scene, "cpu", render_config=renderer.config, grid_resolution=32)
+    loaded = load_run(out, device="cpu")
+    renderer = loaded.stage.coarse if coarse else loaded.stage.renderer
+    reference = ReferenceSceneGuidance(scene, "cpu", render_config=loaded.config.render, grid_resolution=32)
     cams = orbit_cameras(6, 48, 48, elevation_deg=25.0, distance=2.1, fov_y_deg=50.0, start_azimuth_deg=17.0)
     with torch.no_grad():
         pred = renderer.render(cams, "albedo").rgb

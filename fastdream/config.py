@@ -151,6 +151,28 @@ class ImageConfig:
 
 
 @dataclass
+class MeshStageConfig:
+    """The mesh stage (``stages: [nerf, mesh]``, see ``fastdream.stages.mesh``): Magic3D's second stage.
+    Defaults are threestudio's ``configs/magic3d-refine-sd.yaml`` (02d05b0): 5,000 steps of 512x512 renders
+    (SD's own resolution: the latent is 64x64 with no upsampling), a tetrahedral grid of 128 cells per axis,
+    Adam at 0.01 for every parameter, normal consistency at 10,000 and no Laplacian term, SDS timesteps up to
+    0.5 (the coarse shape is settled: only detail is refined). The run's cameras, lights, shading
+    probabilities, guidance and batch size are the NeRF stage's (threestudio narrows the elevation to
+    -10..45 degrees and the field of view to 30..45; the NeRF stage's ranges keep the whole object, top
+    included, in view, so a mesh refined from them has no unseen side)."""
+    steps: int = 5000               # threestudio: trainer.max_steps
+    resolution: int = 512           # render width = height (threestudio: data.width/height)
+    tet_resolution: int = 128       # cells per axis of the tetrahedral grid (threestudio: isosurface_resolution)
+    lr_geometry: float = 0.01       # signed distance and vertex offsets (threestudio: one lr of 0.01 for all)
+    lr_hash: float = 0.01           # the colour field's hash table
+    lr_mlp: float = 0.01            # the colour field's MLP
+    lr_background: float = 0.01
+    normal_consistency: float = 10000.0  # threestudio: lambda_normal_consistency
+    laplacian: float = 0.0          # threestudio: lambda_laplacian_smoothness (0 in magic3d-refine)
+    t_max: float = 0.5              # SDS timesteps in [guidance.t_min, t_max] (threestudio: max_step_percent)
+
+
+@dataclass
 class OutputConfig:
     preview_every: int = 500        # 0 disables previews (one is still written at the end)
     preview_views: int = 4
@@ -186,7 +208,9 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     backend: str = ""               # ops backend: auto | torch | native ("": the process's choice, FASTDREAM_BACKEND or auto)
-    stage: str = "nerf"             # what is trained (fastdream.stages)
+    # What is trained, in order (fastdream.stages): "nerf", or "nerf,mesh" for a mesh refined after it.
+    # `steps` counts the NeRF stage's steps, `mesh.steps` the mesh stage's.
+    stages: Tuple[str, ...] = ("nerf",)
     aabb: Tuple[float, float, float, float, float, float] = (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0)
     background: str = "mlp"         # mlp (learned, direction-dependent) | fixed
     background_color: Tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -204,6 +228,7 @@ class RunConfig:
     reg: RegularizerConfig = _field(default_factory=RegularizerConfig)
     guidance: GuidanceConfig = _field(default_factory=GuidanceConfig)
     image: ImageConfig = _field(default_factory=ImageConfig)
+    mesh: MeshStageConfig = _field(default_factory=MeshStageConfig)
     output: OutputConfig = _field(default_factory=OutputConfig)
 
     def validate(self) -> "RunConfig":
@@ -219,8 +244,17 @@ class RunConfig:
         kinds = guidance_registry.names()
         if self.guidance.kind not in kinds:
             bad(f"guidance.kind={self.guidance.kind!r}; choose one of {', '.join(kinds)}.")
-        if self.stage not in STAGES:
-            bad(f"stage={self.stage!r}; choose one of {', '.join(STAGES)}.")
+        unknown = [s for s in self.stages if s not in STAGES]
+        if not self.stages or unknown:
+            bad(f"stages={','.join(self.stages)!r}; list one or more of {', '.join(STAGES)}, in order (e.g. nerf,mesh).")
+        for before, after in zip(self.stages, self.stages[1:]):
+            if not STAGES[after].can_follow(before):
+                bad(f"stages={','.join(self.stages)!r}: the {after!r} stage cannot start from a {before!r} stage.")
+        if not STAGES[self.stages[0]].can_follow(None):
+            bad(f"stages={','.join(self.stages)!r}: the {self.stages[0]!r} stage starts from a trained stage "
+                f"(e.g. nerf,{self.stages[0]}).")
+        if self.mesh.t_max < self.guidance.t_min:
+            bad(f"mesh.t_max ({self.mesh.t_max}) must be >= guidance.t_min ({self.guidance.t_min}).")
         if self.backend not in ("",) + _backend.BACKENDS:
             bad(f"backend={self.backend!r}; choose one of {', '.join(_backend.BACKENDS)} (or leave it empty).")
         conditioning = guidance_registry.get(self.guidance.kind).conditioning
@@ -307,6 +341,10 @@ NUMERIC_RANGES: Dict[str, str] = {
     "image.elevation": "[-90, 90]", "image.distance": "(0, inf)", "image.fov": "(0, 180)",
     "image.resolution": "[16, inf)", "image.border_ratio": "[0, 1)", "image.rgb_weight": "[0, inf)",
     "image.mask_weight": "[0, inf)", "image.text_guidance_weight": "[0, inf)", "image.text_guidance_scale": "[0, inf)",
+    "mesh.steps": "[1, inf)", "mesh.resolution": "[8, inf)", "mesh.tet_resolution": "[2, inf)",
+    "mesh.lr_geometry": "[0, inf)", "mesh.lr_hash": "[0, inf)", "mesh.lr_mlp": "[0, inf)",
+    "mesh.lr_background": "[0, inf)", "mesh.normal_consistency": "[0, inf)", "mesh.laplacian": "[0, inf)",
+    "mesh.t_max": "(0, 1]",
 }
 
 
@@ -518,6 +556,8 @@ def config_from_dict(data: Optional[Dict[str, Any]], base: Optional[RunConfig] =
     if data:
         if not isinstance(data, dict):
             raise FastDreamError(f"A configuration must be a mapping of keys, got {type(data).__name__}.")
+        if "stage" in data and "stages" not in data:  # written before runs had several stages
+            data = {**{k: v for k, v in data.items() if k != "stage"}, "stages": [data["stage"]]}
         _apply_mapping(config, data, "", RunConfig)
     return config
 

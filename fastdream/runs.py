@@ -7,7 +7,8 @@ fastdream wrote), trains with `fastdream.train.Trainer` and exports.
 
 Outputs (DIR defaults to outputs/<prompt slug>): config.yaml, previews/step_XXXXX.png,
 checkpoints/step_XXXXXXX.pt (atomic), and at the end mesh.obj/.mtl/.ply/.glb, turntable.mp4,
-turntable_textureless.mp4 and metrics.json. `--resume` continues exactly where the last checkpoint
+turntable_textureless.mp4 and metrics.json (with `stages: [nerf, mesh]` the refined mesh and its turntables,
+and the NeRF stage's under coarse/). `--resume` continues exactly where the last checkpoint
 left off (parameters, Adam moments, occupancy grid, step and every random generator), so a resumed run
 equals an uninterrupted one (given the same --steps: the shading and timestep schedules follow the total,
 and a changed total is warned about). Ctrl-C or SIGTERM writes a checkpoint at the last completed step and
@@ -45,7 +46,7 @@ log = logging.getLogger("fastdream")
 
 OUTPUT_NAMES = ("checkpoints", "previews", "config.yaml", "metrics.json", "mesh.obj", "mesh.mtl", "mesh.ply",
                 "mesh.glb", "mesh_albedo.png", "turntable.mp4", "turntable.gif", "turntable_textureless.mp4",
-                "turntable_textureless.gif", "metrics.jsonl", "report.html", "tensorboard")
+                "turntable_textureless.gif", "metrics.jsonl", "report.html", "tensorboard", "coarse")
 
 
 def slugify(prompt: str, max_len: int = 60) -> str:
@@ -207,6 +208,8 @@ def _warn_schedule_change(state: Dict[str, Any], config: RunConfig) -> None:
 
 
 def apply_flags(config: RunConfig, cli: Dict[str, Any]) -> None:
+    if "stages" in cli:
+        apply_overrides(config, [f"stages={cli['stages']}"])
     if "steps" in cli:
         config.steps = int(cli["steps"])
     if "seed" in cli:

@@ -14,6 +14,7 @@ Same seed, config and device => same result.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -29,7 +30,7 @@ from .checkpoint import checkpoint_name, save_checkpoint
 from .config import RunConfig, config_to_dict
 from .errors import FastDreamError
 from .runtime import resolve_device, versions
-from .stages import build_stage
+from .stages import Stage, build_stage, stage_class
 
 log = logging.getLogger("fastdream")
 
@@ -116,15 +117,14 @@ class Trainer:
         torch.manual_seed(config.seed)  # parameter initialisation
         if self.device.type == "cuda":
             torch.cuda.manual_seed_all(config.seed)
-        self.stage = build_stage(config.stage, config, self.device)
-        o = config.optim
-        # fused: one kernel for all parameters, step counters kept on the device (no .item() per step)
-        self.optimizer = torch.optim.Adam(self.stage.param_groups(o), betas=tuple(o.betas), eps=o.eps, fused=True)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        input_view = load_input_view(config, self.stage.scene_radius, self.device)  # before the model: fail fast
-        self.guidance = build_guidance(config, self.device, input_view)
-        if input_view is not None:
-            self.stage.set_input_view(*input_view)
+        self.stage_index = 0
+        self.stage = build_stage(config.stages[0], config, self.device)
+        self._build_optimizer()
+        self.input_view = load_input_view(config, self.stage.scene_radius, self.device)  # before the model: fail fast
+        self.guidance = build_guidance(config, self.device, self.input_view)
+        self._base_guidance_options = getattr(self.guidance, "options", None)
+        self._enter_stage()
         self.step = 0
         self.n_skipped = 0
         self.consecutive_nonfinite = 0
@@ -140,6 +140,58 @@ class Trainer:
     def renderer(self):
         """The stage's renderer (the NeRF stage's field, background and occupancy grid)."""
         return self.stage.renderer
+
+    # ------------------------------------------------------------------ stages
+    def stage_start(self, index: Optional[int] = None) -> int:
+        """The global step at which stage `index` (default: the current one) starts."""
+        index = self.stage_index if index is None else index
+        return sum(stage_class(name).n_steps(self.config) for name in self.config.stages[:index])
+
+    @property
+    def stage_end(self) -> int:
+        return self.stage_start() + self.stage.n_steps(self.config)
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of the whole run: every stage's, one after the other."""
+        return self.stage_start(len(self.config.stages))
+
+    def _build_optimizer(self) -> None:
+        o = self.config.optim
+        # fused: one kernel for all parameters, step counters kept on the device (no .item() per step)
+        self.optimizer = torch.optim.Adam(self.stage.param_groups(o), betas=tuple(o.betas), eps=o.eps, fused=True)
+
+    def _enter_stage(self) -> None:
+        """What the current stage needs from the run: the input view at its render size, its guidance options."""
+        if self.input_view is not None:
+            photo, _ = self.input_view
+            width, height = self.stage.image_size()
+            self.stage.set_input_view(photo, input_camera(self.config, self.stage.scene_radius, width, height,
+                                                          self.device))
+        options = self.stage.guidance_options()
+        if self._base_guidance_options is not None:
+            self.guidance.options = (dataclasses.replace(self._base_guidance_options, **options).validate()
+                                     if options else self._base_guidance_options)
+
+    def _switch_stage(self, index: int, previous: Optional[Stage] = None) -> None:
+        """Make stage `index` the current one (started from the trained `previous` stage, if given)."""
+        stage = build_stage(self.config.stages[index], self.config, self.device)
+        if previous is not None:
+            stage.init_from(previous)
+        self.stage_index, self.stage = index, stage
+        self._build_optimizer()
+        self._enter_stage()
+
+    def next_stage(self) -> None:
+        """At the end of a stage: the next one starts from it (the finished stage is checkpointed first)."""
+        if self.last_checkpoint is None or self.last_checkpoint.name != checkpoint_name(self.step):
+            self.save()
+        self.preview()
+        log.info("fastdream: the %r stage is done at step %d; starting the %r stage", self.stage.name, self.step,
+                 self.config.stages[self.stage_index + 1])
+        previous = self.stage
+        self.stage = None  # the previous stage's modules can be freed once the next one has copied them
+        self._switch_stage(self.stage_index + 1, previous)
 
     # ------------------------------------------------------------------ state
     def _guidance_generators(self) -> Dict[str, torch.Generator]:
@@ -166,9 +218,14 @@ class Trainer:
 
     def load_state_dict(self, state: Dict[str, Any], source: str = "checkpoint") -> None:
         stage = state.get("stage", "nerf")  # checkpoints from before stages were named hold NeRF runs
-        if stage != self.stage.name:
+        if stage not in self.config.stages:
             raise FastDreamError(f"Checkpoint {source} holds a {stage!r} stage, but this run trains the "
-                                 f"{self.stage.name!r} stage; resume with the configuration it was written with.")
+                                 f"{', '.join(self.config.stages)} stage(s); resume with the configuration it was "
+                                 "written with.")
+        index = self.config.stages.index(stage)
+        if index != self.stage_index:
+            stage_class(stage)  # an unknown stage: its own clear error
+            self._switch_stage(index)
         try:
             self.stage.load_state_dict(state)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -216,10 +273,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> Dict[str, Any]:
+        """One step at global step `step` of the current stage (which counts its steps from its own start)."""
         cfg = self.config
-        progress = step / max(cfg.steps, 1)
-        cams = sample_cameras(cfg.batch_size, cfg.width, cfg.height, self.stage.scene_radius, cfg.camera,
-                              generator=self.generator, device=self.device, progress=progress)
+        step = step - self.stage_start()
+        progress = step / max(self.stage.n_steps(cfg), 1)
+        width, height = self.stage.image_size()
+        # the progressive view range widens during the first stage; later ones start from a whole object
+        cams = sample_cameras(cfg.batch_size, width, height, self.stage.scene_radius, cfg.camera,
+                              generator=self.generator, device=self.device,
+                              progress=progress if self.stage_index == 0 else 1.0)
         result = self.stage.loss(cams, step, progress, self.guidance, self.generator)
         loss, terms = result.loss, result.terms
         self.optimizer.zero_grad(set_to_none=True)
@@ -271,13 +333,13 @@ class Trainer:
         return self.stage.preview(self.out_dir / "previews" / f"step_{self.step:05d}.png", self.config.output)
 
     def train(self) -> bool:
-        """Run until config.steps. Returns False when stopped by a signal: after one, at the next step boundary with
+        """Run every stage of config.stages to its end. Returns False when stopped by a signal: after one, at the next step boundary with
         a checkpoint (saved_on_stop); after a second one, at once and without writing anything."""
         from .metrics_log import MetricsLog
         from .progress import progress
 
         cfg = self.config
-        total = cfg.steps
+        total = self.total_steps
         bar = progress(total, "fastdream", every=cfg.output.log_every if cfg.output.log_every > 0 else None,
                        initial=self.step, quiet=self.quiet, line_desc="step")
         metrics_log = MetricsLog(self.out_dir, cfg.output.metrics_every, cfg.output.tensorboard,
@@ -287,6 +349,8 @@ class Trainer:
             while self.step < total:
                 if self._stop_requested:
                     raise KeyboardInterrupt
+                if self.step >= self.stage_end:
+                    self.next_stage()
                 t_step = time.perf_counter()
                 self._in_step = True
                 result = self.train_step(self.step)
@@ -309,7 +373,8 @@ class Trainer:
                             "optim.lr_mlp=...), the guidance scale, or use float32 guidance (--set guidance.dtype=float32), "
                             "then continue with --resume.")
                 self._in_step = False  # parameters, optimizer, grid, random state and counters agree on self.step
-                row = {"step": self.step, "time": round(self.train_time, 4), "skipped": self.n_skipped}
+                row = {"step": self.step, "stage": self.stage.name, "time": round(self.train_time, 4),
+                       "skipped": self.n_skipped}
                 row.update({k: result[k] for k in ("shading", "samples_per_ray") if k in result})
                 metrics_log.record(row, result["metrics"])
                 if self.step % 5 == 0 or self.step == total:

@@ -55,7 +55,7 @@ class ColourStage(Stage):
         return {"colour": str(path)}
 
 
-TOY = ["stage=colour", "width=8", "height=8", "optim.lr_mlp=0.05", "output.checkpoint_every=0",
+TOY = ["stages=colour", "width=8", "height=8", "optim.lr_mlp=0.05", "output.checkpoint_every=0",
        "output.preview_every=0", "guidance.reference_resolution=8"]
 
 
@@ -84,3 +84,73 @@ def test_the_loop_trains_resumes_and_exports_a_new_stage(tmp_path, monkeypatch, 
     assert load_checkpoint(latest_checkpoint(out / "checkpoints"))["step"] == 40
     (out / "colour.json").unlink()
     assert main(["export", str(out)]) == 0 and (out / "colour.json").exists()
+
+
+class DarkerStage(ColourStage):
+    """A second toy stage: starts from the colour stage's colour and learns a darker one, with noise drawn
+    from the run's generator (so that resuming it exactly needs the random state across the boundary)."""
+    name = "darker"
+
+    @classmethod
+    def n_steps(cls, config):
+        return 20
+
+    @classmethod
+    def can_follow(cls, previous):
+        return previous == "colour"
+
+    def init_from(self, previous):
+        with torch.no_grad():
+            self.colour.copy_(previous.colour)
+        self.started_from = previous.colour.detach().clone()
+
+    def loss(self, cameras, step, progress, guidance, generator):
+        target = torch.tensor([0.3, 0.1, 0.05], device=self.device)
+        noise = torch.randn(3, generator=generator, device=self.device) * 0.01
+        loss = ((self.colour - target + noise) ** 2).mean()
+        return StepLoss(loss, {"mse": loss.detach()}, {"shading": "albedo"})
+
+
+def test_stages_run_in_order_and_resume_exactly_across_the_boundary(tmp_path, monkeypatch, demo_scene_npz):
+    from fastdream import train
+
+    monkeypatch.setitem(STAGES, "colour", ColourStage)
+    monkeypatch.setitem(STAGES, "darker", DarkerStage)
+    sets = [s for s in TOY if not s.startswith("stages=")] + ["stages=colour,darker"]
+    cli = dict(steps=30, device="cpu", guidance="reference", reference_scene=str(demo_scene_npz))
+    whole = runs.run("a colour", tmp_path / "whole", overrides=sets, quiet=True, cli=cli)["trainer"]
+    assert whole.step == 50 and whole.stage.name == "darker"
+    assert whole.stage.housekeeping == list(range(20))  # the stage counts its own steps
+    assert torch.allclose(whole.stage.started_from, torch.tensor([0.9, 0.2, 0.1]), atol=0.05)
+    target = torch.tensor([0.3, 0.1, 0.05])
+    assert (whole.stage.colour.detach() - target).norm() < 0.5 * (whole.stage.started_from - target).norm()
+    # the finished first stage is checkpointed at the boundary, under its own name
+    names = {load_checkpoint(p)["step"]: load_checkpoint(p)["stage"] for p in (tmp_path / "whole/checkpoints").glob("*.pt")}
+    assert names == {30: "colour", 50: "darker"}
+    rows = [json.loads(line) for line in (tmp_path / "whole/metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["colour"] * 30 + ["darker"] * 20
+
+    # killed in the first stage (resumes there, then runs the second) and in the second (resumes in it)
+    for kill_at in (12, 41):
+        out = tmp_path / f"killed_{kill_at}"
+
+        def interrupt(trainer, step):
+            if step == kill_at:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(train, "_on_step", interrupt)
+        assert runs.run("a colour", out, overrides=sets, quiet=True, cli=cli)["interrupted"]
+        monkeypatch.setattr(train, "_on_step", lambda trainer, step: None)
+        resumed = runs.run("a colour", out, overrides=sets, quiet=True, cli=cli, resume=True)["trainer"]
+        assert resumed.step == 50 and resumed.stage.name == "darker"
+        assert torch.equal(resumed.stage.colour.detach(), whole.stage.colour.detach()), kill_at
+
+
+def test_a_stage_that_cannot_start_the_run_is_refused(tmp_path, monkeypatch, demo_scene_npz, capsys):
+    monkeypatch.setitem(STAGES, "colour", ColourStage)
+    monkeypatch.setitem(STAGES, "darker", DarkerStage)
+    for stages, message in (("darker", "starts from a trained stage"), ("darker,colour", "cannot start from"),
+                            ("colour,gaussians", "list one or more of")):
+        assert main(_args(demo_scene_npz, tmp_path / "run", 5, "--set", f"stages={stages}")) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()

@@ -16,7 +16,7 @@ def _cmd_run(args) -> int:
     if not args.quiet:
         logging.getLogger("fastdream").setLevel(logging.INFO)
     cli = {"steps": args.steps, "seed": args.seed, "device": args.device, "guidance": args.guidance,
-           "model": args.model, "reference_scene": args.reference_scene, "image": args.image}
+           "model": args.model, "reference_scene": args.reference_scene, "image": args.image, "stages": args.stages}
     if not args.prompt and not args.image:
         print("fastdream run: error: give a PROMPT (text to 3D) or --image PHOTO (image to 3D) (see fastdream run "
               "--help)", file=sys.stderr)
@@ -49,6 +49,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", help="output folder (default outputs/<prompt slug>)")
     p.add_argument("--model", help="diffusion model: hub id or local diffusers folder (default per --guidance)")
     p.add_argument("--steps", type=integer(), help="optimisation steps (default 10000)")  # range: RunConfig.validate
+    p.add_argument("--stages", help="the stages to train, in order: nerf (the default) or nerf,mesh (a textured "
+                                    "mesh refined at 512x512 after the NeRF stage, as Magic3D; settings under mesh.*)")
     p.add_argument("--seed", type=integer(0), help="random seed (default 0)")
     p.add_argument("--config", help="YAML file with configuration keys (see DIR/config.yaml of any run)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,

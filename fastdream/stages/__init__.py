@@ -1,15 +1,16 @@
-"""Training stages: what the training loop optimises (see `base.Stage`). ``STAGES`` maps the name stored
-in the configuration (``stage``) and in every checkpoint to the class; checkpoints written before
-stages were named hold a NeRF run."""
+"""Training stages: what the training loop optimises (see `base.Stage`). ``STAGES`` maps the names listed
+in the configuration (``stages``, trained in that order) and stored in every checkpoint to the classes;
+checkpoints written before stages were named hold a NeRF run."""
 from __future__ import annotations
 
 from typing import Dict, Type
 
 from ..errors import FastDreamError
 from .base import Stage, StepLoss
+from .mesh import MeshStage
 from .nerf import NeRFStage
 
-STAGES: Dict[str, Type[Stage]] = {NeRFStage.name: NeRFStage}
+STAGES: Dict[str, Type[Stage]] = {NeRFStage.name: NeRFStage, MeshStage.name: MeshStage}
 DEFAULT_STAGE = NeRFStage.name
 
 
@@ -24,4 +25,4 @@ def build_stage(name: str, config, device) -> Stage:
     return stage_class(name)(config, device)
 
 
-__all__ = ["Stage", "StepLoss", "NeRFStage", "STAGES", "DEFAULT_STAGE", "stage_class", "build_stage"]
+__all__ = ["Stage", "StepLoss", "NeRFStage", "MeshStage", "STAGES", "DEFAULT_STAGE", "stage_class", "build_stage"]

@@ -12,6 +12,12 @@ progress and previews. A stage owns its modules and everything specific to them:
   next to ``"stage": name``;
 * ``preview(path, output)`` and ``export(out_dir, output, say)``: what it writes.
 
+A run trains the stages of ``config.stages`` one after the other (`fastdream.train.Trainer`). A stage
+says how many steps it runs (``n_steps``), at which image size its cameras render (``image_size``), which
+stage it can start from (``can_follow``) and takes over that stage's trained state in ``init_from``;
+``guidance_options`` adjusts the guidance while it trains (e.g. a lower timestep range). ``loss`` and
+``after_step`` get the step counted from the stage's own start.
+
 A new stage is one module in this package with a ``Stage`` subclass, listed in ``STAGES``
 (``fastdream/stages/__init__.py``).
 """
@@ -42,6 +48,30 @@ class Stage(abc.ABC):
     def __init__(self, config, device: torch.device):
         self.config = config
         self.device = device
+
+    @classmethod
+    def n_steps(cls, config) -> int:
+        """How many steps this stage trains for."""
+        return config.steps
+
+    @classmethod
+    def can_follow(cls, previous) -> bool:
+        """Whether this stage can start from a trained `previous` stage (a name; None: first of the run)."""
+        return previous is None
+
+    def init_from(self, previous: "Stage") -> None:
+        """Take over what this stage starts from out of the trained `previous` stage."""
+        from ..errors import FastDreamError
+
+        raise FastDreamError(f"The {self.name!r} stage cannot start from a {previous.name!r} stage.")
+
+    def image_size(self):
+        """(width, height) of the training renders."""
+        return self.config.width, self.config.height
+
+    def guidance_options(self) -> Dict[str, Any]:
+        """GuidanceOptions fields to change while this stage trains (none by default)."""
+        return {}
 
     @property
     @abc.abstractmethod
