@@ -14,13 +14,14 @@ Same seed, config and device => same result.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -28,7 +29,9 @@ from .cameras import orbit_cameras, sample_cameras
 from .checkpoint import checkpoint_name, save_checkpoint
 from .config import RunConfig, config_to_dict
 from .errors import FastDreamError
+from .renderer import Renderer
 from .runtime import resolve_device, versions
+from .sample_buffer import SampleBuffer
 from .stages import build_stage
 
 log = logging.getLogger("fastdream")
@@ -128,6 +131,8 @@ class Trainer:
                 "config": config_to_dict(self.config), "aabb": list(self.config.aabb), **self.stage.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": rng, "n_skipped": self.n_skipped,
                 "consecutive_nonfinite": self.consecutive_nonfinite, "train_time": self.train_time,
+                # the buffers' shapes decide float summation order: a resumed run continues with the same ones
+                "sample_buffers": [r.sample_buffer.capacities() for r in self.sample_buffer_renderers()],
                 "versions": versions(self.device)}
 
     def load_state_dict(self, state: Dict[str, Any], source: str = "checkpoint") -> None:
@@ -152,6 +157,8 @@ class Trainer:
             gen.set_state(rng["guidance"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(rng["cuda"])
+        for renderer, capacities in zip(self.sample_buffer_renderers(), state.get("sample_buffers", [])):
+            renderer.sample_buffer.set_capacities(capacities)
         self.step = int(state["step"])
         self.n_skipped = int(state.get("n_skipped", 0))
         self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
@@ -181,7 +188,54 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ one step
+    MAX_REDOS = 3  # a step redone after its samples overflowed the buffers (each redo grows them to fit)
+
+    def sample_buffer_renderers(self) -> List[Renderer]:
+        """The renderers the step runs with fixed-capacity sample buffers: the stage's and the guidance's (the
+        reference guidance renders its scene every step)."""
+        if not self.config.render.fixed_capacity:
+            return []
+        found = (getattr(self.stage, "renderer", None), getattr(self.guidance, "renderer", None))
+        return [r for r in found if isinstance(r, Renderer)]
+
+    def _rng_snapshot(self) -> Dict[str, Any]:
+        """Every random state the step draws from (host copies: no host sync), to redo a step exactly."""
+        snap = {"generator": self.generator.get_state(), "torch_cpu": torch.get_rng_state()}
+        gen = getattr(self.guidance, "generator", None)
+        if isinstance(gen, torch.Generator):
+            snap["guidance"] = gen.get_state()
+        shading_rng = getattr(self.stage, "shading_rng", None)
+        if shading_rng is not None:
+            snap["shading"] = shading_rng.getstate()
+        return snap
+
+    def _rng_restore(self, snap: Dict[str, Any]) -> None:
+        self.generator.set_state(snap["generator"])
+        torch.set_rng_state(snap["torch_cpu"])
+        if "guidance" in snap:
+            self.guidance.generator.set_state(snap["guidance"])
+        if "shading" in snap:
+            self.stage.shading_rng.setstate(snap["shading"])
+
     def train_step(self, step: int) -> Dict[str, Any]:
+        """One step. With fixed-capacity sample buffers (render.fixed_capacity) the renders have static shapes
+        and the step's only host sync is the readback of its loss, terms, finiteness and sample totals; a step
+        whose samples overflowed a buffer takes no optimizer step, the buffers grow and the step is redone from
+        the same random state."""
+        renderers = self.sample_buffer_renderers()
+        if not renderers:
+            return self._train_step(step, [])
+        snap = self._rng_snapshot() if self.MAX_REDOS > 0 else None
+        for attempt in range(self.MAX_REDOS + 1):
+            with contextlib.ExitStack() as stack:
+                buffers = [stack.enter_context(r.fixed_capacity()) for r in renderers]
+                result = self._train_step(step, buffers, last_try=attempt == self.MAX_REDOS)
+            if not result.pop("overflow"):
+                break
+            self._rng_restore(snap)
+        return result
+
+    def _train_step(self, step: int, buffers: List[SampleBuffer], last_try: bool = True) -> Dict[str, Any]:
         cfg = self.config
         cams = sample_cameras(cfg.batch_size, cfg.width, cfg.height, self.stage.scene_radius, cfg.camera,
                               generator=self.generator, device=self.device)
@@ -195,7 +249,18 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         grads_finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all() if params else loss.new_ones((), dtype=torch.bool)
         finite_t = torch.isfinite(loss) & grads_finite
-        values = torch.stack([v.float() for v in (loss.detach(), *terms.values(), finite_t)]).tolist()
+        pending = [buf.take() for buf in buffers]
+        counts = [p.float() for p in pending if p is not None]
+        values = torch.cat([torch.stack([v.float() for v in (loss.detach(), *terms.values(), finite_t)]), *counts]).tolist()
+        values, totals = values[:len(terms) + 2], values[len(terms) + 2:]
+        overflow = False
+        for buf, p in zip(buffers, pending):
+            if p is not None:
+                overflow |= buf.settle(totals[:2])
+                totals = totals[2:]
+        if overflow and not last_try:  # samples were cut short: no update; train_step redoes the step
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"overflow": True}
         finite = bool(values[-1])
         if finite:
             if cfg.optim.grad_clip > 0:
@@ -206,7 +271,7 @@ class Trainer:
         # Device values for metrics.jsonl: read back in one go every output.metrics_every steps, not here.
         metrics = {**{f"loss_{k}": v for k, v in terms.items()}, "loss": loss.detach(), **result.metrics}
         return {"loss": values[0], "finite": finite, **result.info, "terms": dict(zip(terms, values[1:-1])),
-                "metrics": metrics}
+                "metrics": metrics, "overflow": False}
 
     # ------------------------------------------------------------------ loop
     def _install_stop_handlers(self) -> Dict[int, Any]:
