@@ -46,6 +46,23 @@ def test_timing_helper_and_sample_validate():
     assert env["torch"] and env["cpu_count"] >= 1 and "active" in env["backend"]
 
 
+def test_report_puts_overhead_files_side_by_side(tmp_path):
+    """Two overhead_*.json (before and after a change): one table with ops, kernel ops, syncs and ms per step."""
+    class Args:
+        quick, device = False, "cpu"
+
+    for name, (ops, syncs) in {"overhead_cpu_before.json": (900, 5), "overhead_cpu.json": (800, 1)}.items():
+        timing = common.summarize([100.0, 110.0])
+        entry = common.result_entry("train_step", "native/reference", 1, "steps", timing, work=1, work_unit="steps",
+                                    guidance="reference", ops=ops, kernel_ops=ops // 2, host_syncs=syncs)
+        common.write_json(common.make_result("overhead", Args, {}, [entry], [], []), tmp_path / name)
+    assert report.main([str(tmp_path), "--no-plots"]) == 0
+    text = (tmp_path / "README.md").read_text()
+    table = text.split("## Overhead per train step, side by side")[1].split("##")[0]
+    assert "| `overhead_cpu.json` |" in table and "| reference | 800 | 400 | 1 | 105 |" in table
+    assert "| reference | 900 | 450 | 5 | 105 |" in table
+
+
 def test_schema_rejects_broken_results():
     data = _sample()
     bad = copy.deepcopy(data)

@@ -275,12 +275,13 @@ def test_march_edge_cases(impl_name):
     assert ri.numel() == 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("capacity_of_total", [0.0, 0.5, 1.0, 1.7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_march_fixed_capacity_matches_reference(capacity_of_total, dtype):
+def test_march_fixed_capacity_matches_reference(capacity_of_total, dtype, device):
     """The fixed-capacity march: the reference's packed samples in the first slots (cut at the capacity when
     they overflow it), zero-length padding of the last ray after them, and the true total on the device."""
-    nat = _native()
+    nat = _native_on(device)
     origins, directions = _march_rays(dtype=dtype)
     aabb = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
     binary = torch.rand((8, 8, 8), generator=torch.Generator().manual_seed(5)) > 0.6
@@ -289,7 +290,8 @@ def test_march_fixed_capacity_matches_reference(capacity_of_total, dtype):
     total = full[0].numel()
     capacity = int(total * capacity_of_total)
     ref = march_rays_fixed_reference(origins, directions, aabb, binary, **kw, capacity=capacity)
-    out = nat.march_rays_fixed(origins, directions, aabb, binary, **kw, capacity=capacity)
+    moved = [t.to(device) for t in (origins, directions, aabb, binary)]
+    out = [t.cpu() for t in nat.march_rays_fixed(*moved, **kw, capacity=capacity)]
     for a, b in zip(ref, out):
         assert a.dtype == b.dtype and torch.equal(a, b)
     ri, ts, te, n = out
