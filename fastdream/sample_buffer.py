@@ -19,10 +19,19 @@ import torch
 
 
 class SampleBuffer:
-    def __init__(self, headroom: float = 1.25, shrink_below: float = 0.4, granularity: int = 4096):
+    def __init__(self, headroom: float = 1.25, first_headroom: float = 2.0, shrink_below: float = 0.4,
+                 shrink_window: int = 200, granularity: int = 4096):
         self.headroom = float(headroom)          # capacity = total * headroom, rounded up
-        self.shrink_below = float(shrink_below)  # shrink when a total falls below this fraction of its capacity
+        # The first sizing has seen one render only; the totals vary several-fold with the camera's distance and
+        # focal length, so it takes more headroom.
+        self.first_headroom = float(first_headroom)
+        # Shrink only when the largest total of a whole window of steps fell below this fraction of the capacity:
+        # a shrink after one small total would overflow at the next close-up.
+        self.shrink_below = float(shrink_below)
+        self.shrink_window = int(shrink_window)
         self.granularity = int(granularity)
+        self._window_max = (0, 0)
+        self._window_steps = 0
         self.marched: Optional[int] = None       # slots of the march buffer (None: not calibrated yet)
         self.kept: Optional[int] = None          # slots of the buffer of samples kept after pruning
         self.pending: Optional[torch.Tensor] = None  # (2,) int64 on the device: max (marched, kept) totals
@@ -32,14 +41,14 @@ class SampleBuffer:
     def calibrated(self) -> bool:
         return self.marched is not None
 
-    def size_for(self, total: int) -> int:
+    def size_for(self, total: int, headroom: Optional[float] = None) -> int:
         g = self.granularity
-        return max(g, int(math.ceil(total * self.headroom / g)) * g)
+        return max(g, int(math.ceil(total * (headroom or self.headroom) / g)) * g)
 
     def calibrate(self, marched: int, kept: int) -> None:
         """Capacities from the host counts of a dynamic render."""
-        self.marched = max(self.marched or 0, self.size_for(marched))
-        self.kept = min(self.marched, max(self.kept or 0, self.size_for(kept)))
+        self.marched = max(self.marched or 0, self.size_for(marched, self.first_headroom))
+        self.kept = min(self.marched, max(self.kept or 0, self.size_for(kept, self.first_headroom)))
 
     def capacities(self) -> Tuple[Optional[int], Optional[int]]:
         return self.marched, self.kept
@@ -63,9 +72,16 @@ class SampleBuffer:
         overflow = marched > self.marched or kept > self.kept
         if overflow:
             self.grown += 1
-        if overflow or marched < self.shrink_below * self.marched:
-            self.marched = self.size_for(marched)
-        if overflow or kept < self.shrink_below * self.kept:
-            self.kept = self.size_for(kept)
+            self.marched = max(self.marched, self.size_for(marched))
+            self.kept = max(self.kept, self.size_for(kept))
+        self._window_max = (max(self._window_max[0], marched), max(self._window_max[1], kept))
+        self._window_steps += 1
+        if self._window_steps >= self.shrink_window:
+            top_marched, top_kept = self._window_max
+            if top_marched < self.shrink_below * self.marched:
+                self.marched = self.size_for(top_marched)
+            if top_kept < self.shrink_below * self.kept:
+                self.kept = self.size_for(top_kept)
+            self._window_max, self._window_steps = (0, 0), 0
         self.kept = min(self.kept, self.marched)
         return overflow

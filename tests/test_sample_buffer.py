@@ -88,14 +88,18 @@ def test_overflowing_buffers_report_the_totals_and_grow():
 
 
 def test_sample_buffer_sizes():
-    buf = SampleBuffer(headroom=1.25, shrink_below=0.4, granularity=1000)
+    buf = SampleBuffer(headroom=1.25, first_headroom=2.0, shrink_below=0.4, shrink_window=3, granularity=1000)
     buf.calibrate(10_000, 3_000)
-    assert (buf.marched, buf.kept) == (13_000, 4_000)
+    assert (buf.marched, buf.kept) == (20_000, 6_000)            # the first sizing: more headroom
     assert not buf.settle((12_000, 3_900))                      # fits: unchanged
-    assert (buf.marched, buf.kept) == (13_000, 4_000)
-    assert buf.settle((13_001, 100)) and buf.marched == 17_000  # overflow: grows with headroom
-    assert buf.kept == 1_000                                     # ... and a total far below its capacity shrinks
-    assert not buf.settle((5_000, 900)) and buf.marched == 7_000
+    assert (buf.marched, buf.kept) == (20_000, 6_000)
+    assert buf.settle((20_001, 6_001)) and buf.grown == 1       # overflow: grows with headroom
+    assert (buf.marched, buf.kept) == (26_000, 8_000)
+    assert not buf.settle((5_000, 500))                         # end of the window, whose largest totals still
+    assert (buf.marched, buf.kept) == (26_000, 8_000)           # fill the buffers: no shrink
+    for _ in range(3):                                          # a whole window of small totals: shrink
+        assert not buf.settle((5_000, 900))
+    assert (buf.marched, buf.kept) == (7_000, 2_000)
 
 
 def _trainer(tmp_path, scene, fixed: bool, steps: int = 6):
