@@ -44,8 +44,9 @@ TORCH_LIBRARY(fastdream, m) {
     m.def("rasterize_bwd(Tensor g_bary, Tensor g_depth, Tensor pos, Tensor tri, Tensor tri_id) -> Tensor");
     m.def("interpolate_fwd(Tensor attr, Tensor tri_id, Tensor bary, Tensor tri) -> Tensor");
     m.def("interpolate_bwd(Tensor g_out, Tensor attr, Tensor tri_id, Tensor bary, Tensor tri) -> (Tensor, Tensor)");
-    m.def("antialias_fwd(Tensor color, Tensor tri_id, Tensor depth, Tensor pos, Tensor tri) -> Tensor");
-    m.def("antialias_bwd(Tensor g_out, Tensor color, Tensor tri_id, Tensor depth, Tensor pos, Tensor tri) "
+    m.def("antialias_fwd(Tensor color, Tensor tri_id, Tensor depth, Tensor pos, Tensor tri, Tensor adjacency) -> Tensor");
+    m.def("antialias_bwd(Tensor g_out, Tensor color, Tensor tri_id, Tensor depth, Tensor pos, Tensor tri, "
+          "Tensor adjacency) "
           "-> (Tensor, Tensor)");
 }
 

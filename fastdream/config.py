@@ -138,6 +138,14 @@ class ImageConfig:
     recenter: bool = True           # false: keep the photo's framing (padded to a square)
     rgb_weight: float = 5000.0      # reconstruction loss at the input camera: colour inside the mask ...
     mask_weight: float = 500.0      # ... and opacity toward the mask (threestudio's 500 / 50 against SDS x 0.1)
+    # Magic123's joint prior: text SDS from a text-to-image model on the same renders, added to the novel-view SDS
+    # with this weight (0: off, and the text model is never loaded). Magic123 (threestudio's
+    # configs/magic123-coarse-sd.yaml) weighs SD's SDS 1 (lambda_sd) against Zero-1-to-3's 40 (lambda_3d_sd), with
+    # CFG scales 100 and 5, both t in [0.2, 0.6], SD 1.5: against the novel-view SDS at weight 1 here, 0.025.
+    # Needs a prompt (`fastdream run --image photo.png "a prompt"`).
+    text_guidance_weight: float = 0.0
+    text_guidance_model: str = ""   # hub id or local folder ("": the sd family's default, as text-to-3D uses)
+    text_guidance_scale: float = 100.0  # its CFG scale (DreamFusion's and Magic123's 100)
 
 
 @dataclass
@@ -219,6 +227,13 @@ class RunConfig:
                 "--guidance zero123 (the default with --image) or reference.")
         if not self.image.path and "text" not in conditioning:
             bad(f"guidance {self.guidance.kind!r} turns one photo into 3D: pass it with --image PHOTO.png.")
+        if self.image.text_guidance_weight > 0 and not self.image.path:
+            bad("image.text_guidance_weight adds text SDS to image-to-3D (Magic123); it needs --image PHOTO. For "
+                "text-to-3D the prompt's guidance is the run's guidance already.")
+        if self.image.text_guidance_weight > 0 and not self.prompt.strip():
+            bad(f"image.text_guidance_weight={self.image.text_guidance_weight:g} adds text guidance, but there is no "
+                "prompt: describe the object after the photo, e.g. fastdream run --image photo.png \"a red teapot\", "
+                "or leave the weight at 0.")
         if self.guidance.kind == "reference" and not self.guidance.reference_scene:
             bad("reference guidance needs a scene: --reference-scene SCENE.npz (or a .obj/.ply/.glb mesh).")
         if self.background not in ("mlp", "fixed"):
@@ -287,7 +302,7 @@ NUMERIC_RANGES: Dict[str, str] = {
     "output.view_fov": "(0, 180)",
     "image.elevation": "[-90, 90]", "image.distance": "(0, inf)", "image.fov": "(0, 180)",
     "image.resolution": "[16, inf)", "image.border_ratio": "[0, 1)", "image.rgb_weight": "[0, inf)",
-    "image.mask_weight": "[0, inf)",
+    "image.mask_weight": "[0, inf)", "image.text_guidance_weight": "[0, inf)", "image.text_guidance_scale": "[0, inf)",
 }
 
 

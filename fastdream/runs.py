@@ -122,7 +122,7 @@ def run(prompt: str, out_dir=None, config: Optional[RunConfig] = None, overrides
     if family.configure_run is not None and state is None:
         family.configure_run(config)
         config.validate()
-    if config.image.path and state is None:
+    if config.image.path:  # on resume too: re-applied --set camera.* overrides must not move the training cameras
         follow_input_view(config)
         config.validate()
     device = resolve_device(config.device)

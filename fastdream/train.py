@@ -66,23 +66,48 @@ def load_input_view(config: RunConfig, scene_radius: float, device: torch.device
 
 def build_guidance(config: RunConfig, device: torch.device, input_view=None):
     """The guidance the configuration names (see `fastdream.guidance.registry`), conditioned on its prompt, or
-    on the input photo (over the run's background colour) and its camera for image-to-3D."""
-    from .guidance import Condition, build_guidance as build
+    on the input photo (over the run's background colour) and its camera for image-to-3D. With
+    `image.text_guidance_weight` > 0 (Magic123's joint prior) a text model's SDS on the prompt is added with that
+    weight (a `JointGuidance`); at 0 no text model is loaded."""
+    from .guidance import Condition, JointGuidance, build_guidance as build
 
     g = config.guidance
-    options = dict(guidance_scale=g.guidance_scale, t_min=g.t_min, t_max=g.t_max, weighting=g.weighting,
-                   negative_prompt=g.negative_prompt, seed=config.seed + 1)
+    common = dict(t_min=g.t_min, t_max=g.t_max, weighting=g.weighting, negative_prompt=g.negative_prompt)
+    options = dict(common, guidance_scale=g.guidance_scale, seed=config.seed + 1)
     options.update(g.options)
     guidance = build(g.kind, config.model, device, dtype=g.dtype or None, options=options,
                      reference_scene=g.reference_scene, reference_resolution=g.reference_resolution,
                      render_config=config.render, grid_resolution=config.grid.resolution,
                      background_color=config.background_color)
+    if config.image.text_guidance_weight > 0:
+        text = build_text_guidance(config, device, dict(common, **g.options))
+        guidance = JointGuidance([(g.kind, guidance, 1.0), ("text", text, config.image.text_guidance_weight)])
     image = pose = None
     if input_view is not None:
         photo, pose = input_view
         image = photo.on_background(config.background_color)
     guidance.set_condition(Condition(prompt=config.prompt, negative_prompt=g.negative_prompt, image=image, pose=pose))
     return guidance
+
+
+def build_text_guidance(config: RunConfig, device: torch.device, options: dict):
+    """The text-to-image guidance of an image-to-3D run's joint prior: `image.text_guidance_model` (default: the sd
+    family's model) at `image.text_guidance_scale`, with the run's timestep range and its own generator."""
+    from .guidance import build_guidance as build
+
+    im = config.image
+    options = dict(options, guidance_scale=im.text_guidance_scale, seed=config.seed + 2)
+    options.pop("view_dependent", None)  # the novel-view model's setting; text models take view-dependent prompts
+    try:
+        text = build("sd", im.text_guidance_model, device, dtype=config.guidance.dtype or None, options=options)
+    except FastDreamError as exc:
+        raise FastDreamError(f"The text guidance of this image-to-3D run (image.text_guidance_weight="
+                             f"{im.text_guidance_weight:g}) could not be loaded: {exc} Set image.text_guidance_model "
+                             "to a text-to-image model you have, or image.text_guidance_weight=0 to turn it off.") from None
+    if "text" not in text.conditioning:
+        raise FastDreamError(f"image.text_guidance_model '{im.text_guidance_model}' is a {type(text).__name__}, not a "
+                             "text-to-image model; give a Stable Diffusion or DeepFloyd IF model.")
+    return text
 
 
 class Trainer:
@@ -120,11 +145,20 @@ class Trainer:
         return self.stage.renderer
 
     # ------------------------------------------------------------------ state
+    def _guidance_generators(self) -> Dict[str, torch.Generator]:
+        """The guidance's random generators by checkpoint key: "guidance" (the first model), "guidance_NAME" for
+        the other members of a joint guidance."""
+        members = getattr(self.guidance, "generators", None) or {"": getattr(self.guidance, "generator", None)}
+        gens = {}
+        for i, (name, gen) in enumerate(members.items()):
+            if isinstance(gen, torch.Generator):
+                gens["guidance" if i == 0 else f"guidance_{name}"] = gen
+        return gens
+
     def state_dict(self) -> Dict[str, Any]:
         rng = {"generator": self.generator.get_state(), "torch_cpu": torch.get_rng_state()}
-        gen = getattr(self.guidance, "generator", None)
-        if isinstance(gen, torch.Generator):
-            rng["guidance"] = gen.get_state()
+        for key, gen in self._guidance_generators().items():
+            rng[key] = gen.get_state()
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"kind": CHECKPOINT_KIND, "stage": self.stage.name, "step": self.step,
@@ -152,9 +186,9 @@ class Trainer:
             self.generator.set_state(rng["generator"].cpu() if self.device.type == "cpu" else rng["generator"])
         if "torch_cpu" in rng:
             torch.set_rng_state(rng["torch_cpu"])
-        gen = getattr(self.guidance, "generator", None)
-        if "guidance" in rng and isinstance(gen, torch.Generator):
-            gen.set_state(rng["guidance"])
+        for key, gen in self._guidance_generators().items():
+            if key in rng:
+                gen.set_state(rng[key])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(rng["cuda"])
         for renderer, capacities in zip(self.sample_buffer_renderers(), state.get("sample_buffers", [])):
@@ -200,10 +234,8 @@ class Trainer:
 
     def _rng_snapshot(self) -> Dict[str, Any]:
         """Every random state the step draws from (host copies: no host sync), to redo a step exactly."""
-        snap = {"generator": self.generator.get_state(), "torch_cpu": torch.get_rng_state()}
-        gen = getattr(self.guidance, "generator", None)
-        if isinstance(gen, torch.Generator):
-            snap["guidance"] = gen.get_state()
+        snap = {"generator": self.generator.get_state(), "torch_cpu": torch.get_rng_state(),
+                "guidance": {key: gen.get_state() for key, gen in self._guidance_generators().items()}}
         shading_rng = getattr(self.stage, "shading_rng", None)
         if shading_rng is not None:
             snap["shading"] = shading_rng.getstate()
@@ -212,8 +244,8 @@ class Trainer:
     def _rng_restore(self, snap: Dict[str, Any]) -> None:
         self.generator.set_state(snap["generator"])
         torch.set_rng_state(snap["torch_cpu"])
-        if "guidance" in snap:
-            self.guidance.generator.set_state(snap["guidance"])
+        for key, gen in self._guidance_generators().items():
+            gen.set_state(snap["guidance"][key])
         if "shading" in snap:
             self.stage.shading_rng.setstate(snap["shading"])
 

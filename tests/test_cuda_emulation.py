@@ -24,6 +24,7 @@ import torch
 from fastdream import _backend
 from fastdream.ops import hash_grid_layout
 from fastdream.ops._native import layout_args, ray_offsets
+from fastdream.ops.rasterization import triangle_adjacency
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "cuda_emulation"
@@ -244,10 +245,11 @@ def _raster_calls(dtype, seed=0):
     color = CPU.interpolate_fwd(attr, tri_id, bary, tri)
     g_img = torch.rand(color.shape, generator=g, dtype=dtype)
     g_bary, g_depth = torch.rand(bary.shape, generator=g, dtype=dtype), torch.rand(depth.shape, generator=g, dtype=dtype)
+    adjacency = triangle_adjacency(tri)
     return [("rasterize_fwd", (pos, tri, H, W)), ("rasterize_bwd", (g_bary, g_depth, pos, tri, tri_id)),
             ("interpolate_fwd", (attr, tri_id, bary, tri)), ("interpolate_bwd", (g_img, attr, tri_id, bary, tri)),
-            ("antialias_fwd", (color, tri_id, depth, pos, tri)),
-            ("antialias_bwd", (g_img, color, tri_id, depth, pos, tri))]
+            ("antialias_fwd", (color, tri_id, depth, pos, tri, adjacency)),
+            ("antialias_bwd", (g_img, color, tri_id, depth, pos, tri, adjacency))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -179,11 +179,13 @@ FD_HOST_DEVICE FD_INLINE void interpolate_pixel_backward(int64_t t, const S* bar
 // O's centre to the other centre leaves O's triangle through an edge at fraction alpha of its length
 // (edge functions in NDC: the ratio is invariant under the viewport's affine map). The pixel area past the
 // midpoint that the triangle does or does not cover is blended: p += w (c_q - c_p) with
-// w = max(0, 1/2 - alpha) when p is the occluder, max(0, alpha - 1/2) otherwise. When the other pixel's
-// triangle touches the crossed edge (shares a vertex with it: the next triangle of the same surface, or
-// one of the fan around the edge's end) the edge is inside the surface, not a silhouette: skipped.
+// w = max(0, 1/2 - alpha) when p is the occluder, max(0, alpha - 1/2) otherwise, when the crossed edge is a
+// silhouette (nvdiffrast's rule): no triangle continues the surface across it (adj, the edge adjacency of the
+// topology: per triangle edge k, the edge opposite vertex k, the other triangle or -1), or the one that does
+// folds back: its far vertex lies on O's side of the edge on screen (or on the edge), so the surface turns away
+// from the viewer there. An edge inside the surface is never blended, whichever triangle covers q.
 // The colour change is continuous in the vertex positions, so the silhouette receives gradients
-// (Laine et al. 2020, nvdiffrast's antialias; here the silhouette test is local to the pixel pair).
+// (Laine et al. 2020, nvdiffrast's antialias).
 constexpr int kNeighbours = 4;
 
 template <typename S>
@@ -207,14 +209,33 @@ FD_HOST_DEVICE FD_INLINE S edge_fn(S vix, S viy, S vjx, S vjy, S x, S y) {
     return (vjx - vix) * (y - viy) - (vjy - viy) * (x - vix);
 }
 
-// The pair (p, q) as seen from p. pos: this view's (V, 4) vertices.
+// Whether edge k (vertices vi, vj) of triangle T, whose screen orientation is sgn, is a silhouette.
+template <typename S>
+FD_HOST_DEVICE FD_INLINE bool is_silhouette(int64_t T, int k, int64_t vi, int64_t vj, S sgn, const S* pos,
+                                            const int64_t* tri, const int64_t* adj) {
+    const int64_t N = adj[3 * T + k];
+    if (N < 0) return true;
+    int64_t o = -1;
+    for (int m = 0; m < 3; ++m)
+        if (o < 0 && tri[3 * N + m] != vi && tri[3 * N + m] != vj) o = tri[3 * N + m];
+    if (o < 0) return true;
+    const S *Pi = pos + 4 * vi, *Pj = pos + 4 * vj, *Po = pos + 4 * o;
+    const S ix = Pi[0] / Pi[3], iy = Pi[1] / Pi[3], jx = Pj[0] / Pj[3], jy = Pj[1] / Pj[3];
+    const S ox = Po[0] / Po[3], oy = Po[1] / Po[3];
+    // the edge function without FMA contraction: a discrete outcome, decided as the twin decides it
+    const S e = sub_rn(mul_rn(sub_rn(jx, ix), sub_rn(oy, iy)), mul_rn(sub_rn(jy, iy), sub_rn(ox, ix)));
+    return sgn * e >= S(0);
+}
+
+// The pair (p, q) as seen from p. pos: this view's (V, 4) vertices; adj: the (F, 3) edge adjacency.
 template <typename S>
 FD_HOST_DEVICE FD_INLINE EdgeHit<S> pair_hit(int64_t pr, int64_t pc, int64_t qr, int64_t qc, int64_t tp, int64_t tq,
-                                             S dp, S dq, int64_t H, int64_t W, const S* pos, const int64_t* tri) {
+                                             S dp, S dq, int64_t H, int64_t W, const S* pos, const int64_t* tri,
+                                             const int64_t* adj) {
     EdgeHit<S> h{false, S(0), S(0), 0, 0, S(1), false};
     if (tp == tq) return h;
     const bool p_occ = tq < 0 || (tp >= 0 && (dp < dq || (dp == dq && tp < tq)));
-    const int64_t T = p_occ ? tp : tq, other = p_occ ? tq : tp;
+    const int64_t T = p_occ ? tp : tq;
     const S ox = pixel_ndc<S>(p_occ ? pc : qc, W), oy = pixel_ndc<S>(p_occ ? pr : qr, H);
     const S nx = pixel_ndc<S>(p_occ ? qc : pc, W), ny = pixel_ndc<S>(p_occ ? qr : pr, H);
     S vx[3], vy[3];
@@ -237,13 +258,8 @@ FD_HOST_DEVICE FD_INLINE EdgeHit<S> pair_hit(int64_t pr, int64_t pc, int64_t qr,
     }
     if (best < 0) return h;
     const int64_t vi = tri[3 * T + (best + 1) % 3], vj = tri[3 * T + (best + 2) % 3];
-    if (other >= 0) {
-        bool touches = false;
-        for (int m = 0; m < 3; ++m) touches |= tri[3 * other + m] == vi || tri[3 * other + m] == vj;
-        if (touches) return h;
-    }
     const S w = p_occ ? S(0.5) - best_alpha : best_alpha - S(0.5);
-    if (!(w > S(0))) return h;
+    if (!(w > S(0)) || !is_silhouette(T, best, vi, vj, sgn, pos, tri, adj)) return h;
     h.hit = true, h.alpha = best_alpha, h.w = w, h.vi = vi, h.vj = vj, h.sgn = sgn, h.p_occludes = p_occ;
     return h;
 }

@@ -175,14 +175,16 @@ std::tuple<at::Tensor, at::Tensor> interpolate_bwd(const at::Tensor& g_out_, con
 
 // Antialias inputs in one dtype, contiguous.
 struct AntialiasInputs {
-    at::Tensor color, tri_id, depth, pos, tri;
+    at::Tensor color, tri_id, depth, pos, tri, adj;
     int64_t B, H, W, C, V;
 };
 
 inline AntialiasInputs prepare_antialias(const at::Tensor& color, const at::Tensor& tri_id, const at::Tensor& depth,
-                                         const at::Tensor& pos, const at::Tensor& tri) {
+                                         const at::Tensor& pos, const at::Tensor& tri, const at::Tensor& adj) {
     check_mesh(pos, tri, "antialias");
     check_image(tri_id, pos.size(0), "antialias");
+    TORCH_CHECK(adj.sizes() == tri.sizes() && adj.scalar_type() == at::kLong,
+                "antialias: adjacency must be (F, 3) int64 like tri (triangle_adjacency(tri))");
     TORCH_CHECK(color.dim() == 4 && color.size(0) == tri_id.size(0) && color.size(1) == tri_id.size(1) &&
                     color.size(2) == tri_id.size(2),
                 "antialias: color must be (B, H, W, C) like tri_id");
@@ -191,22 +193,22 @@ inline AntialiasInputs prepare_antialias(const at::Tensor& color, const at::Tens
     a.color = color.contiguous();
     const auto dt = a.color.scalar_type();
     a.tri_id = tri_id.contiguous(), a.depth = depth.to(dt).contiguous(), a.pos = pos.to(dt).contiguous();
-    a.tri = tri.contiguous();
+    a.tri = tri.contiguous(), a.adj = adj.contiguous();
     a.B = tri_id.size(0), a.H = tri_id.size(1), a.W = tri_id.size(2), a.C = color.size(3), a.V = pos.size(1);
     return a;
 }
 
 at::Tensor antialias_fwd(const at::Tensor& color, const at::Tensor& tri_id, const at::Tensor& depth,
-                         const at::Tensor& pos, const at::Tensor& tri) {
-    check_same_device("antialias_fwd", {color, tri_id, depth, pos, tri});
+                         const at::Tensor& pos, const at::Tensor& tri, const at::Tensor& adj) {
+    check_same_device("antialias_fwd", {color, tri_id, depth, pos, tri, adj});
     DeviceGuard guard(color.device());
-    AntialiasInputs a = prepare_antialias(color, tri_id, depth, pos, tri);
+    AntialiasInputs a = prepare_antialias(color, tri_id, depth, pos, tri, adj);
     auto out = at::empty_like(a.color);
     const int64_t B = a.B, H = a.H, W = a.W, C = a.C, V = a.V;
     AT_DISPATCH_FLOATING_TYPES(a.color.scalar_type(), "antialias_fwd", [&] {
         using S = scalar_t;
         const S *cp = a.color.data_ptr<S>(), *dp = a.depth.data_ptr<S>(), *pp = a.pos.data_ptr<S>();
-        const int64_t *ip = a.tri_id.data_ptr<int64_t>(), *tp = a.tri.data_ptr<int64_t>();
+        const int64_t *ip = a.tri_id.data_ptr<int64_t>(), *tp = a.tri.data_ptr<int64_t>(), *jp = a.adj.data_ptr<int64_t>();
         S* op = out.data_ptr<S>();
         parallel_for(B * H * W, kPixelGrain, [=] FD_LAMBDA(int64_t i) {
             const int64_t b = i / (H * W), rc = i - b * H * W, r = rc / W, c = rc - r * W, base = b * H * W;
@@ -216,7 +218,7 @@ at::Tensor antialias_fwd(const at::Tensor& color, const at::Tensor& tri_id, cons
                 if (!raster::neighbour(r, c, d, H, W, &qr, &qc)) continue;
                 const int64_t q = base + qr * W + qc;
                 const raster::EdgeHit<S> h =
-                    raster::pair_hit<S>(r, c, qr, qc, ip[i], ip[q], dp[i], dp[q], H, W, pp + b * V * 4, tp);
+                    raster::pair_hit<S>(r, c, qr, qc, ip[i], ip[q], dp[i], dp[q], H, W, pp + b * V * 4, tp, jp);
                 if (!h.hit) continue;
                 for (int64_t ch = 0; ch < C; ++ch) op[C * i + ch] += h.w * (cp[C * q + ch] - cp[C * i + ch]);
             }
@@ -227,10 +229,10 @@ at::Tensor antialias_fwd(const at::Tensor& color, const at::Tensor& tri_id, cons
 
 std::tuple<at::Tensor, at::Tensor> antialias_bwd(const at::Tensor& g_out_, const at::Tensor& color,
                                                  const at::Tensor& tri_id, const at::Tensor& depth,
-                                                 const at::Tensor& pos, const at::Tensor& tri) {
-    check_same_device("antialias_bwd", {g_out_, color, tri_id, depth, pos, tri});
+                                                 const at::Tensor& pos, const at::Tensor& tri, const at::Tensor& adj) {
+    check_same_device("antialias_bwd", {g_out_, color, tri_id, depth, pos, tri, adj});
     DeviceGuard guard(color.device());
-    AntialiasInputs a = prepare_antialias(color, tri_id, depth, pos, tri);
+    AntialiasInputs a = prepare_antialias(color, tri_id, depth, pos, tri, adj);
     const int64_t B = a.B, H = a.H, W = a.W, C = a.C, V = a.V, P = B * H * W;
     auto g_out = g_out_.to(a.color.scalar_type()).contiguous();
     TORCH_CHECK(g_out.sizes() == a.color.sizes(), "antialias_bwd: g_out must match color");
@@ -242,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor> antialias_bwd(const at::Tensor& g_out_, const
         using S = scalar_t;
         const S *cp = a.color.data_ptr<S>(), *dp = a.depth.data_ptr<S>(), *pp = a.pos.data_ptr<S>();
         const S* gp = g_out.data_ptr<S>();
-        const int64_t *ip = a.tri_id.data_ptr<int64_t>(), *tp = a.tri.data_ptr<int64_t>();
+        const int64_t *ip = a.tri_id.data_ptr<int64_t>(), *tp = a.tri.data_ptr<int64_t>(), *jp = a.adj.data_ptr<int64_t>();
         S *gcp = g_color.data_ptr<S>(), *gbp = gbuf.data_ptr<S>();
         int64_t* xp = idx.data_ptr<int64_t>();
         parallel_for(P, kPixelGrain, [=] FD_LAMBDA(int64_t i) {
@@ -258,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> antialias_bwd(const at::Tensor& g_out_, const
                 const int64_t q = base + qr * W + qc;
                 // p's own output: p += w_pq (c_q - c_p)
                 const raster::EdgeHit<S> h =
-                    raster::pair_hit<S>(r, c, qr, qc, ip[i], ip[q], dp[i], dp[q], H, W, view, tp);
+                    raster::pair_hit<S>(r, c, qr, qc, ip[i], ip[q], dp[i], dp[q], H, W, view, tp, jp);
                 if (h.hit) {
                     S g_alpha = S(0);
                     for (int64_t ch = 0; ch < C; ++ch) {
@@ -272,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor> antialias_bwd(const at::Tensor& g_out_, const
                 }
                 // q's output uses p's colour: q += w_qp (c_p - c_q)
                 const raster::EdgeHit<S> hq =
-                    raster::pair_hit<S>(qr, qc, r, c, ip[q], ip[i], dp[q], dp[i], H, W, view, tp);
+                    raster::pair_hit<S>(qr, qc, r, c, ip[q], ip[i], dp[q], dp[i], H, W, view, tp, jp);
                 if (hq.hit)
                     for (int64_t ch = 0; ch < C; ++ch) gcp[C * i + ch] += hq.w * gp[C * q + ch];
             }

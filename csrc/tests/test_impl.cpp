@@ -198,13 +198,23 @@ static void test_rasterize() {
     // antialias: pixel 1 (background) and pixel 2 (covered): the edge is at alpha = 1/2 from pixel 2's centre
     // (x = 0.25) to pixel 1's (x = -0.25), so neither pixel blends; moved to x = -0.1 (alpha 0.7), pixel 1 takes
     // w = 0.2 of pixel 2's colour
-    const raster::EdgeHit<double> h = raster::pair_hit<double>(0, 1, 0, 2, -1, 0, 0.0, 0.0, 4, 4, pos, tri);
+    const int64_t alone[3] = {-1, -1, -1};  // no neighbour across any edge
+    const raster::EdgeHit<double> h = raster::pair_hit<double>(0, 1, 0, 2, -1, 0, 0.0, 0.0, 4, 4, pos, tri, alone);
     EXPECT(!h.hit);
     const double moved[12] = {-0.1, -2, 0, 1, 3, -2, 0, 1, -0.1, 3, 0, 1};
-    const raster::EdgeHit<double> hm = raster::pair_hit<double>(0, 1, 0, 2, -1, 0, 0.0, 0.0, 4, 4, moved, tri);
+    const raster::EdgeHit<double> hm = raster::pair_hit<double>(0, 1, 0, 2, -1, 0, 0.0, 0.0, 4, 4, moved, tri, alone);
     EXPECT(hm.hit && !hm.p_occludes);
     EXPECT_NEAR(hm.alpha, 0.7, 1e-12);
     EXPECT_NEAR(hm.w, 0.2, 1e-12);
+    // the crossed edge (vertices 2, 0: edge 1) continued by a second triangle (2, 0, 3): inside the surface when
+    // vertex 3 lies across the edge from vertex 1, a silhouette when it folds back to vertex 1's side
+    const int64_t two[6] = {0, 1, 2, 2, 0, 3}, adj[6] = {-1, 1, -1, -1, -1, 0};
+    const double flat[16] = {-0.1, -2, 0, 1, 3, -2, 0, 1, -0.1, 3, 0, 1, -3, 0, 0, 1};
+    const double folded[16] = {-0.1, -2, 0, 1, 3, -2, 0, 1, -0.1, 3, 0, 1, 1, 0, 0.5, 1};
+    EXPECT(!raster::is_silhouette<double>(0, 1, 2, 0, 1.0, flat, two, adj));
+    EXPECT(raster::is_silhouette<double>(0, 1, 2, 0, 1.0, folded, two, adj));
+    EXPECT(!raster::pair_hit<double>(0, 1, 0, 2, -1, 0, 0.0, 0.0, 4, 4, flat, two, adj).hit);
+    EXPECT(raster::pair_hit<double>(0, 1, 0, 2, -1, 0, 0.0, 0.0, 4, 4, folded, two, adj).hit);
 }
 
 // The fill pass's writer stays inside its ray's slot even if asked for more samples than were counted,

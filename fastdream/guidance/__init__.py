@@ -15,6 +15,7 @@ from .base import (ATTENTION_BACKENDS, LATENT_MODES, OOM_HELP, WEIGHTINGS, Condi
                    SDSOutput, out_of_memory_error)
 from .loading import DEFAULT_MODEL, build_guidance, load_guidance, resolve_model
 from .prompts import VIEWS, view_index, view_name, view_prompt, view_prompts, view_weights
+from .joint import JointGuidance
 from .registry import GuidanceFamily, register
 
 # the built-in families register themselves on import (in this order: `--guidance` lists them so)
@@ -25,7 +26,7 @@ from .zero123 import Zero123Guidance  # noqa: E402
 
 __all__ = [
     "Guidance", "GuidanceOptions", "SDSOutput", "Condition", "StableDiffusionGuidance", "DeepFloydIFGuidance",
-    "ReferenceSceneGuidance", "Zero123Guidance", "load_guidance", "build_guidance", "registry", "GuidanceFamily", "register",
+    "ReferenceSceneGuidance", "Zero123Guidance", "JointGuidance", "load_guidance", "build_guidance", "registry", "GuidanceFamily", "register",
     "resolve_model", "DEFAULT_MODEL", "VIEWS", "view_index", "view_name", "view_prompt", "view_prompts",
     "view_weights", "WEIGHTINGS", "ATTENTION_BACKENDS", "LATENT_MODES", "OOM_HELP", "out_of_memory_error",
 ]

@@ -49,7 +49,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +143,7 @@ class SDSOutput:
     t: torch.Tensor  # (B,) sampled integer timesteps
     grad_norm: torch.Tensor  # L2 norm over the batch of w(t) (eps_hat - eps), before the 1/B average (detached)
     n_nonfinite: Union[int, torch.Tensor]  # 0-dim int64 tensor: non-finite entries zeroed this call
+    parts: Dict[str, "SDSOutput"] = dataclasses.field(default_factory=dict)  # a joint guidance's members, by name
 
 
 OOM_HELP = (

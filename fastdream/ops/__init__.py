@@ -19,7 +19,7 @@ from .compositing import composite_reference
 from .hash_encoding import (DEFAULT_PER_LEVEL_SCALE, HashGridLayout, check_hash_encode_inputs, default_per_level_scale,
                             hash_encode_reference, hash_grid_layout, hash_grid_n_params)
 from .marching import march_rays_fixed_reference, march_rays_reference, occupancy_update_reference, ray_aabb_intersect
-from .rasterization import antialias_reference, interpolate_reference, rasterize_reference
+from .rasterization import antialias_reference, interpolate_reference, rasterize_reference, triangle_adjacency
 from .shading import SHADING_MODES, shade, shading_code
 from .volume_rendering import accumulate_along_rays as _accumulate_along_rays
 from .volume_rendering import render_weights_reference
@@ -27,7 +27,8 @@ from .volume_rendering import render_weights_reference
 __all__ = [
     "hash_encode", "hash_grid_n_params", "hash_grid_layout", "HashGridLayout", "default_per_level_scale",
     "DEFAULT_PER_LEVEL_SCALE", "render_weights", "accumulate_along_rays", "march_rays", "march_rays_fixed", "occupancy_update", "ray_aabb_intersect",
-    "composite", "shade", "SHADING_MODES", "shading_code", "rasterize", "interpolate", "antialias", "use_backend",
+    "composite", "shade", "SHADING_MODES", "shading_code", "rasterize", "interpolate", "antialias", "triangle_adjacency",
+    "use_backend",
     "set_backend", "backend_name",
 ]
 
@@ -155,12 +156,14 @@ def interpolate(attr: torch.Tensor, tri_id: torch.Tensor, bary: torch.Tensor, *,
 
 
 def antialias(color: torch.Tensor, tri_id: torch.Tensor, depth: torch.Tensor, *, pos: torch.Tensor,
-              tri: torch.Tensor) -> torch.Tensor:
+              tri: torch.Tensor, topology: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Silhouette antialiasing (nvdiffrast's antialias): color (B, H, W, C) rendered from rasterize's
     (tri_id, depth) of the mesh (pos (B, V, 4), tri (F, 3)) is blended across silhouette edges by the pixel
-    area the edge leaves uncovered, so the outline is differentiable w.r.t. pos. Returns (B, H, W, C),
-    differentiable w.r.t. color and pos. See ops.rasterization.antialias_reference."""
+    area the edge leaves uncovered, so the outline is differentiable w.r.t. pos. An edge is a silhouette when no
+    triangle continues the surface across it or the one that does faces the other way on screen; topology is
+    `triangle_adjacency(tri)`, computed here when None (pass it to reuse it while the triangles stay the same).
+    Returns (B, H, W, C), differentiable w.r.t. color and pos. See ops.rasterization.antialias_reference."""
     if _backend.use_native(color.device):
         from . import _native
-        return _native.antialias(color, tri_id, depth, pos, tri)
-    return antialias_reference(color, tri_id, depth, pos, tri)
+        return _native.antialias(color, tri_id, depth, pos, tri, topology)
+    return antialias_reference(color, tri_id, depth, pos, tri, topology)

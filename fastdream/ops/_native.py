@@ -26,7 +26,7 @@ from ..errors import check
 from .compositing import composite_reference
 from .hash_encoding import HashGridLayout
 from .marching import check_march_inputs, check_occupancy_update_inputs
-from .rasterization import check_mesh_inputs
+from .rasterization import check_mesh_inputs, check_topology, triangle_adjacency
 from .shading import shading_code
 from .volume_rendering import check_packed
 
@@ -128,12 +128,12 @@ def _interpolate_bwd_fake(g_out, attr, tri_id, bary, tri):
 
 
 @torch.library.register_fake(_LIB + "antialias_fwd")
-def _antialias_fwd_fake(color, tri_id, depth, pos, tri):
+def _antialias_fwd_fake(color, tri_id, depth, pos, tri, adjacency):
     return torch.empty_like(color)
 
 
 @torch.library.register_fake(_LIB + "antialias_bwd")
-def _antialias_bwd_fake(g_out, color, tri_id, depth, pos, tri):
+def _antialias_bwd_fake(g_out, color, tri_id, depth, pos, tri, adjacency):
     return torch.empty_like(color), pos.new_empty(pos.shape, dtype=color.dtype)
 
 
@@ -271,10 +271,10 @@ def _aa_setup(ctx, inputs, output):
 
 
 def _aa_backward(ctx, g_out):
-    color, tri_id, depth, pos, tri = ctx.saved_tensors
-    g_color, g_pos = ops.antialias_bwd(g_out, color, tri_id, depth, pos, tri)
+    color, tri_id, depth, pos, tri, adjacency = ctx.saved_tensors
+    g_color, g_pos = ops.antialias_bwd(g_out, color, tri_id, depth, pos, tri, adjacency)
     return (g_color if ctx.needs_input_grad[0] else None, None, None,
-            g_pos.to(pos.dtype) if ctx.needs_input_grad[3] else None, None)
+            g_pos.to(pos.dtype) if ctx.needs_input_grad[3] else None, None, None)
 
 
 torch.library.register_autograd(_LIB + "antialias_fwd", _aa_backward, setup_context=_aa_setup)
@@ -379,6 +379,11 @@ def interpolate(attr: torch.Tensor, tri_id: torch.Tensor, bary: torch.Tensor, tr
     return ops.interpolate_fwd(attr.to(_compute_dtype(attr)), tri_id, bary, tri)
 
 
-def antialias(color: torch.Tensor, tri_id: torch.Tensor, depth: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor):
+def antialias(color: torch.Tensor, tri_id: torch.Tensor, depth: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,
+              topology: Optional[torch.Tensor] = None):
+    """topology: triangle_adjacency(tri) (computed here when None)."""
     check_mesh_inputs(pos, tri)
-    return ops.antialias_fwd(color.to(_compute_dtype(color)), tri_id, depth, pos, tri)
+    if topology is None:
+        topology = triangle_adjacency(tri)
+    check_topology(topology, tri)
+    return ops.antialias_fwd(color.to(_compute_dtype(color)), tri_id, depth, pos, tri, topology)

@@ -118,14 +118,56 @@ def _shift(x: torch.Tensor, dr: int, dc: int, fill):
     return y
 
 
+def triangle_adjacency(tri: torch.Tensor) -> torch.Tensor:
+    """(F, 3) int64: for edge k of each triangle (the edge opposite its vertex k, from vertex k + 1 to k + 2), the
+    other triangle with that edge, or -1 when there is none. Only manifold edges (exactly two triangles) have a
+    neighbour; boundary and non-manifold edges, and every edge of a degenerate triangle (a repeated vertex), get -1.
+    Depends on the topology alone: compute it once per `tri` and pass it to `antialias` as `topology`."""
+    if tri.dim() != 2 or tri.shape[-1] != 3 or tri.dtype != torch.int64:
+        raise FastDreamError(f"triangle_adjacency: tri must be an int64 (F, 3) tensor of vertex indices, got "
+                             f"{tuple(tri.shape)} {tri.dtype}.")
+    F = tri.shape[0]
+    if F == 0:
+        return torch.empty((0, 3), dtype=torch.int64, device=tri.device)
+    a, b = tri[:, [1, 2, 0]], tri[:, [2, 0, 1]]  # edge k runs from vertex k + 1 to vertex k + 2
+    lo, hi = torch.minimum(a, b).reshape(-1), torch.maximum(a, b).reshape(-1)
+    ids = torch.arange(3 * F, device=tri.device)
+    degenerate = ((tri[:, 0] == tri[:, 1]) | (tri[:, 1] == tri[:, 2]) | (tri[:, 2] == tri[:, 0])).repeat_interleave(3)
+    # one key per undirected edge; each edge of a degenerate triangle gets a key of its own (never matched)
+    keys = torch.where(degenerate, -1 - ids, lo * (int(tri.max()) + 1) + hi)
+    sorted_keys, order = torch.sort(keys, stable=True)
+    _, group, counts = torch.unique_consecutive(sorted_keys, return_inverse=True, return_counts=True)
+    start = (torch.cumsum(counts, 0) - counts)[group]
+    position = torch.arange(3 * F, device=tri.device)
+    partner = torch.where(position == start, position + 1, position - 1).clamp(0, 3 * F - 1)
+    paired = counts[group] == 2
+    adjacency = torch.full((3 * F,), -1, dtype=torch.int64, device=tri.device)
+    adjacency[order[paired]] = order[partner[paired]] // 3
+    return adjacency.view(F, 3)
+
+
+def check_topology(topology: torch.Tensor, tri: torch.Tensor) -> None:
+    if (topology.shape != tri.shape or topology.dtype != torch.int64 or topology.device != tri.device):
+        raise FastDreamError(f"antialias: topology must be triangle_adjacency(tri), an int64 {tuple(tri.shape)} tensor "
+                             f"on {tri.device}, got {tuple(topology.shape)} {topology.dtype} on {topology.device}.")
+    if topology.numel() and (int(topology.min()) < -1 or int(topology.max()) >= tri.shape[0]):
+        raise FastDreamError(f"antialias: topology holds triangle ids outside [-1, {tri.shape[0]}): it is not "
+                             "triangle_adjacency(tri) of these triangles.")
+
+
 def antialias_reference(color: torch.Tensor, tri_id: torch.Tensor, depth: torch.Tensor, pos: torch.Tensor,
-                        tri: torch.Tensor):
+                        tri: torch.Tensor, topology: torch.Tensor = None):
     """Silhouette antialiasing (see csrc/kernels/rasterize_impl.h): for each pixel p and 4-neighbour q covered
     by different triangles, the front one's triangle edge crossed by the segment between the centres at
     fraction alpha blends p += w (c_q - c_p), w = max(0, 1/2 - alpha) if p is in front, max(0, alpha - 1/2)
-    otherwise; edges that the other pixel's triangle touches (shares a vertex with) are inside the surface:
-    skipped. Differentiable w.r.t. color and pos."""
+    otherwise, when that edge is a silhouette: no triangle continues the surface across it (topology, see
+    `triangle_adjacency`; computed here when None), or the one that does folds back (its far vertex lies on the
+    front triangle's side of the edge on screen), as nvdiffrast's antialias decides. Differentiable w.r.t. color
+    and pos."""
     check_mesh_inputs(pos, tri)
+    if topology is None:
+        topology = triangle_adjacency(tri)
+    check_topology(topology, tri)
     B, H, W, _ = color.shape
     py, px = pixel_centres(H, W, pos)
     px, py = px.expand(H, W)[None].expand(B, H, W), py.expand(H, W)[None].expand(B, H, W)
@@ -141,7 +183,6 @@ def antialias_reference(color: torch.Tensor, tri_id: torch.Tensor, depth: torch.
         tp, dp = tri_id, depth.detach()
         p_occ = (tq < 0) | ((tp >= 0) & ((dp < dq) | ((dp == dq) & (tp < tq))))
         T = torch.where(p_occ, tp, tq)
-        other = torch.where(p_occ, tq, tp)
         qx, qy = px + 2.0 * dc / W, py + 2.0 * dr / H
         ox, oy = torch.where(p_occ, px, qx), torch.where(p_occ, py, qy)
         nx, ny = torch.where(p_occ, qx, px), torch.where(p_occ, qy, py)
@@ -150,7 +191,7 @@ def antialias_reference(color: torch.Tensor, tri_id: torch.Tensor, depth: torch.
         e1, e2 = v[..., 1, :] - v[..., 0, :], v[..., 2, :] - v[..., 0, :]
         area = e1[..., 0] * e2[..., 1] - e1[..., 1] * e2[..., 0]
         sgn = torch.where(area > 0, 1.0, -1.0).to(pos.dtype).detach()
-        alphas, edges = [], []
+        alphas = []
         for k in range(3):
             i, j = (k + 1) % 3, (k + 2) % 3
             vi, vj = v[..., i, :], v[..., j, :]
@@ -162,15 +203,27 @@ def antialias_reference(color: torch.Tensor, tri_id: torch.Tensor, depth: torch.
             exits = (en < 0) & (eo >= 0)
             alpha = eo / torch.where(exits, eo - en, torch.ones_like(eo))
             alphas.append(torch.where(exits, alpha, torch.full_like(alpha, 2.0)))
-            edges.append(torch.stack([verts[..., i], verts[..., j]], -1))
         alpha_all = torch.stack(alphas, -1)
         k_best = alpha_all.detach().argmin(-1)  # first minimum, as the native loop's strict <
         alpha = alpha_all.gather(-1, k_best[..., None])[..., 0]
-        edge_v = torch.stack(edges, -2).gather(-2, k_best[..., None, None].expand(B, H, W, 1, 2))[..., 0, :]
-        ov = tri[other.clamp_min(0)]
-        shared = (other >= 0) & ((ov == edge_v[..., :1]) | (ov == edge_v[..., 1:])).any(-1)
+        silhouette = _is_silhouette(screen.detach(), bidx, tri, topology, T, verts, k_best, sgn)
         w = torch.where(p_occ, 0.5 - alpha, alpha - 0.5)
-        hit = valid & (tp != tq) & (area != 0) & (alpha_all.detach().min(-1).values < 2) & ~shared & (w > 0)
+        hit = valid & (tp != tq) & (area != 0) & (alpha_all.detach().min(-1).values < 2) & silhouette & (w > 0)
         w = torch.where(hit, w, torch.zeros_like(w))
         out = out + w[..., None] * (cq - color)
     return out
+
+
+def _is_silhouette(screen, bidx, tri, topology, T, verts, k, sgn):
+    """Whether edge k of triangle T (per pixel) is a silhouette: no neighbour across it, or the neighbour's far
+    vertex o is on T's side of the edge or on it (sgn * e(o) >= 0: the neighbour faces the other way on screen)."""
+    neighbour = topology[T.clamp_min(0), k]  # (B, H, W)
+    nv = tri[neighbour.clamp_min(0)]  # (B, H, W, 3)
+    vi = verts.gather(-1, ((k + 1) % 3)[..., None])
+    vj = verts.gather(-1, ((k + 2) % 3)[..., None])
+    off_edge = (nv != vi) & (nv != vj)
+    far = off_edge.to(torch.int64).argmax(-1, keepdim=True)  # the (first) vertex not on the edge
+    o = screen[bidx, nv.gather(-1, far)[..., 0]]
+    a, b = screen[bidx, vi[..., 0]], screen[bidx, vj[..., 0]]
+    e = sgn * ((b[..., 0] - a[..., 0]) * (o[..., 1] - a[..., 1]) - (b[..., 1] - a[..., 1]) * (o[..., 0] - a[..., 0]))
+    return (neighbour < 0) | ~off_edge.any(-1) | (e >= 0)

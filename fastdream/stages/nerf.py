@@ -104,6 +104,8 @@ class NeRFStage(Stage):
         sds = guidance(images, cameras, shading, progress)
         loss = sds.loss
         terms = {"sds": sds.loss.detach()}
+        for name, part in getattr(sds, "parts", {}).items():  # a joint guidance: each model's own (unweighted) SDS
+            terms[f"sds_{name}"] = part.loss.detach()
         rays = out.rays
         opacity = out.opacity.reshape(-1)
         if reg["orient"] > 0 and rays is not None and rays.sample_normals is not None:
