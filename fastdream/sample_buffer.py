@@ -19,11 +19,12 @@ import torch
 
 
 class SampleBuffer:
-    def __init__(self, headroom: float = 1.25, first_headroom: float = 2.0, shrink_below: float = 0.4,
+    def __init__(self, headroom: float = 1.25, first_headroom: float = 1.25, shrink_below: float = 0.4,
                  shrink_window: int = 200, granularity: int = 4096):
         self.headroom = float(headroom)          # capacity = total * headroom, rounded up
-        # The first sizing has seen one render only; the totals vary several-fold with the camera's distance and
-        # focal length, so it takes more headroom.
+        # The first sizing has seen one render only (the totals vary several-fold with the camera's distance and
+        # focal length), but every slot of the kept buffer is queried with gradients and normals, so the step's
+        # memory grows with this headroom: by default no more than later (an overflow costs one redone step).
         self.first_headroom = float(first_headroom)
         # Shrink only when the largest total of a whole window of steps fell below this fraction of the capacity:
         # a shrink after one small total would overflow at the next close-up.
