@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_sds [--device cpu|cuda] [--quick] [--json OUT] [--batches 1,4]
                                    [--attention sdpa,math,xformers] [--dtypes fp16,bf16,fp32]
-                                   [--compile off,on] [--latent-modes vae,linear] [--model PATH_OR_ID]
+                                   [--compile off,on] [--latent-modes vae,linear,warmup] [--model PATH_OR_ID]
 
 One measurement = render (a learnable (B,3,64,64) image through a sigmoid, or ``render_fn`` passed to
 ``run``) -> ``guidance(images, cameras, "albedo", 0.5)``: resize to 512, VAE encode, one UNet call on
@@ -11,6 +11,9 @@ encoder into the image -> Adam step. The UNet, VAE and scheduler are built from 
 (written below) with random weights: the compute and memory are the real model's; only the text
 encoder is a 1-layer stand-in (it runs once per prompt, outside the timed loop). ``--model`` loads
 real weights instead (a local folder or a cached hub id).
+
+Latent mode ``warmup`` measures the SD guidance inside its latent warm-up (``latent_warmup``: the render's
+RGB and opacity are the latent; no VAE encoder), the step time that option saves against ``vae``.
 
 ``--quick`` uses the tiny test architecture (tests/tiny_models.py) so it runs on a CPU in seconds.
 On the CPU without --quick only batch 1, fp32, sdpa, eager is measured (one real iteration takes
@@ -61,7 +64,8 @@ def build_parser():
                         "CPU: sdpa; quick: sdpa,math)")
     p.add_argument("--dtypes", default=None, help="comma-separated fp16,bf16,fp32 (default CUDA fp16,bf16; CPU fp32)")
     p.add_argument("--compile", default=None, help="off,on (default CUDA off,on; CPU off)")
-    p.add_argument("--latent-modes", default=None, help="vae,linear (default CUDA vae,linear; CPU vae; quick both)")
+    p.add_argument("--latent-modes", default=None,
+                   help="vae,linear,warmup (default CUDA vae,linear,warmup; CPU vae; quick all three)")
     p.add_argument("--model", default=None, help="real weights: local diffusers folder or cached hub id")
     p.add_argument("--resolution", type=int, default=64, help="render resolution (default 64)")
     p.add_argument("--seed", type=int, default=0)
@@ -95,7 +99,9 @@ def build_guidance(device: str, dtype: torch.dtype, quick: bool, attention: str,
     from fastdream.guidance import GuidanceOptions, load_guidance
     from fastdream.guidance.stable_diffusion import StableDiffusionGuidance
 
-    opts = GuidanceOptions(attention=attention, latent_mode=latent_mode, seed=seed)
+    warmup = latent_mode == "warmup"  # the VAE path, inside the latent warm-up for the whole run
+    opts = GuidanceOptions(attention=attention, latent_mode="vae" if warmup else latent_mode, seed=seed,
+                           latent_warmup=1.0 if warmup else 0.0)
     if model:
         return load_guidance(model, device, dtype, options=opts)
     sys.path.insert(0, str(common.REPO_ROOT / "tests"))
@@ -139,7 +145,7 @@ def run(args, render_fn: Optional[Callable[[int], torch.Tensor]] = None) -> Dict
     attns = _csv(args.attention, all_attn if cuda else (["sdpa", "math"] if quick else ["sdpa"]))
     dtypes = _csv(args.dtypes, ["fp16", "bf16"] if cuda else ["fp32"])
     compiles = _csv(args.compile, ["off", "on"] if cuda else ["off"])
-    modes = _csv(args.latent_modes, ["vae", "linear"] if (cuda or quick) else ["vae"])
+    modes = _csv(args.latent_modes, ["vae", "linear", "warmup"] if (cuda or quick) else ["vae"])
     repeats = common.repeats_for(args, full=20 if cuda else 2, quick=3)
     warmup = common.warmup_for(args, full=3 if cuda else 1, quick=1)
     res = int(getattr(args, "resolution", 64))
@@ -177,8 +183,10 @@ def run(args, render_fn: Optional[Callable[[int], torch.Tensor]] = None) -> Dict
                         cams = _cameras(b, device)
                         render = render_fn or (lambda n: torch.sigmoid(image))
 
+                        opacity = torch.ones(b, 1, res, res, device=device)
+
                         def step():
-                            out = g(render(b), cams, "albedo", 0.5)
+                            out = g(render(b), cams, "albedo", 0.5, opacity=opacity)
                             opt.zero_grad(set_to_none=True)
                             out.loss.backward()
                             opt.step()

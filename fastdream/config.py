@@ -273,6 +273,7 @@ NUMERIC_RANGES: Dict[str, str] = {
     "field.n_levels": "[1, inf)", "field.n_features_per_level": "[1, inf)", "field.log2_hashmap_size": "[1, 30]",
     "field.base_resolution": "[1, inf)", "field.max_resolution": "[1, inf)", "field.hidden_dim": "[1, inf)",
     "field.n_hidden_layers": "[0, inf)", "field.blob_density": "(-inf, inf)", "field.blob_radius": "(0, inf)",
+    "field.density_bias": "(-inf, inf)",
     "field.normal_epsilon": "(0, inf)", "field.init_scale": "[0, inf)",
     "field.progressive_start_levels": "[0, inf)", "field.progressive_every": "[0, 1]",
     "render.samples_per_ray": "[1, inf)", "render.cone_angle": "[0, inf)", "render.near": "[0, inf)",

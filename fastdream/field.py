@@ -40,6 +40,13 @@ class FieldConfig:
     blob_density: float = 10.0          # pre-activation density added at the centre (0 disables)
     blob_radius: float = 0.5            # in units of the scene radius (linear: where the bias crosses 0)
     blob_shape: str = "linear"          # "linear" (threestudio's DreamFusion) or "gaussian" (stable-dreamfusion)
+    # Constant pre-activation density added everywhere (threestudio's float density_bias). Negative values
+    # make the untrained field transparent, so space no ray constrains stays below the occupancy threshold.
+    density_bias: float = 0.0
+    # Bias terms in the MLP. Without them (tiny-cuda-nn's fully fused MLP has none) a point whose hash
+    # features are still at their ~0 initialisation keeps density exp(density_bias) for good, instead of
+    # following a shared output bias that training on the seen part of the scene drives up.
+    mlp_bias: bool = True
     normals: str = "finite_difference"  # or "analytic" (autograd through the encoding)
     normal_epsilon: float = 0.01        # finite-difference step, in units of the scene radius
     init_scale: float = 1e-4            # hash table initialised uniformly in [-s, s], as tiny-cuda-nn
@@ -69,12 +76,12 @@ class TruncExp(torch.autograd.Function):
         return grad * torch.exp(x.clamp(-15, 15))
 
 
-def _mlp(in_dim: int, hidden: int, n_hidden: int, out_dim: int) -> nn.Sequential:
+def _mlp(in_dim: int, hidden: int, n_hidden: int, out_dim: int, bias: bool = True) -> nn.Sequential:
     layers, dim = [], in_dim
     for _ in range(n_hidden):
-        layers += [nn.Linear(dim, hidden), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(dim, hidden, bias=bias), nn.ReLU(inplace=True)]
         dim = hidden
-    layers.append(nn.Linear(dim, out_dim))
+    layers.append(nn.Linear(dim, out_dim, bias=bias))
     return nn.Sequential(*layers)
 
 
@@ -97,7 +104,7 @@ class HashGridField(nn.Module):
                                     per_level_scale=cfg.per_level_scale)
         n_params = ops.hash_grid_n_params(**self.encoding_kwargs)
         self.encoding_params = nn.Parameter(torch.empty(n_params).uniform_(-cfg.init_scale, cfg.init_scale))
-        self.mlp = _mlp(cfg.n_levels * cfg.n_features_per_level, cfg.hidden_dim, cfg.n_hidden_layers, 4)
+        self.mlp = _mlp(cfg.n_levels * cfg.n_features_per_level, cfg.hidden_dim, cfg.n_hidden_layers, 4, cfg.mlp_bias)
         self.active_levels = cfg.n_levels  # progressive levels: set by set_progress during training
 
     def set_progress(self, progress: float) -> None:
@@ -150,6 +157,8 @@ class HashGridField(nn.Module):
     def _density_from_raw(self, x: torch.Tensor, raw_density: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         pre = raw_density
+        if cfg.density_bias != 0:
+            pre = pre + cfg.density_bias
         if cfg.blob_density > 0:
             radius = cfg.blob_radius * self.scene_radius
             if cfg.blob_shape == "linear":  # blob_density * (1 - r / radius), r's gradient 0 at the centre

@@ -60,8 +60,12 @@ def demo_configs(steps: Optional[int] = None):
 
 
 def default_configs(steps: Optional[int] = None):
+    # Untrained space is transparent and stays so, as in instant-ngp: density e^-3 = 0.05 (a fifth of the
+    # occupancy threshold at the default step) and no MLP biases, so where the hash features are untouched
+    # (space no ray constrains: occluded, behind the walls) the density cannot drift up with the rest of
+    # the scene, and those cells drop out of the grid instead of holding it near 100% occupied.
     field = FieldConfig(n_levels=16, log2_hashmap_size=19, base_resolution=16, max_resolution=2048, hidden_dim=64,
-                        n_hidden_layers=1, blob_density=0.0)
+                        n_hidden_layers=1, blob_density=0.0, density_bias=-3.0, mlp_bias=False)
     render = RenderConfig(samples_per_ray=512)
     fit = FitConfig(steps=steps or 2000)
     return field, render, fit
@@ -108,6 +112,8 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
                               background_color=config.background, grid_resolution=config.grid_resolution,
                               grid_kwargs={"warmup_steps": config.grid_warmup_steps, "ema_decay": config.grid_ema_decay}).to(device)
     field = renderer.field
+    # Space no training view sees is unconstrained: keep it out of the grid (instant-ngp does the same).
+    renderer.grid.mark_invisible_cells(train.c2w, train.fx, train.fy, train.cx, train.cy, train.width, train.height)
     optimizer = torch.optim.Adam([
         {"params": [field.encoding_params], "lr": config.lr_encoding},
         {"params": list(field.mlp_parameters()), "lr": config.lr_mlp, "weight_decay": 1e-6},

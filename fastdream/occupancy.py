@@ -6,6 +6,11 @@ jittered point in the cell times the render step size (an opacity scale); a cell
 value exceeds min(threshold, mean). During warm-up every cell is visited; afterwards a random quarter
 of all cells plus a quarter chosen among the occupied ones. The update (ops.occupancy_update) runs on
 the device without a host sync.
+
+Cells that no training camera sees (mark_invisible_cells, as instant-ngp's mark_untrained_density_grid
+and nerfacc's mark_invisible_cells) are never occupied: nothing constrains the field there, so it keeps
+its untrained density, which would otherwise hold them open for good. On real captures with a large
+box (instant-ngp's aabb_scale) that is most of the box behind and beside the cameras.
 """
 from __future__ import annotations
 
@@ -37,6 +42,36 @@ class OccupancyGrid(nn.Module):
         r = torch.arange(resolution)
         cells = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), dim=-1).reshape(-1, 3)
         self.register_buffer("cells", cells, persistent=False)
+        # Cells some training view sees (all of them unless mark_invisible_cells is called). Recomputed
+        # from the cameras rather than saved, so checkpoints keep their format.
+        self.register_buffer("visible", torch.ones(resolution**3, dtype=torch.bool), persistent=False)
+
+    @torch.no_grad()
+    def mark_invisible_cells(self, c2w: torch.Tensor, fx: torch.Tensor, fy: torch.Tensor, cx: torch.Tensor,
+                             cy: torch.Tensor, width: int, height: int, near: float = 0.0) -> float:
+        """Mark the cells none of the pinhole cameras (c2w (N,4,4) OpenGL, intrinsics (N,) in pixels of
+        width x height images) sees: no corner of the cell projects into any image in front of the camera
+        (beyond near). Those cells are never occupied from then on. Returns the visible fraction."""
+        res = self.resolution
+        lo, size = self.aabb[:3], self.aabb[3:] - self.aabb[:3]
+        corners = torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], device=lo.device)
+        visible = torch.zeros(res**3, dtype=torch.bool, device=lo.device)
+        w2c = torch.linalg.inv(c2w.to(lo.device, torch.float32))
+        intr = [torch.as_tensor(v, dtype=torch.float32, device=lo.device).reshape(-1) for v in (fx, fy, cx, cy)]
+        for part in torch.arange(res**3, device=lo.device).split(max(self.chunk // 8, 1)):
+            pts = lo + (self.cells[part][:, None, :] + corners).reshape(-1, 3).float() / res * size  # (M*8, 3)
+            seen = torch.zeros(pts.shape[0], dtype=torch.bool, device=lo.device)
+            for k in range(w2c.shape[0]):
+                p = pts @ w2c[k, :3, :3].T + w2c[k, :3, 3]
+                z = -p[:, 2]  # OpenGL: the camera looks down -z
+                u = intr[0][k] * p[:, 0] / z.clamp_min(1e-9) + intr[2][k]
+                v = -intr[1][k] * p[:, 1] / z.clamp_min(1e-9) + intr[3][k]
+                seen |= (z > near) & (u >= 0) & (u <= width) & (v >= 0) & (v <= height)
+            visible[part] = seen.reshape(-1, 8).any(dim=1)
+        self.visible.copy_(visible)
+        self.occupancy.masked_fill_(~visible, 0.0)
+        self.binary.logical_and_(visible.reshape(self.binary.shape))
+        return float(visible.float().mean())
 
     def cell_centres(self, indices: torch.Tensor, generator: Optional[torch.Generator] = None, jitter: bool = True) -> torch.Tensor:
         offset = torch.rand(indices.shape[0], 3, device=self.aabb.device, generator=generator) if jitter else torch.full((indices.shape[0], 3), 0.5, device=self.aabb.device)
@@ -60,10 +95,11 @@ class OccupancyGrid(nn.Module):
             indices = torch.cat([uniform, occupied])
         estimates = torch.cat([opacity_fn(self.cell_centres(part, generator)).reshape(-1).float()
                                for part in indices.split(self.chunk)])
+        estimates = estimates * self.visible[indices]  # unseen cells decay to empty and stay there
         occupancy, binary = ops.occupancy_update(self.occupancy, indices=indices, estimates=estimates,
                                                  decay=self.ema_decay, threshold=self.threshold)
         self.occupancy.copy_(occupancy)
-        self.binary.copy_(binary.reshape(self.binary.shape))
+        self.binary.copy_((binary & self.visible).reshape(self.binary.shape))
 
     def march(self, origins: torch.Tensor, directions: torch.Tensor, near: float, far: float, step_size: float,
               cone_angle: float = 0.0, max_step_size: float = 1e10):

@@ -133,6 +133,35 @@ def test_occupancy_grid_marks_dense_region_only():
     assert bool(occ[radius < 0.15].all()) and not bool(occ[radius > 0.45].any())
 
 
+def test_occupancy_grid_never_occupies_cells_no_camera_sees():
+    """mark_invisible_cells: a cell is visible when a corner projects into an image in front of a camera
+    (checked here by projecting through cameras.generate_rays' pinhole convention); invisible cells stay
+    empty under a field that is dense everywhere, visible ones fill."""
+    from fastdream.cameras import orbit_c2w
+
+    grid = OccupancyGrid([-3, -3, -3, 3, 3, 3], resolution=12, warmup_steps=10)
+    c2w = orbit_c2w(torch.tensor([0.0, 30.0]), torch.tensor([0.0, 90.0]), torch.tensor([2.0, 2.0]))
+    w, h, f = 16, 12, 10.0  # the cameras sit inside the box: part of it is behind or beside both views
+    visible = grid.mark_invisible_cells(c2w, torch.full((2,), f), torch.full((2,), f), torch.full((2,), w / 2),
+                                        torch.full((2,), h / 2), w, h)
+    corners = torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]).float()
+    pts = (grid.cells[:, None, :].float() + corners) / 12 * 6 - 3  # (C, 8, 3)
+    expected = torch.zeros(12 ** 3, dtype=torch.bool)
+    for k in range(2):
+        rel = pts - c2w[k, :3, 3]
+        cam = rel @ c2w[k, :3, :3]  # world -> camera (rotation is orthonormal)
+        z = -cam[..., 2]
+        u, v = f * cam[..., 0] / z + w / 2, -f * cam[..., 1] / z + h / 2
+        expected |= ((z > 0) & (u >= 0) & (u <= w) & (v >= 0) & (v <= h)).any(dim=1)
+    assert torch.equal(grid.visible, expected)
+    assert visible == pytest.approx(expected.float().mean().item()) and 0.05 < visible < 0.9
+    dense = lambda x: torch.full((x.shape[0],), 5.0)  # noqa: E731
+    for step in range(0, 40, 4):
+        grid.update(step, dense)
+    assert torch.equal(grid.binary.reshape(-1), expected)
+    assert float(grid.occupancy[~expected].abs().max()) == 0.0
+
+
 def _ball_renderer(shading_radius=0.5):
     renderer = build_renderer(field_config=TINY_FIELD, render_config=RenderConfig(samples_per_ray=96),
                               background="fixed", background_color=(0.0, 0.0, 0.0), grid_resolution=16)

@@ -669,3 +669,39 @@ def test_fp16_on_cuda_runs_without_autocast():
             warnings.simplefilter("ignore")  # "CUDA is not available" on a CPU-only machine
             ctx = g._autocast()
         assert ctx.device == device and not ctx._enabled
+
+
+def test_latent_warmup_skips_the_vae_and_reaches_the_field(sd_folder, monkeypatch):
+    """latent_warmup: before that fraction of training the render's RGB + opacity are the latent (the VAE
+    encoder is never called) and the SDS gradient still reaches the field; after it the VAE encodes."""
+    from fastdream.renderer import build_renderer
+    from fastdream.field import FieldConfig
+    from fastdream.cameras import orbit_cameras
+
+    g = load_guidance(sd_folder, "cpu", seed=0, latent_warmup=0.25)
+    g.set_prompt("a chair")
+    calls = []
+    encode = g.vae.encode
+    monkeypatch.setattr(g.vae, "encode", lambda x: (calls.append(tuple(x.shape)), encode(x))[1])
+    torch.manual_seed(0)
+    renderer = build_renderer(field_config=FieldConfig(n_levels=4, log2_hashmap_size=10, max_resolution=32, hidden_dim=16))
+    side = g.latent_resolution * 2  # renders larger than the latent: the warm-up resizes them
+    cams = orbit_cameras(2, side, side, distance=3.0)
+
+    def step(progress):
+        renderer.zero_grad(set_to_none=True)
+        out = renderer.render(cams, shading="albedo")
+        sds = g(out.rgb.permute(0, 3, 1, 2), cams, "albedo", progress, opacity=out.opacity.permute(0, 3, 1, 2))
+        sds.loss.backward()
+        return renderer.field.encoding_params.grad
+
+    grad = step(0.1)
+    assert calls == []  # warm-up: no VAE encoder
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    z = g.model_input(torch.full((1, 3, side, side), 0.75), torch.ones(1, 1, side, side), 0.1)
+    assert z.shape == (1, 4, g.latent_resolution, g.latent_resolution)
+    assert torch.allclose(z[:, :3], torch.full_like(z[:, :3], 0.5)) and torch.allclose(z[:, 3], torch.ones_like(z[:, 3]))
+    with pytest.raises(FastDreamError, match="opacity"):
+        g(torch.rand(1, 3, side, side), None, "albedo", 0.1)
+    step(0.5)
+    assert len(calls) == 1 and calls[0][-1] == g.resolution  # after the warm-up: the VAE path

@@ -76,7 +76,7 @@ def test_regulariser_weight_schedules():
 class _NoSDS:
     """Guidance contributing nothing, so that one regulariser alone moves the parameters."""
 
-    def __call__(self, images, cameras, shading, progress):
+    def __call__(self, images, cameras, shading, progress, **_):
         from types import SimpleNamespace
 
         return SimpleNamespace(loss=images.sum() * 0.0, t=torch.zeros(images.shape[0]), grad_norm=images.new_zeros(()))

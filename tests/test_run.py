@@ -612,3 +612,28 @@ def test_resume_removes_stale_temporaries_and_warns_about_a_new_total(tmp_path, 
     with caplog.at_level("INFO", logger="fastdream"):
         assert runs.run("two spheres", out, resume=True, **{**kwargs, "cli": {**kwargs["cli"], "steps": 5}})["steps"] == 5
     assert "no training step this time" in caplog.text and "None" not in caplog.text
+
+
+def test_the_first_step_marches_only_the_initial_blob(tmp_path, scene_path):
+    """The occupancy grid is updated from the initial field before the first step: the first render marches
+    the blob's cells, not the whole box (every sample of which would also get finite-difference normals)."""
+    from fastdream.config import RunConfig
+    from fastdream.guidance import registry
+    from fastdream.train import Trainer
+
+    config = RunConfig(prompt="two spheres", device="cpu", steps=100, width=16, height=16)
+    config.guidance.kind, config.guidance.reference_scene = "reference", str(scene_path)
+    registry.get("reference").configure_run(config)
+    trainer = Trainer(config.validate(), tmp_path / "run", quiet=True, device=torch.device("cpu"))
+    grid = trainer.renderer.grid
+    assert grid.occupied_fraction() == 1.0
+    info = trainer.train_step(0)
+    # the blob 10 * (1 - r / 0.5R) is transparent beyond about half the scene radius: ~7% of the box
+    centres = grid.cell_centres(torch.arange(grid.resolution ** 3), jitter=False)
+    radius = torch.linalg.vector_norm(centres - trainer.renderer.field.centre, dim=-1) / trainer.renderer.field.scene_radius
+    occupied = grid.binary.reshape(-1)
+    assert grid.occupied_fraction() < 0.15
+    assert bool(occupied[radius < 0.4].all()) and not bool(occupied[radius > 0.7].any())
+    # rays march the blob's shell and stop at its opaque surface: tens of samples each, not a march across
+    # the box (about 250 at the default 512 steps per diagonal)
+    assert info["samples_per_ray"] < 64

@@ -84,6 +84,9 @@ class GuidanceOptions:
     channels_last: bool = True  # channels_last memory format for UNet/VAE (CUDA only)
     compile_unet: bool = False  # torch.compile the UNet (first steps slow, later ones faster)
     latent_mode: str = "vae"  # SD only: "vae" (exact, VAE encoder) | "linear" (RGB->latent 1x1 map at latent res)
+    # SD only: for this first fraction of training the render's RGB and opacity, resized to the latent
+    # resolution, are the 4-channel latent itself (no VAE); see stable_diffusion. 0 (default) = off.
+    latent_warmup: float = 0.0
     view_dependent: bool = True  # append ", front view" etc. to the prompt per camera
     # "paper" (default): blend front/side/back by azimuth, hard switch to overhead above view_overhead_deg
     # (DreamFusion); "hard": pick one view (threestudio / stable-dreamfusion); "interpolate": blend, with
@@ -114,6 +117,8 @@ class GuidanceOptions:
             bad(f"attention={self.attention!r}; choose one of {ATTENTION_BACKENDS}.")
         if self.latent_mode not in LATENT_MODES:
             bad(f"latent_mode={self.latent_mode!r}; choose one of {LATENT_MODES}.")
+        if not 0.0 <= self.latent_warmup <= 1.0:
+            bad(f"latent_warmup is a fraction of the training run and must lie in [0, 1], got {self.latent_warmup}.")
         if self.grad_clip is not None and not self.grad_clip > 0:
             bad(f"grad_clip must be positive or None, got {self.grad_clip}.")
         if not self.guidance_scale >= 0:
@@ -222,6 +227,11 @@ class Guidance(abc.ABC):
     @abc.abstractmethod
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Differentiable map from renders (B,3,H,W) in [0,1] to the diffusion model's clean input z."""
+
+    def model_input(self, images: torch.Tensor, opacity: Optional[torch.Tensor], progress: float) -> torch.Tensor:
+        """The diffusion model's clean input z for renders at this training progress; opacity (B,1,H,W) is
+        the renders' accumulated opacity where the caller has it. Default: encode_images(images)."""
+        return self.encode_images(images)
 
     @abc.abstractmethod
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
@@ -387,15 +397,18 @@ class Guidance(abc.ABC):
         return SDSOutput(loss=loss, t=t, grad_norm=grad.norm().detach(), n_nonfinite=n_nonfinite)
 
     def __call__(self, images: torch.Tensor, cameras: Any, shading: str = "albedo", progress: float = 0.0,
-                 *, t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> SDSOutput:
-        """SDS on renders ``images`` (B,3,H,W) in [0,1]. ``t``/``noise`` override the random draws (tests)."""
+                 *, t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                 opacity: Optional[torch.Tensor] = None) -> SDSOutput:
+        """SDS on renders ``images`` (B,3,H,W) in [0,1] with their opacity (B,1,H,W) if known.
+        ``t``/``noise`` override the random draws (tests)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise FastDreamError(f"SDS guidance expects images of shape (B, 3, H, W), got {tuple(images.shape)}.")
         b = images.shape[0]
         try:
             cond, uncond = self.text_embeddings(cameras, b)
             with self._autocast():
-                z = self.encode_images(images.to(self.device))
+                z = self.model_input(images.to(self.device), None if opacity is None else opacity.to(self.device),
+                                     progress)
             return self.sds_from_latents(z, cond, uncond, progress, t=t, noise=noise)
         except RuntimeError as exc:
             if is_oom(exc):

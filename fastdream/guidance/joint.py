@@ -50,11 +50,11 @@ class JointGuidance:
 
     def __call__(self, images: torch.Tensor, cameras: Any, shading: str = "albedo", progress: float = 0.0, *,
                  t: Optional[Mapping[str, torch.Tensor]] = None,
-                 noise: Optional[Mapping[str, torch.Tensor]] = None) -> SDSOutput:
-        """SDS of every member on ``images``, summed with the weights. ``t``/``noise`` (tests) map member names
-        to that member's draws."""
+                 noise: Optional[Mapping[str, torch.Tensor]] = None, opacity: Optional[torch.Tensor] = None) -> SDSOutput:
+        """SDS of every member on ``images`` (with their opacity, for members that read it), summed with the
+        weights. ``t``/``noise`` (tests) map member names to that member's draws."""
         t, noise = t or {}, noise or {}
-        parts = {name: g(images, cameras, shading, progress, t=t.get(name), noise=noise.get(name))
+        parts = {name: g(images, cameras, shading, progress, t=t.get(name), noise=noise.get(name), opacity=opacity)
                  for name, g, _ in self.members}
         loss = sum(w * parts[name].loss for name, _, w in self.members)
         first = parts[self.members[0][0]]

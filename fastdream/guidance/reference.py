@@ -247,7 +247,8 @@ class ReferenceSceneGuidance(Guidance):
         return out.rgb.permute(0, 3, 1, 2).contiguous()
 
     def __call__(self, images: torch.Tensor, cameras: Any, shading: str = "albedo", progress: float = 0.0,
-                 *, t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> SDSOutput:
+                 *, t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                 opacity: Optional[torch.Tensor] = None) -> SDSOutput:
         if cameras is None:
             raise FastDreamError("Reference-scene guidance needs the cameras of the renders.")
         ref = self.reference_images(cameras, shading)
@@ -255,7 +256,7 @@ class ReferenceSceneGuidance(Guidance):
             raise FastDreamError(f"Reference renders {tuple(ref.shape)} do not match the images {tuple(images.shape)}.")
         self._x0 = ref * 2.0 - 1.0
         try:
-            return super().__call__(images, cameras, shading, progress, t=t, noise=noise)
+            return super().__call__(images, cameras, shading, progress, t=t, noise=noise, opacity=opacity)
         finally:
             self._x0 = None
 

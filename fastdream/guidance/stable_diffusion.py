@@ -12,6 +12,14 @@ skipped. The trade-off: the map only reproduces the latents' colour content, not
 it suits coarse early training and textureless shading; the VAE path is exact and the default. The
 map is fitted once at load by least squares against this model's own VAE on smooth random colour
 images, so it works for any SD checkpoint (and for random test models).
+
+Latent warm-up (``latent_warmup`` > 0, stable-dreamfusion's ``--latent_iter_ratio``, after Fantasia3D):
+for that first fraction of training the render itself is the latent: its RGB and opacity, resized to the
+latent resolution and mapped to [-1, 1], form the 4 latent channels, so neither the VAE encoder nor its
+backward runs and the renders can be made at latent resolution. The UNet then shapes geometry and
+coarse layout only (the channels are not real latents); afterwards the VAE path (or latent_mode) takes
+over. Off by default: DreamFusion and threestudio always encode the render, and the UNet's score on
+non-latent inputs is a heuristic, which stable-dreamfusion also leaves off by default.
 """
 from __future__ import annotations
 
@@ -103,6 +111,21 @@ class StableDiffusionGuidance(Guidance):
             z = torch.einsum("bchw,kc->bkhw", x, self.linear_weight) + self.linear_bias.view(1, -1, 1, 1)
             return z.to(self.dtype)
         return self._vae_encode(resize_images(images, self.resolution) * 2.0 - 1.0)
+
+    def in_latent_warmup(self, progress: float) -> bool:
+        return float(progress) < self.options.latent_warmup
+
+    def model_input(self, images: torch.Tensor, opacity: Optional[torch.Tensor], progress: float) -> torch.Tensor:
+        if not self.in_latent_warmup(progress):
+            return self.encode_images(images)
+        if opacity is None:
+            raise FastDreamError("latent_warmup needs the renders' opacity as the fourth latent channel; pass "
+                                 "opacity=(B, 1, H, W) to the guidance call.")
+        if self.unet.config.in_channels != 4:
+            raise FastDreamError(f"latent_warmup feeds RGB + opacity as a 4-channel latent, but this UNet takes "
+                                 f"{self.unet.config.in_channels} channels; leave latent_warmup at 0.")
+        rgba = torch.cat([images, opacity.to(images.dtype)], dim=1)
+        return (resize_images(rgba, self.latent_resolution) * 2.0 - 1.0).to(self.dtype)
 
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         if self.options.channels_last and self.device.type == "cuda":

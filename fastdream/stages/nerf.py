@@ -4,7 +4,7 @@ Each step: pick the shading mode (albedo only for the first `shading.albedo_only
 then random), render the sampled cameras, score the renders with the guidance (view-dependent prompts
 are the guidance's job: it gets the cameras), add the orientation loss and the opacity regularisers, and for image-to-3D the reconstruction of the input
 photo at its fixed camera (colour inside the photo's mask, opacity toward the mask);
-after the optimizer step, every `grid.update_every` steps, update the occupancy grid. Parameter groups:
+after the optimizer step, every `grid.update_every` steps (and once before the first), update the occupancy grid. Parameter groups:
 the hash table at a higher learning rate than the MLPs, and the learned background.
 """
 from __future__ import annotations
@@ -92,6 +92,11 @@ class NeRFStage(Stage):
 
     def loss(self, cameras, step: int, progress: float, guidance, generator: torch.Generator) -> StepLoss:
         cfg = self.config
+        if step == 0:
+            # The grid starts from the initial field (the blob), as instant-ngp's is updated from its first
+            # step, rather than from "everything occupied": otherwise the first steps march and query
+            # (normals included) every sample of the box, gigabytes of activations for samples of zero weight.
+            self.update_grid(step, generator)
         shading = self.choose_shading(step, generator)
         self.renderer.field.set_progress(progress)
         reg = cfg.reg.weights(progress)
@@ -101,7 +106,7 @@ class NeRFStage(Stage):
         out = self.renderer.render(cameras, shading=shading, need_normals=shading != "albedo" or reg["orient"] > 0,
                                    background=background)
         images = out.rgb.permute(0, 3, 1, 2)
-        sds = guidance(images, cameras, shading, progress)
+        sds = guidance(images, cameras, shading, progress, opacity=out.opacity.permute(0, 3, 1, 2))
         loss = sds.loss
         terms = {"sds": sds.loss.detach()}
         for name, part in getattr(sds, "parts", {}).items():  # a joint guidance: each model's own (unweighted) SDS
@@ -135,8 +140,11 @@ class NeRFStage(Stage):
 
     def after_step(self, step: int, generator: torch.Generator) -> None:
         if (step + 1) % self.config.grid.update_every == 0:
-            field, step_size = self.renderer.field, self.renderer.step_size
-            self.renderer.grid.update(step, lambda x: field.density(x) * step_size, generator=generator)
+            self.update_grid(step, generator)
+
+    def update_grid(self, step: int, generator: torch.Generator) -> None:
+        field, step_size = self.renderer.field, self.renderer.step_size
+        self.renderer.grid.update(step, lambda x: field.density(x) * step_size, generator=generator)
 
     def state_dict(self) -> Dict[str, Any]:
         state = {"renderer": self.renderer.state_dict(), "shading_rng": self.shading_rng.getstate()}
