@@ -219,7 +219,8 @@ def run(args) -> Dict:
             every = trainer.config.grid.update_every
             last = ((albedo_end + n) // every + 1) * every - 1  # a step that also updates the occupancy grid
             first = last - n + 1
-            trainer.train_step(first - 1)  # warm caches (text embeddings, lazy init)
+            for warm in (first - 2, first - 1):  # warm caches (text embeddings, lazy init) and size the sample buffers
+                trainer.train_step(warm)
             c = count_steps(trainer, first, n)
             counts[kind] = c
             timing = common.time_fn(lambda: trainer.train_step(first), device, warmup=0, repeats=n)

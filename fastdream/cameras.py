@@ -7,6 +7,7 @@ elevation 90 is straight overhead. Camera frames follow the OpenGL convention (c
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
@@ -207,17 +208,28 @@ def orbit_cameras(n_views: int, width: int, height: int, elevation_deg: float = 
     return cams.to(device)
 
 
+@functools.lru_cache(maxsize=32)
+def _pixel_centres(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(H*W, 2) pixel centres (x + 0.5, y + 0.5), row-major; cached: every render of a size shares them."""
+    j, i = torch.meshgrid(torch.arange(height, device=device, dtype=dtype), torch.arange(width, device=device, dtype=dtype),
+                          indexing="ij")
+    return torch.stack([i, j], dim=-1).reshape(-1, 2) + 0.5
+
+
 def generate_rays(cameras: CameraBatch) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pinhole rays through pixel centres -> origins, unit directions, each (B, H, W, 3)."""
-    H, W, device = cameras.height, cameras.width, cameras.device
-    dtype = cameras.c2w.dtype
-    j, i = torch.meshgrid(torch.arange(H, device=device, dtype=dtype), torch.arange(W, device=device, dtype=dtype), indexing="ij")
-    u = (i[None] + 0.5 - cameras.cx[:, None, None]) / cameras.fx[:, None, None]
-    v = (j[None] + 0.5 - cameras.cy[:, None, None]) / cameras.fy[:, None, None]
-    dirs_cam = torch.stack([u, -v, -torch.ones_like(u)], dim=-1)  # (B,H,W,3), OpenGL: -z forward, +y up
-    rot = cameras.c2w[:, None, None, :3, :3]
-    dirs = torch.nn.functional.normalize((rot @ dirs_cam[..., None])[..., 0], dim=-1)
-    origins = cameras.c2w[:, None, None, :3, 3].expand_as(dirs)
+    """Pinhole rays through pixel centres -> origins, unit directions, each (B, H, W, 3).
+
+    Camera-space direction (u, -v, -1) (OpenGL: -z forward, +y up) with u = (x - cx) / fx, v = (y - cy) / fy;
+    rotated by the camera's c2w as right * u + up * (-v) - back in one batched multiply-add."""
+    B, H, W = len(cameras), cameras.height, cameras.width
+    c2w = cameras.c2w
+    centres = _pixel_centres(H, W, c2w.device, c2w.dtype)
+    principal = torch.stack([cameras.cx, cameras.cy], dim=-1)[:, None, :]        # (B, 1, 2)
+    scale = torch.stack([cameras.fx, -cameras.fy], dim=-1)[:, None, :]           # (B, 1, 2)
+    uv = (centres - principal) / scale                                            # (B, H*W, 2): (u, -v)
+    dirs = torch.baddbmm(-c2w[:, None, :3, 2], uv, c2w[:, :3, :2].transpose(1, 2))  # (B, H*W, 3)
+    dirs = torch.nn.functional.normalize(dirs, dim=-1).reshape(B, H, W, 3)
+    origins = c2w[:, None, None, :3, 3].expand_as(dirs)
     return origins, dirs
 
 

@@ -95,6 +95,7 @@ class HashGridField(nn.Module):
         aabb = torch.as_tensor(aabb, dtype=torch.float32).reshape(-1)
         check(aabb.shape == (6,) and bool((aabb[3:] > aabb[:3]).all()), f"field aabb must be (xmin, ymin, zmin, xmax, ymax, zmax), got {aabb.tolist()}")
         self.register_buffer("aabb", aabb)
+        self.register_buffer("probe_directions", torch.cat([torch.eye(3), -torch.eye(3)]), persistent=False)
         self._cache_box()
         # the box is a buffer (a checkpoint may bring another): refresh the host copies after loading
         self.register_load_state_dict_post_hook(lambda module, keys: module._cache_box())
@@ -119,6 +120,14 @@ class HashGridField(nn.Module):
         size = self.aabb[3:] - self.aabb[:3]
         self._scene_radius = float(size.max()) / 2
         self._diagonal = float(torch.linalg.vector_norm(size))
+        # Derived device constants, so a query does not recompute them (a handful of small ops each time):
+        # unit = x * unit_scale + unit_offset maps the box to [0, 1]^3.
+        for name, value in (("unit_scale", 1.0 / size), ("unit_offset", -self.aabb[:3] / size),
+                            ("box_centre", (self.aabb[:3] + self.aabb[3:]) / 2)):
+            if name in self._buffers:
+                self._buffers[name] = value
+            else:
+                self.register_buffer(name, value, persistent=False)
 
     @property
     def scene_radius(self) -> float:
@@ -131,13 +140,13 @@ class HashGridField(nn.Module):
 
     @property
     def centre(self) -> torch.Tensor:
-        return (self.aabb[:3] + self.aabb[3:]) / 2
+        return self.box_centre
 
     def mlp_parameters(self):
         return self.mlp.parameters()
 
     def _raw(self, x: torch.Tensor, detach_grid: bool = False) -> torch.Tensor:
-        unit = ((x - self.aabb[:3]) / (self.aabb[3:] - self.aabb[:3])).clamp(0.0, 1.0)
+        unit = torch.addcmul(self.unit_offset, x, self.unit_scale).clamp_(0.0, 1.0)
         params = self.encoding_params.detach() if detach_grid else self.encoding_params
         features = ops.hash_encode(unit, params, check_range=False, **self.encoding_kwargs)
         if self.active_levels < self.config.n_levels:  # later (finer) levels masked out: no signal, no gradient
@@ -151,11 +160,12 @@ class HashGridField(nn.Module):
         if cfg.density_bias != 0:
             pre = pre + cfg.density_bias
         if cfg.blob_density > 0:
-            r2 = ((x - self.centre) ** 2).sum(-1)
             radius = cfg.blob_radius * self.scene_radius
-            if cfg.blob_shape == "linear":
-                pre = pre + cfg.blob_density * (1.0 - torch.sqrt(r2 + 1e-12) / radius)
+            if cfg.blob_shape == "linear":  # blob_density * (1 - r / radius), r's gradient 0 at the centre
+                r = torch.linalg.vector_norm(x - self.box_centre, dim=-1)
+                pre = torch.add(pre, r, alpha=-cfg.blob_density / radius).add_(cfg.blob_density)
             else:
+                r2 = ((x - self.box_centre) ** 2).sum(-1)
                 pre = pre + cfg.blob_density * torch.exp(-r2 / (2 * radius * radius))
         if cfg.density_activation == "exp":
             return TruncExp.apply(pre.clamp_max(15.0))
@@ -187,11 +197,11 @@ class HashGridField(nn.Module):
 
     def finite_difference_normals(self, x: torch.Tensor) -> torch.Tensor:
         eps = self.config.normal_epsilon * self.scene_radius
-        offsets = torch.eye(3, device=x.device, dtype=x.dtype) * eps
-        probes = torch.cat([x[:, None, :] + offsets, x[:, None, :] - offsets], dim=1).reshape(-1, 3)
+        offsets = self.probe_directions.to(x.dtype) * eps  # (6, 3): +x +y +z -x -y -z
+        probes = (x[:, None, :] + offsets).reshape(-1, 3)
         sig = self.density(probes).reshape(-1, 2, 3)
-        grad = (sig[:, 0] - sig[:, 1]) / (2 * eps)
-        return F.normalize(-grad, dim=-1, eps=1e-12)
+        # normalize(-grad) with grad = (sig+ - sig-) / (2 eps): the positive factor 1 / (2 eps) cancels
+        return F.normalize(sig[:, 1] - sig[:, 0], dim=-1, eps=1e-12 * 2 * eps)
 
 
 class BackgroundModel(nn.Module):

@@ -107,5 +107,12 @@ class OccupancyGrid(nn.Module):
         return ops.march_rays(origins, directions, aabb=self.aabb, binary=self.binary, near=near, far=far,
                               step_size=step_size, cone_angle=cone_angle, max_step_size=max_step_size)
 
+    def march_fixed(self, origins: torch.Tensor, directions: torch.Tensor, near: float, far: float, step_size: float,
+                    cone_angle: float = 0.0, max_step_size: float = 1e10, *, capacity: int):
+        """march() into a buffer of `capacity` slots: (ray_indices, t_starts, t_ends, n_samples), see ops.march_rays_fixed."""
+        return ops.march_rays_fixed(origins, directions, aabb=self.aabb, binary=self.binary, near=near, far=far,
+                                    step_size=step_size, cone_angle=cone_angle, max_step_size=max_step_size,
+                                    capacity=capacity)
+
     def occupied_fraction(self) -> float:
         return float(self.binary.float().mean())

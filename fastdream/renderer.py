@@ -3,11 +3,19 @@
 Sampling follows nerfacc: march through occupied cells, evaluate density once without gradients to drop
 samples behind opaque surfaces (transmittance < early_stop_eps) or nearly transparent ones (alpha <
 alpha_threshold), then query the field with gradients only for the samples that remain.
+
+Inside ``with renderer.fixed_capacity():`` (the training step) every shape is static: the marcher writes
+into a buffer sized on the host (`fastdream.sample_buffer`), the kept samples are compacted into a second
+one with fixed-shape ops (a prefix sum and a scatter, no boolean-mask gather), and padding slots are
+zero-length intervals (weight 0, no gradient). Nothing reads a device value on the host; the true totals
+are recorded on the device for the training loop to check. Outside it (previews, export, evaluation) the
+sample arrays are sized exactly.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from contextlib import contextmanager
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -17,6 +25,7 @@ from .cameras import CameraBatch, generate_rays
 from .errors import check
 from .field import BackgroundModel, HashGridField
 from .occupancy import OccupancyGrid
+from .sample_buffer import SampleBuffer
 
 
 @dataclass
@@ -29,6 +38,9 @@ class RenderConfig:
     alpha_threshold: float = 0.0
     chunk_rays: int = 2**13          # rays per chunk when rendering without gradients (bounds memory)
     chunk_samples: int = 2**19       # samples per density query in the gradient-free pruning pass (bounds memory)
+    # The training step renders with static shapes into fixed-capacity sample buffers, with no host sync
+    # (`Renderer.fixed_capacity`); false: sample arrays sized exactly, one host sync per render.
+    fixed_capacity: bool = True
 
 
 @dataclass
@@ -51,7 +63,7 @@ class RenderOutput:
     depth: torch.Tensor       # (B,H,W,1)
     normal: torch.Tensor      # (B,H,W,3)
     rays: Optional[RayOutput] = None
-    n_samples: int = 0
+    n_samples: Union[int, torch.Tensor] = 0  # kept samples; a 0-d device tensor under fixed_capacity()
 
 
 class Renderer(nn.Module):
@@ -59,6 +71,19 @@ class Renderer(nn.Module):
         super().__init__()
         self.field, self.background, self.grid = field, background, grid
         self.config = config or RenderConfig()
+        self.sample_buffer = SampleBuffer()
+        self._fixed_capacity = False
+        self._n_kept: Optional[torch.Tensor] = None  # device count of the last fixed-capacity sample()
+
+    @contextmanager
+    def fixed_capacity(self):
+        """Render with static shapes and no host sync (see the module docstring); the totals go to
+        `sample_buffer` for the caller to read back and `settle`."""
+        previous, self._fixed_capacity = self._fixed_capacity, True
+        try:
+            yield self.sample_buffer
+        finally:
+            self._fixed_capacity = previous
 
     @property
     def step_size(self) -> float:
@@ -67,18 +92,59 @@ class Renderer(nn.Module):
             diagonal = float(torch.linalg.vector_norm(self.field.aabb[3:] - self.field.aabb[:3]))
         return diagonal / self.config.samples_per_ray
 
+    @property
+    def prunes(self) -> bool:
+        return self.config.early_stop_eps > 0 or self.config.alpha_threshold > 0
+
+    @torch.no_grad()
+    def _keep_mask(self, origins, directions, ray_indices, t_starts, t_ends) -> torch.Tensor:
+        """The gradient-free pruning pass: which samples are still visible and not transparent."""
+        cfg = self.config
+        mid = origins[ray_indices] + directions[ray_indices] * ((t_starts + t_ends) * 0.5)[:, None]
+        sigmas = torch.cat([self.field.density(part) for part in mid.split(cfg.chunk_samples)])
+        _, trans, alphas = ops.render_weights(t_starts, t_ends, sigmas, ray_indices=ray_indices, n_rays=origins.shape[0])
+        return (trans >= cfg.early_stop_eps) & (alphas >= cfg.alpha_threshold)
+
     def sample(self, origins: torch.Tensor, directions: torch.Tensor):
+        if self._fixed_capacity and origins.shape[0] > 0:
+            if self.sample_buffer.calibrated:
+                return self._sample_fixed(origins, directions)
+            ray_indices, t_starts, t_ends, n_marched = self._sample_dynamic(origins, directions)
+            self.sample_buffer.calibrate(n_marched, ray_indices.shape[0])
+            self._n_kept = torch.tensor(ray_indices.shape[0], device=origins.device)
+            return ray_indices, t_starts, t_ends
+        return self._sample_dynamic(origins, directions)[:3]
+
+    def _sample_dynamic(self, origins: torch.Tensor, directions: torch.Tensor):
         cfg = self.config
         ray_indices, t_starts, t_ends = self.grid.march(origins, directions, cfg.near, cfg.far, self.step_size, cfg.cone_angle)
-        if ray_indices.numel() > 0 and (cfg.early_stop_eps > 0 or cfg.alpha_threshold > 0):
+        n_marched = ray_indices.shape[0]
+        if n_marched > 0 and self.prunes:
+            kept = self._keep_mask(origins, directions, ray_indices, t_starts, t_ends).nonzero().squeeze(1)
+            ray_indices, t_starts, t_ends = ray_indices[kept], t_starts[kept], t_ends[kept]  # one compaction for the three
+        return ray_indices, t_starts, t_ends, n_marched
+
+    def _sample_fixed(self, origins: torch.Tensor, directions: torch.Tensor):
+        cfg, buf = self.config, self.sample_buffer
+        ray_indices, t_starts, t_ends, n_marched = self.grid.march_fixed(
+            origins, directions, cfg.near, cfg.far, self.step_size, cfg.cone_angle, capacity=buf.marched)
+        n_kept = n_marched
+        if self.prunes:
             with torch.no_grad():
-                mid = origins[ray_indices] + directions[ray_indices] * ((t_starts + t_ends) * 0.5)[:, None]
-                sigmas = torch.cat([self.field.density(part) for part in mid.split(cfg.chunk_samples)])
-                _, trans, alphas = ops.render_weights(t_starts, t_ends, sigmas, ray_indices=ray_indices,
-                                                        n_rays=origins.shape[0])
-                keep = (trans >= cfg.early_stop_eps) & (alphas >= cfg.alpha_threshold)
-                kept = keep.nonzero().squeeze(1)  # one compaction for the three arrays
-            ray_indices, t_starts, t_ends = ray_indices[kept], t_starts[kept], t_ends[kept]
+                slots = torch.arange(buf.marched, device=origins.device)
+                keep = self._keep_mask(origins, directions, ray_indices, t_starts, t_ends) & (slots < n_marched)
+                n_kept = keep.sum()
+                # Compaction with static shapes: kept sample i goes to slot (kept samples before i); the others,
+                # and kept samples past the buffer, to a spare slot that is cut off.
+                rank = torch.cumsum(keep, 0) - 1
+                dest = torch.where(keep & (rank < buf.kept), rank, buf.kept)
+                source = slots.new_zeros(buf.kept + 1).scatter_(0, dest, slots)[:buf.kept]
+                filled = slots[:buf.kept] < n_kept
+                ray_indices = torch.where(filled, ray_indices[source], origins.shape[0] - 1)
+                t_starts = torch.where(filled, t_starts[source], 0.0)
+                t_ends = torch.where(filled, t_ends[source], 0.0)
+        buf.record(n_marched, n_kept)
+        self._n_kept = n_kept
         return ray_indices, t_starts, t_ends
 
     def render_rays(self, origins: torch.Tensor, directions: torch.Tensor, shading: str = "albedo",
@@ -134,9 +200,12 @@ class Renderer(nn.Module):
             light_positions=cameras.light_position[:, None, :].expand(B, H * W, 3).reshape(-1, 3),
             light_intensity=per_ray(cameras.light_intensity), ambient=per_ray(cameras.ambient),
         )
+        def kept_samples(out):
+            return self._n_kept if self._fixed_capacity else out.weights.shape[0]
+
         if torch.is_grad_enabled():
             out = self.render_rays(shading=shading, need_normals=need_normals, background=background, **args)
-            parts, n_samples, rays = [out], out.weights.shape[0], out
+            parts, n_samples, rays = [out], kept_samples(out), out
         else:
             parts, n_samples, rays = [], 0, None
             chunk = self.config.chunk_rays
@@ -144,7 +213,7 @@ class Renderer(nn.Module):
                 sl = {k: v[start:start + chunk] for k, v in args.items()}
                 out = self.render_rays(shading=shading, need_normals=need_normals, background=background, **sl)
                 parts.append(out)
-                n_samples += out.weights.shape[0]
+                n_samples = n_samples + kept_samples(out)
         cat = lambda name, c: torch.cat([getattr(p, name) for p in parts]).reshape(B, H, W, c)  # noqa: E731
         return RenderOutput(rgb=cat("rgb", 3), opacity=cat("opacity", 1), depth=cat("depth", 1), normal=cat("normal", 3),
                             rays=rays, n_samples=n_samples)

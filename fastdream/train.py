@@ -14,6 +14,7 @@ Same seed, config and device => same result.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -21,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -29,7 +30,9 @@ from .cameras import orbit_cameras, sample_cameras
 from .checkpoint import checkpoint_name, save_checkpoint
 from .config import RunConfig, config_to_dict
 from .errors import FastDreamError
+from .renderer import Renderer
 from .runtime import resolve_device, versions
+from .sample_buffer import SampleBuffer
 from .stages import Stage, build_stage, stage_class
 
 log = logging.getLogger("fastdream")
@@ -214,6 +217,8 @@ class Trainer:
                 "config": config_to_dict(self.config), "aabb": list(self.config.aabb), **self.stage.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": rng, "n_skipped": self.n_skipped,
                 "consecutive_nonfinite": self.consecutive_nonfinite, "train_time": self.train_time,
+                # the buffers' shapes decide float summation order: a resumed run continues with the same ones
+                "sample_buffers": [r.sample_buffer.capacities() for r in self.sample_buffer_renderers()],
                 "versions": versions(self.device)}
 
     def load_state_dict(self, state: Dict[str, Any], source: str = "checkpoint") -> None:
@@ -243,6 +248,8 @@ class Trainer:
                 gen.set_state(rng[key])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(rng["cuda"])
+        for renderer, capacities in zip(self.sample_buffer_renderers(), state.get("sample_buffers", [])):
+            renderer.sample_buffer.set_capacities(capacities)
         self.step = int(state["step"])
         self.n_skipped = int(state.get("n_skipped", 0))
         self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
@@ -272,8 +279,53 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ one step
+    MAX_REDOS = 3  # a step redone after its samples overflowed the buffers (each redo grows them to fit)
+
+    def sample_buffer_renderers(self) -> List[Renderer]:
+        """The renderers the step runs with fixed-capacity sample buffers: the stage's and the guidance's (the
+        reference guidance renders its scene every step)."""
+        if not self.config.render.fixed_capacity:
+            return []
+        found = (getattr(self.stage, "renderer", None), getattr(self.guidance, "renderer", None))
+        return [r for r in found if isinstance(r, Renderer)]
+
+    def _rng_snapshot(self) -> Dict[str, Any]:
+        """Every random state the step draws from (host copies: no host sync), to redo a step exactly."""
+        snap = {"generator": self.generator.get_state(), "torch_cpu": torch.get_rng_state(),
+                "guidance": {key: gen.get_state() for key, gen in self._guidance_generators().items()}}
+        shading_rng = getattr(self.stage, "shading_rng", None)
+        if shading_rng is not None:
+            snap["shading"] = shading_rng.getstate()
+        return snap
+
+    def _rng_restore(self, snap: Dict[str, Any]) -> None:
+        self.generator.set_state(snap["generator"])
+        torch.set_rng_state(snap["torch_cpu"])
+        for key, gen in self._guidance_generators().items():
+            gen.set_state(snap["guidance"][key])
+        if "shading" in snap:
+            self.stage.shading_rng.setstate(snap["shading"])
+
     def train_step(self, step: int) -> Dict[str, Any]:
-        """One step at global step `step` of the current stage (which counts its steps from its own start)."""
+        """One step at global step `step` of the current stage (which counts its steps from its own start).
+        With fixed-capacity sample buffers (render.fixed_capacity) the renders have static shapes
+        and the step's only host sync is the readback of its loss, terms, finiteness and sample totals; a step
+        whose samples overflowed a buffer takes no optimizer step, the buffers grow and the step is redone from
+        the same random state."""
+        renderers = self.sample_buffer_renderers()
+        if not renderers:
+            return self._train_step(step, [])
+        snap = self._rng_snapshot() if self.MAX_REDOS > 0 else None
+        for attempt in range(self.MAX_REDOS + 1):
+            with contextlib.ExitStack() as stack:
+                buffers = [stack.enter_context(r.fixed_capacity()) for r in renderers]
+                result = self._train_step(step, buffers, last_try=attempt == self.MAX_REDOS)
+            if not result.pop("overflow"):
+                break
+            self._rng_restore(snap)
+        return result
+
+    def _train_step(self, step: int, buffers: List[SampleBuffer], last_try: bool = True) -> Dict[str, Any]:
         cfg = self.config
         step = step - self.stage_start()
         progress = step / max(self.stage.n_steps(cfg), 1)
@@ -289,9 +341,23 @@ class Trainer:
         # whole step needs one host sync: the loss, its terms and the finiteness verdict come back together.
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grads_finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all() if params else loss.new_ones((), dtype=torch.bool)
-        finite_t = torch.isfinite(loss) & grads_finite
-        values = torch.stack([v.float() for v in (loss.detach(), *terms.values(), finite_t)]).tolist()
+        finite_t = torch.isfinite(loss.detach()).float()
+        if params:  # one op over every gradient (GradScaler's check, at scale 1) instead of three per parameter
+            nonfinite = finite_t.new_zeros(())
+            torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], nonfinite, finite_t.new_ones(()))
+            finite_t = finite_t * (1.0 - nonfinite)
+        pending = [buf.take() for buf in buffers]
+        counts = [p.float() for p in pending if p is not None]
+        values = torch.cat([torch.stack([v.float() for v in (loss.detach(), *terms.values(), finite_t)]), *counts]).tolist()
+        values, totals = values[:len(terms) + 2], values[len(terms) + 2:]
+        overflow = False
+        for buf, p in zip(buffers, pending):
+            if p is not None:
+                overflow |= buf.settle(totals[:2])
+                totals = totals[2:]
+        if overflow and not last_try:  # samples were cut short: no update; train_step redoes the step
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"overflow": True}
         finite = bool(values[-1])
         if finite:
             if cfg.optim.grad_clip > 0:
@@ -302,7 +368,7 @@ class Trainer:
         # Device values for metrics.jsonl: read back in one go every output.metrics_every steps, not here.
         metrics = {**{f"loss_{k}": v for k, v in terms.items()}, "loss": loss.detach(), **result.metrics}
         return {"loss": values[0], "finite": finite, **result.info, "terms": dict(zip(terms, values[1:-1])),
-                "metrics": metrics}
+                "metrics": metrics, "overflow": False}
 
     # ------------------------------------------------------------------ loop
     def _install_stop_handlers(self) -> Dict[int, Any]:

@@ -29,7 +29,7 @@ from fastdream.ops.rasterization import triangle_adjacency
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "cuda_emulation"
 RASTER = ["rasterize_fwd", "rasterize_bwd", "interpolate_fwd", "interpolate_bwd", "antialias_fwd", "antialias_bwd"]
-OPS = ["hash_encode_fwd", "hash_encode_bwd", "hash_encode_bwd_bwd", "march_rays", "occupancy_update",
+OPS = ["hash_encode_fwd", "hash_encode_bwd", "hash_encode_bwd_bwd", "march_rays", "march_rays_fixed", "occupancy_update",
        "render_weights_fwd", "render_weights_bwd", "composite_fwd", "composite_bwd", *RASTER]
 CPU = torch.ops.fastdream
 
@@ -172,6 +172,19 @@ def test_march(EMU, case, shape, dtype):
         assert u.dtype == v.dtype and torch.equal(u, v)
 
 
+@pytest.mark.parametrize("case", MARCH_CASES[:3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_march_fixed_capacity(EMU, case, dtype):
+    """Count, scan, capped fill and device-side padding against the CPU's one pass, below, at and above the total."""
+    args = _march_args(case, (16, 16, 16), dtype)
+    total = CPU.march_rays(*args)[0].numel()
+    for capacity in (0, 1, total // 3, total, total + 1000):
+        cpu, emu = CPU.march_rays_fixed(*args, capacity), EMU.march_rays_fixed(*args, capacity)
+        assert int(cpu[3]) == int(emu[3]) == total
+        for u, v in zip(cpu, emu):
+            assert u.dtype == v.dtype and torch.equal(u, v), capacity
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_occupancy_update(EMU, dtype):
     g = torch.Generator().manual_seed(3)
@@ -210,6 +223,7 @@ def _one_op_call_per_op():
     return [("hash_encode_fwd", (x, p, *la)), ("hash_encode_bwd", (gy, x, p, *la, True, True)),
             ("hash_encode_bwd_bwd", (torch.ones(8, 3), gy, x, p, *la, True, True)),
             ("march_rays", (*_march_args(MARCH_CASES[0], (4, 4, 4), torch.float32),)),
+            ("march_rays_fixed", (*_march_args(MARCH_CASES[0], (4, 4, 4), torch.float32), 64)),
             ("occupancy_update", (torch.zeros(8), torch.tensor([1]), torch.ones(1), 0.9, 0.5)),
             ("render_weights_fwd", (ts, te, sig, off)),
             ("render_weights_bwd", (torch.ones(n), None, None, ts, te, sig, off, rw[1], rw[2])),
@@ -329,6 +343,11 @@ def test_empty_inputs(EMU):
         assert all(t.numel() == 0 for t in out)
         out = op.march_rays(torch.full((5, 3), 5.0), torch.tensor([[1.0, 0, 0]] * 5), aabb, grid, 0.0, 1e10, 0.1, 0.0, 1e10)
         assert all(t.numel() == 0 for t in out)  # rays miss: the count pass runs, the fill pass must not
+        ri, ts, te, n = op.march_rays_fixed(torch.zeros(0, 3), torch.zeros(0, 3), aabb, grid, 0.0, 1e10, 0.1, 0.0, 1e10, 0)
+        assert ri.numel() == 0 and int(n) == 0
+        ri, ts, te, n = op.march_rays_fixed(torch.full((5, 3), 5.0), torch.tensor([[1.0, 0, 0]] * 5), aabb, grid,
+                                            0.0, 1e10, 0.1, 0.0, 1e10, 3)
+        assert int(n) == 0 and ri.tolist() == [4, 4, 4] and not te.any()  # all padding
         upd, occ = op.occupancy_update(torch.rand(8), torch.zeros(0, dtype=torch.long), torch.zeros(0), 0.5, 0.1)
         assert upd.shape == (8,)
         e, off = torch.zeros(0), torch.zeros(1, dtype=torch.long)

@@ -14,7 +14,7 @@ LAYERS = [
               "fastdream.runtime", "fastdream.diagnostics", "fastdream.checkpoint", "fastdream.atomic",
               "fastdream.output_folder", "fastdream.progress"]),
     ("ops", ["fastdream.ops", "fastdream.ops.*"]),
-    ("engine", ["fastdream.cameras", "fastdream.field", "fastdream.occupancy", "fastdream.renderer",
+    ("engine", ["fastdream.cameras", "fastdream.field", "fastdream.occupancy", "fastdream.renderer", "fastdream.sample_buffer",
                 "fastdream.regularizers", "fastdream.export", "fastdream.data", "fastdream.demo",
                 "fastdream.image_input", "fastdream.tets", "fastdream.dmtet", "fastdream.mesh_renderer"]),
     ("guidance", ["fastdream.guidance", "fastdream.guidance.*"]),

@@ -20,7 +20,7 @@ from fastdream.ops import hash_grid_layout
 from fastdream.ops import use_backend as ops_use_backend
 from fastdream.ops.compositing import composite_reference
 from fastdream.ops.hash_encoding import hash_encode_reference
-from fastdream.ops.marching import march_rays_reference, occupancy_update_reference
+from fastdream.ops.marching import march_rays_fixed_reference, march_rays_reference, occupancy_update_reference
 from fastdream.ops.volume_rendering import render_weights_reference
 
 
@@ -273,6 +273,57 @@ def test_march_edge_cases(impl_name):
         assert ri.shape == ts.shape == te.shape == (0,) and ri.dtype == torch.int64
     ri, ts, te = impl.march_rays(o, d, aabb, empty, 0.0, 1e10, 0.1)
     assert ri.numel() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("capacity_of_total", [0.0, 0.5, 1.0, 1.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_march_fixed_capacity_matches_reference(capacity_of_total, dtype, device):
+    """The fixed-capacity march: the reference's packed samples in the first slots (cut at the capacity when
+    they overflow it), zero-length padding of the last ray after them, and the true total on the device."""
+    nat = _native_on(device)
+    origins, directions = _march_rays(dtype=dtype)
+    aabb = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
+    binary = torch.rand((8, 8, 8), generator=torch.Generator().manual_seed(5)) > 0.6
+    kw = dict(near=0.0, far=1e10, step_size=0.05, cone_angle=0.0, max_step_size=1e10)
+    full = march_rays_reference(origins, directions, aabb, binary, **kw)
+    total = full[0].numel()
+    capacity = int(total * capacity_of_total)
+    ref = march_rays_fixed_reference(origins, directions, aabb, binary, **kw, capacity=capacity)
+    moved = [t.to(device) for t in (origins, directions, aabb, binary)]
+    out = [t.cpu() for t in nat.march_rays_fixed(*moved, **kw, capacity=capacity)]
+    for a, b in zip(ref, out):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    ri, ts, te, n = out
+    assert ri.shape == ts.shape == te.shape == (capacity,) and n.shape == () and int(n) == total > 100
+    kept = min(total, capacity)
+    assert torch.equal(ri[:kept], full[0][:kept]) and torch.equal(ts[:kept], full[1][:kept])
+    assert bool((ri[kept:] == origins.shape[0] - 1).all()) and not ts[kept:].any() and not te[kept:].any()
+
+
+def test_march_fixed_padding_composites_to_nothing():
+    """Padding slots change no image and get no gradient: composite over the fixed buffer equals composite
+    over the exact samples, and the padded sigmas/albedo gradients are exactly zero."""
+    nat = _native()
+    origins, directions = _march_rays(n=64, seed=3)
+    aabb = torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
+    binary = torch.ones(8, 8, 8, dtype=torch.bool)
+    kw = dict(near=0.0, far=1e10, step_size=0.05, cone_angle=0.0, max_step_size=1e10)
+    exact = nat.march_rays(origins, directions, aabb, binary, **kw)
+    n = exact[0].numel()
+    ri, ts, te, _ = nat.march_rays_fixed(origins, directions, aabb, binary, **kw, capacity=n + 500)
+    g = torch.Generator().manual_seed(0)
+    sig, alb = torch.rand(n + 500, generator=g) * 5, torch.rand(n + 500, 3, generator=g)
+    nrm = torch.nn.functional.normalize(torch.randn(n + 500, 3, generator=g), dim=-1)
+    per_ray = dict(n_rays=64, origins=origins, directions=directions, light_positions=origins * 2,
+                   light_intensity=torch.ones(64), ambient=torch.full((64,), 0.2), mode="lambertian")
+    s, a, m = sig.clone().requires_grad_(), alb.clone().requires_grad_(), nrm.clone().requires_grad_()
+    fixed = nat.composite(ts, te, ri, sigmas=s, albedo=a, normals=m, **per_ray)
+    ref = nat.composite(exact[1], exact[2], exact[0], sigmas=sig[:n], albedo=alb[:n], normals=nrm[:n], **per_ray)
+    for u, v in zip(fixed[:4], ref[:4]):
+        assert torch.allclose(u, v, atol=1e-6)
+    sum(o.sum() for o in fixed[:4]).backward()
+    assert not s.grad[n:].any() and not a.grad[n:].any() and not m.grad[n:].any() and s.grad[:n].abs().sum() > 0
 
 
 def test_march_large_random_scene():

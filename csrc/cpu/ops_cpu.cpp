@@ -175,61 +175,100 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hash_encode_bwd_bwd_cpu(
 }
 
 // ------------------------------------------------------------------ marching
+// One marching pass (the CUDA launcher needs two: count, then fill): each block of rays appends its
+// samples to its own buffer; `write(total, chunk_offsets, chunks)` then lays the buffers out in ray order.
+template <typename S>
+struct MarchChunk {
+    std::vector<int64_t> rays;
+    std::vector<S> starts, ends;
+    void operator()(int64_t, S t0, S t1) {
+        starts.push_back(t0);
+        ends.push_back(t1);
+    }
+};
+
+template <typename S, typename Write>
+void march_chunks(const MarchInputs& in, const march::MarchParams& p, Write&& write) {
+    const march::OccupancyView grid = in.view();
+    const int64_t R = in.origins.size(0);
+    const int64_t n_chunks = (R + kRayGrain - 1) / kRayGrain;
+    const S* o = in.origins.data_ptr<S>();
+    const S* d = in.directions.data_ptr<S>();
+    const S* bx = in.box.data_ptr<S>();
+    std::vector<MarchChunk<S>> chunks(n_chunks);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
+        for (int64_t c = cb; c < ce; ++c) {
+            MarchChunk<S>& out = chunks[c];
+            for (int64_t r = c * kRayGrain; r < std::min(R, (c + 1) * kRayGrain); ++r) {
+                const int64_t n = march::march_ray(o + 3 * r, d + 3 * r, bx, grid, p, out);
+                out.rays.insert(out.rays.end(), n, r);
+            }
+        }
+    });
+    std::vector<int64_t> offsets(n_chunks + 1, 0);
+    for (int64_t c = 0; c < n_chunks; ++c) offsets[c + 1] = offsets[c] + static_cast<int64_t>(chunks[c].rays.size());
+    write(offsets[n_chunks], offsets, chunks);
+}
+
+// Copies the chunks' samples that fall below `capacity` into the packed outputs.
+template <typename S>
+void copy_chunks(const std::vector<MarchChunk<S>>& chunks, const std::vector<int64_t>& offsets, int64_t capacity,
+                 int64_t* ri, S* ts, S* te) {
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
+        for (int64_t c = cb; c < ce; ++c) {
+            const MarchChunk<S>& in_chunk = chunks[c];
+            const int64_t n = march::slots_within(offsets[c], static_cast<int64_t>(in_chunk.rays.size()), capacity);
+            std::copy(in_chunk.rays.begin(), in_chunk.rays.begin() + n, ri + offsets[c]);
+            std::copy(in_chunk.starts.begin(), in_chunk.starts.begin() + n, ts + offsets[c]);
+            std::copy(in_chunk.ends.begin(), in_chunk.ends.begin() + n, te + offsets[c]);
+        }
+    });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays_cpu(const at::Tensor& origins_, const at::Tensor& directions_,
                                                               const at::Tensor& aabb_, const at::Tensor& binary_,
                                                               double near, double far, double step_size,
                                                               double cone_angle, double max_step_size) {
     check_same_device("march_rays", {origins_, directions_, aabb_, binary_});
     const MarchInputs in = prepare_march(origins_, directions_, aabb_, binary_);
-    const march::OccupancyView grid = in.view();
-    const int64_t R = in.origins.size(0);
     const march::MarchParams p{near, far, step_size, cone_angle, max_step_size};
-    // One marching pass (the CUDA launcher needs two: count, then fill): each block of rays appends
-    // its samples to its own buffer, and the buffers are concatenated in ray order.
-    const int64_t n_chunks = (R + kRayGrain - 1) / kRayGrain;
     at::Tensor ray_indices, t_starts, t_ends;
     AT_DISPATCH_FLOATING_TYPES(in.origins.scalar_type(), "march_rays_cpu", [&] {
         using S = scalar_t;
-        const S* o = in.origins.data_ptr<S>();
-        const S* d = in.directions.data_ptr<S>();
-        const S* bx = in.box.data_ptr<S>();
-        struct Samples {
-            std::vector<int64_t> rays;
-            std::vector<S> starts, ends;
-            void operator()(int64_t, S t0, S t1) {
-                starts.push_back(t0);
-                ends.push_back(t1);
-            }
-        };
-        std::vector<Samples> chunks(n_chunks);
-        at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
-            for (int64_t c = cb; c < ce; ++c) {
-                Samples& out = chunks[c];
-                for (int64_t r = c * kRayGrain; r < std::min(R, (c + 1) * kRayGrain); ++r) {
-                    const int64_t n = march::march_ray(o + 3 * r, d + 3 * r, bx, grid, p, out);
-                    out.rays.insert(out.rays.end(), n, r);
-                }
-            }
-        });
-        std::vector<int64_t> offsets(n_chunks + 1, 0);
-        for (int64_t c = 0; c < n_chunks; ++c) offsets[c + 1] = offsets[c] + static_cast<int64_t>(chunks[c].rays.size());
-        const int64_t total = offsets[n_chunks];
-        ray_indices = at::empty({total}, in.origins.options().dtype(at::kLong));
-        t_starts = at::empty({total}, in.origins.options());
-        t_ends = at::empty({total}, in.origins.options());
-        int64_t* ri = ray_indices.data_ptr<int64_t>();
-        S* ts = t_starts.data_ptr<S>();
-        S* te = t_ends.data_ptr<S>();
-        at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
-            for (int64_t c = cb; c < ce; ++c) {
-                const Samples& in_chunk = chunks[c];
-                std::copy(in_chunk.rays.begin(), in_chunk.rays.end(), ri + offsets[c]);
-                std::copy(in_chunk.starts.begin(), in_chunk.starts.end(), ts + offsets[c]);
-                std::copy(in_chunk.ends.begin(), in_chunk.ends.end(), te + offsets[c]);
-            }
+        march_chunks<S>(in, p, [&](int64_t total, const std::vector<int64_t>& offsets, const std::vector<MarchChunk<S>>& chunks) {
+            ray_indices = at::empty({total}, in.origins.options().dtype(at::kLong));
+            t_starts = at::empty({total}, in.origins.options());
+            t_ends = at::empty({total}, in.origins.options());
+            copy_chunks<S>(chunks, offsets, total, ray_indices.data_ptr<int64_t>(), t_starts.data_ptr<S>(),
+                           t_ends.data_ptr<S>());
         });
     });
     return {ray_indices, t_starts, t_ends};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> march_rays_fixed_cpu(
+    const at::Tensor& origins_, const at::Tensor& directions_, const at::Tensor& aabb_, const at::Tensor& binary_,
+    double near, double far, double step_size, double cone_angle, double max_step_size, int64_t capacity) {
+    check_same_device("march_rays_fixed", {origins_, directions_, aabb_, binary_});
+    TORCH_CHECK(capacity >= 0, "march_rays_fixed: capacity must be >= 0");
+    const MarchInputs in = prepare_march(origins_, directions_, aabb_, binary_);
+    const march::MarchParams p{near, far, step_size, cone_angle, max_step_size};
+    const int64_t pad_ray = std::max<int64_t>(in.origins.size(0) - 1, 0);
+    auto ray_indices = at::empty({capacity}, in.origins.options().dtype(at::kLong));
+    auto t_starts = at::empty({capacity}, in.origins.options());
+    auto t_ends = at::empty({capacity}, in.origins.options());
+    auto n_samples = at::empty({}, in.origins.options().dtype(at::kLong));
+    AT_DISPATCH_FLOATING_TYPES(in.origins.scalar_type(), "march_rays_fixed_cpu", [&] {
+        using S = scalar_t;
+        march_chunks<S>(in, p, [&](int64_t total, const std::vector<int64_t>& offsets, const std::vector<MarchChunk<S>>& chunks) {
+            int64_t* ri = ray_indices.data_ptr<int64_t>();
+            S *ts = t_starts.data_ptr<S>(), *te = t_ends.data_ptr<S>();
+            copy_chunks<S>(chunks, offsets, capacity, ri, ts, te);
+            for (int64_t i = std::min(total, capacity); i < capacity; ++i) march::write_padding(i, pad_ray, ri, ts, te);
+            n_samples.fill_(total);
+        });
+    });
+    return {ray_indices, t_starts, t_ends, n_samples};
 }
 
 std::tuple<at::Tensor, at::Tensor> occupancy_update_cpu(const at::Tensor& occupancy, const at::Tensor& indices_,
@@ -261,6 +300,7 @@ TORCH_LIBRARY_IMPL(fastdream, CPU, m) {
     m.impl("hash_encode_bwd", &hash_encode_bwd_cpu);
     m.impl("hash_encode_bwd_bwd", &hash_encode_bwd_bwd_cpu);
     m.impl("march_rays", &march_rays_cpu);
+    m.impl("march_rays_fixed", &march_rays_fixed_cpu);
     m.impl("occupancy_update", &occupancy_update_cpu);
     m.impl("render_weights_fwd", &fastdream::render_weights_fwd);
     m.impl("render_weights_bwd", &fastdream::render_weights_bwd);

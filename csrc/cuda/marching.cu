@@ -37,6 +37,76 @@ __global__ void march_fill_kernel(int64_t R, const S* __restrict__ o, const S* _
     march::march_ray(o + 3 * r, d + 3 * r, b, grid, p, emit);
 }
 
+// Fixed-capacity fill: a ray writes the slots of its samples below `capacity` (march::slots_within).
+template <typename S>
+__global__ void march_fill_fixed_kernel(int64_t R, const S* __restrict__ o, const S* __restrict__ d,
+                                        const S* __restrict__ box, const march::OccupancyView grid,
+                                        const march::MarchParams p, const int64_t* __restrict__ counts,
+                                        const int64_t* __restrict__ ends, int64_t capacity, int64_t* ray_indices,
+                                        S* t_starts, S* t_ends) {
+    const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (r >= R) return;
+    const int64_t base = ends[r] - counts[r];
+    const int64_t slots = march::slots_within(base, counts[r], capacity);
+    if (slots == 0) return;
+    S b[9];
+#pragma unroll
+    for (int i = 0; i < 9; ++i) b[i] = box[i];
+    march::WritePacked<S> emit{r, base, slots, ray_indices, t_starts, t_ends};
+    march::march_ray(o + 3 * r, d + 3 * r, b, grid, p, emit);
+}
+
+// The slots past the total (read on the device: no host sync) get padding.
+template <typename S>
+__global__ void march_pad_kernel(int64_t capacity, const int64_t* __restrict__ total, int64_t pad_ray,
+                                 int64_t* ray_indices, S* t_starts, S* t_ends) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= capacity || i < *total) return;
+    march::write_padding(i, pad_ray, ray_indices, t_starts, t_ends);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> march_rays_fixed_cuda(
+    const at::Tensor& origins_, const at::Tensor& directions_, const at::Tensor& aabb_, const at::Tensor& binary_,
+    double near, double far, double step_size, double cone_angle, double max_step_size, int64_t capacity) {
+    check_same_device("march_rays_fixed", {origins_, directions_, aabb_, binary_});
+    TORCH_CHECK(capacity >= 0, "march_rays_fixed: capacity must be >= 0");
+    c10::cuda::CUDAGuard guard(origins_.device());
+    const MarchInputs in = prepare_march(origins_, directions_, aabb_, binary_);
+    const march::OccupancyView grid = in.view();
+    const int64_t R = in.origins.size(0);
+    const march::MarchParams p{near, far, step_size, cone_angle, max_step_size};
+    auto counts = at::zeros({R + 1}, in.origins.options().dtype(at::kLong));  // counts[R] = 0: the total of no rays
+    auto ray_indices = at::empty({capacity}, counts.options());
+    auto t_starts = at::empty({capacity}, in.origins.options());
+    auto t_ends = at::empty({capacity}, in.origins.options());
+    at::Tensor ends;
+    AT_DISPATCH_FLOATING_TYPES(in.origins.scalar_type(), "march_rays_fixed_cuda", [&] {
+        using S = scalar_t;
+        const S* o = in.origins.data_ptr<S>();
+        const S* d = in.directions.data_ptr<S>();
+        const S* bx = in.box.data_ptr<S>();
+        if (R > 0) {
+            march_count_kernel<S><<<cuda::blocks_for(R), cuda::kThreads, 0, cuda::stream()>>>(
+                R, o, d, bx, grid, p, counts.data_ptr<int64_t>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        ends = at::cumsum(counts, 0);  // ends[R] is the total: it sizes nothing, so it stays on the device
+        if (R > 0 && capacity > 0) {
+            march_fill_fixed_kernel<S><<<cuda::blocks_for(R), cuda::kThreads, 0, cuda::stream()>>>(
+                R, o, d, bx, grid, p, counts.data_ptr<int64_t>(), ends.data_ptr<int64_t>(), capacity,
+                ray_indices.data_ptr<int64_t>(), t_starts.data_ptr<S>(), t_ends.data_ptr<S>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        if (capacity > 0) {
+            march_pad_kernel<S><<<cuda::blocks_for(capacity), cuda::kThreads, 0, cuda::stream()>>>(
+                capacity, ends.data_ptr<int64_t>() + R, R > 0 ? R - 1 : 0, ray_indices.data_ptr<int64_t>(),
+                t_starts.data_ptr<S>(), t_ends.data_ptr<S>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+    });
+    return {ray_indices, t_starts, t_ends, ends.select(0, R).clone()};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays_cuda(const at::Tensor& origins_, const at::Tensor& directions_,
                                                                const at::Tensor& aabb_, const at::Tensor& binary_,
                                                                double near, double far, double step_size,
@@ -130,5 +200,6 @@ std::tuple<at::Tensor, at::Tensor> occupancy_update_cuda(const at::Tensor& occup
 
 TORCH_LIBRARY_IMPL(fastdream, CUDA, m) {
     m.impl("march_rays", &fastdream::march_rays_cuda);
+    m.impl("march_rays_fixed", &fastdream::march_rays_fixed_cuda);
     m.impl("occupancy_update", &fastdream::occupancy_update_cuda);
 }

@@ -178,6 +178,23 @@ struct WritePacked {
     }
 };
 
+// Fixed-capacity buffer (march_rays_fixed): the packed samples fill slots [0, min(total, capacity)); the
+// ray whose samples start at `base` keeps the slots of its `count` samples that lie below `capacity`
+// (later samples of an overflowing buffer are dropped; the caller reads the total and grows the buffer).
+FD_HOST_DEVICE FD_INLINE int64_t slots_within(int64_t base, int64_t count, int64_t capacity) {
+    const int64_t room = capacity - base;
+    return room <= 0 ? 0 : (room < count ? room : count);
+}
+
+// A padding slot: a zero-length interval [0, 0) of the last ray, so the buffer stays grouped by ray and
+// the slot gets alpha = 0, weight 0 and no gradient in the compositing kernels.
+template <typename S>
+FD_HOST_DEVICE FD_INLINE void write_padding(int64_t i, int64_t pad_ray, int64_t* ray_indices, S* t_starts, S* t_ends) {
+    ray_indices[i] = pad_ray;
+    t_starts[i] = S(0);
+    t_ends[i] = S(0);
+}
+
 // Occupancy-grid update: non-finite estimates are skipped (a NaN must not poison a cell for good).
 template <typename S>
 FD_HOST_DEVICE FD_INLINE bool is_finite(S v) {

@@ -18,7 +18,7 @@ from .._backend import backend_name, set_backend, use_backend
 from .compositing import composite_reference
 from .hash_encoding import (DEFAULT_PER_LEVEL_SCALE, HashGridLayout, check_hash_encode_inputs, default_per_level_scale,
                             hash_encode_reference, hash_grid_layout, hash_grid_n_params)
-from .marching import march_rays_reference, occupancy_update_reference, ray_aabb_intersect
+from .marching import march_rays_fixed_reference, march_rays_reference, occupancy_update_reference, ray_aabb_intersect
 from .rasterization import antialias_reference, interpolate_reference, rasterize_reference, triangle_adjacency
 from .shading import SHADING_MODES, shade, shading_code
 from .volume_rendering import accumulate_along_rays as _accumulate_along_rays
@@ -26,7 +26,7 @@ from .volume_rendering import render_weights_reference
 
 __all__ = [
     "hash_encode", "hash_grid_n_params", "hash_grid_layout", "HashGridLayout", "default_per_level_scale",
-    "DEFAULT_PER_LEVEL_SCALE", "render_weights", "accumulate_along_rays", "march_rays", "occupancy_update", "ray_aabb_intersect",
+    "DEFAULT_PER_LEVEL_SCALE", "render_weights", "accumulate_along_rays", "march_rays", "march_rays_fixed", "occupancy_update", "ray_aabb_intersect",
     "composite", "shade", "SHADING_MODES", "shading_code", "rasterize", "interpolate", "antialias", "triangle_adjacency",
     "use_backend",
     "set_backend", "backend_name",
@@ -82,6 +82,24 @@ def march_rays(origins: torch.Tensor, directions: torch.Tensor, *, aabb: torch.T
             from . import _native
             return _native.march_rays(origins, directions, aabb, binary, near, far, step_size, cone_angle, max_step_size)
         return march_rays_reference(origins, directions, aabb, binary, near, far, step_size, cone_angle, max_step_size)
+
+
+def march_rays_fixed(origins: torch.Tensor, directions: torch.Tensor, *, aabb: torch.Tensor, binary: torch.Tensor,
+                     near: float, far: float, step_size: float, cone_angle: float = 0.0, max_step_size: float = 1e10,
+                     capacity: int):
+    """march_rays into a fixed-capacity buffer, with no host sync (static shapes, capturable).
+
+    Returns (ray_indices, t_starts, t_ends), each (capacity,), and n_samples, the total sample count as a 0-d
+    int64 device tensor. The first min(n_samples, capacity) slots are march_rays' packed samples; the rest are
+    padding, zero-length intervals [0, 0) of the last ray, which composite to weight 0 with no gradient. When
+    n_samples > capacity the samples past the capacity are dropped: read n_samples later and grow the buffer."""
+    with torch.no_grad():
+        if _backend.use_native(origins.device):
+            from . import _native
+            return _native.march_rays_fixed(origins, directions, aabb, binary, near, far, step_size, cone_angle,
+                                            max_step_size, capacity)
+        return march_rays_fixed_reference(origins, directions, aabb, binary, near, far, step_size, cone_angle,
+                                          max_step_size, capacity)
 
 
 def occupancy_update(occupancy: torch.Tensor, *, indices: torch.Tensor, estimates: torch.Tensor, decay: float,

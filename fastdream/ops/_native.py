@@ -13,7 +13,7 @@ Gradients:
   light_intensity or ambient require grad, composite() falls back to the reference (exact autograd).
 - rasterize: barycentrics and depth to the clip-space vertex positions; interpolate: to the attributes
   and the barycentrics; antialias: to the colours and the vertex positions (first order only).
-- march_rays / occupancy_update: no gradients.
+- march_rays / march_rays_fixed / occupancy_update: no gradients.
 """
 from __future__ import annotations
 
@@ -65,6 +65,12 @@ def _hash_encode_bwd_bwd_fake(ggx, grad_y, x, params, scales, resolutions, offse
 def _march_rays_fake(origins, directions, aabb, binary, near, far, step_size, cone_angle, max_step_size):
     n = torch.library.get_ctx().new_dynamic_size()
     return origins.new_empty((n,), dtype=torch.int64), origins.new_empty((n,)), origins.new_empty((n,))
+
+
+@torch.library.register_fake(_LIB + "march_rays_fixed")
+def _march_rays_fixed_fake(origins, directions, aabb, binary, near, far, step_size, cone_angle, max_step_size, capacity):
+    return (origins.new_empty((capacity,), dtype=torch.int64), origins.new_empty((capacity,)),
+            origins.new_empty((capacity,)), origins.new_empty((), dtype=torch.int64))
 
 
 @torch.library.register_fake(_LIB + "occupancy_update")
@@ -319,6 +325,17 @@ def march_rays(origins, directions, aabb, binary, near: float, far: float, step_
         origins = origins.float()
     return ops.march_rays(origins, directions.to(origins.dtype), aabb, binary, float(near), float(far),
                           float(step_size), float(cone_angle), float(max_step_size))
+
+
+def march_rays_fixed(origins, directions, aabb, binary, near: float, far: float, step_size: float,
+                     cone_angle: float, max_step_size: float, capacity: int):
+    check_march_inputs(origins, directions, aabb, binary)
+    check(step_size > 0, f"march: step_size must be > 0, got {step_size}")
+    check(capacity >= 0, f"march: capacity must be >= 0, got {capacity}")
+    if origins.dtype not in (torch.float32, torch.float64):
+        origins = origins.float()
+    return ops.march_rays_fixed(origins, directions.to(origins.dtype), aabb, binary, float(near), float(far),
+                                float(step_size), float(cone_angle), float(max_step_size), int(capacity))
 
 
 def occupancy_update(occupancy: torch.Tensor, indices: torch.Tensor, estimates: torch.Tensor, decay: float,

@@ -77,6 +77,22 @@ def march_rays_reference(origins, directions, aabb, binary, near: float, far: fl
     return rays[order], starts[order], ends[order]
 
 
+def march_rays_fixed_reference(origins, directions, aabb, binary, near: float, far: float, step_size: float,
+                               cone_angle: float = 0.0, max_step_size: float = 1e10, capacity: int = 0):
+    """march_rays_reference's samples in a buffer of `capacity` slots: (ray_indices, t_starts, t_ends), each
+    (capacity,), and the total sample count (a 0-d int64 tensor, which may exceed capacity). Slots past the
+    total are padding: zero-length intervals [0, 0) of the last ray (alpha 0: no weight, no gradient); when
+    the total exceeds capacity the samples past it are dropped."""
+    check(capacity >= 0, f"march: capacity must be >= 0, got {capacity}")
+    rays, starts, ends = march_rays_reference(origins, directions, aabb, binary, near, far, step_size, cone_angle,
+                                              max_step_size)
+    total, n = rays.shape[0], min(rays.shape[0], capacity)
+    pad = capacity - n
+    pad_ray = max(origins.shape[0] - 1, 0)
+    return (torch.cat([rays[:n], rays.new_full((pad,), pad_ray)]), torch.cat([starts[:n], starts.new_zeros(pad)]),
+            torch.cat([ends[:n], ends.new_zeros(pad)]), torch.tensor(total, dtype=torch.int64, device=rays.device))
+
+
 def check_occupancy_update_inputs(occupancy, indices, estimates) -> None:
     check(occupancy.dim() == 1 and occupancy.is_floating_point(), f"occupancy update: occupancy must be a flat float tensor, got {occupancy.dtype} {tuple(occupancy.shape)}")
     check(indices.dim() == 1 and indices.dtype == torch.int64, f"occupancy update: indices must be a 1-D int64 tensor, got {indices.dtype} {tuple(indices.shape)}")

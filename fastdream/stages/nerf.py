@@ -131,9 +131,11 @@ class NeRFStage(Stage):
             loss = loss + cfg.image.rgb_weight * rgb + cfg.image.mask_weight * mask
             terms["input_rgb"], terms["input_mask"] = rgb.detach(), mask.detach()
         n_rays = cfg.batch_size * cfg.width * cfg.height
-        info = {"shading": shading, "n_samples": out.n_samples, "samples_per_ray": out.n_samples / max(n_rays, 1)}
+        info = {"shading": shading}
+        n_samples = torch.as_tensor(out.n_samples, device=opacity.device)  # a device count under fixed capacity
         metrics = {"sds_grad_norm": sds.grad_norm, "t": sds.t.float().mean(),
-                   "occupancy": self.renderer.grid.binary.float().mean()}
+                   "occupancy": self.renderer.grid.binary.float().mean(),
+                   "samples_per_ray": n_samples.float() / max(n_rays, 1)}
         return StepLoss(loss, terms, info, metrics)
 
     def after_step(self, step: int, generator: torch.Generator) -> None:
