@@ -224,7 +224,7 @@ def test_laplacian_smoothness_matches_the_dense_uniform_laplacian():
     vertices, tets = tet_grid(12)
     v0, f0 = marching_tets(vertices, tets, _ball_sdf(vertices) + 1e-3)
     noisy = (v0 + 0.003 * torch.randn(v0.shape, generator=g)).requires_grad_(True)
-    start = (float(normal_consistency(noisy, f0)), float(laplacian_smoothness(noisy, f0)))
+    start = (float(normal_consistency(noisy, f0).detach()), float(laplacian_smoothness(noisy, f0).detach()))
     opt = torch.optim.Adam([noisy], lr=1e-3)
     for _ in range(30):
         opt.zero_grad()
