@@ -136,14 +136,14 @@ def test_the_mesh_stage_keeps_the_input_view_of_an_image_run(tmp_path, capsys):
 
 
 # The proof's run: the draft NeRF stage, then a short mesh stage at 64 px on a 48^3 grid.
-PROOF_NERF_STEPS, PROOF_MESH_STEPS = 150, 150
+PROOF_NERF_STEPS, PROOF_MESH_STEPS = 150, 400
 PROOF_SETS = ["mesh.resolution=64", "mesh.tet_resolution=48", "output.mesh_resolution=64", "output.video=false",
               "output.preview_every=0", "output.checkpoint_every=0", "output.texture_resolution=128"]
 
 
 def test_the_refined_mesh_beats_the_nerf_stage_on_the_demo_scene(tmp_path):
-    """Reference guidance drives both stages; the refined mesh's occupancy IoU beats the NeRF stage's exported
-    mesh (coarse/), and its held-out PSNR stays within 1 dB of the NeRF's renders. The demo scene is made opaque (peak density 300 instead
+    """Reference guidance drives both stages; the refined mesh beats the NeRF stage's result (coarse/) in both
+    occupancy IoU and held-out PSNR. The demo scene is made opaque (peak density 300 instead
     of 60): at 60 its density ramp renders as a semi-transparent rim whose alpha = 0.5 outline, the one a
     surface can match, lies outside the density > 10 occupancy the IoU counts."""
     import time
@@ -169,10 +169,10 @@ def test_the_refined_mesh_beats_the_nerf_stage_on_the_demo_scene(tmp_path):
     print(f"\nmesh stage on the demo scene: IoU {coarse_iou:.3f} -> {iou:.3f}, held-out PSNR {coarse_psnr:.2f} -> "
           f"{view_psnr:.2f} dB ({PROOF_NERF_STEPS} NeRF steps in {nerf_s:.0f}s, {PROOF_MESH_STEPS} mesh steps in "
           f"{rows[-1]['time'] - nerf_s:.0f}s, {wall:.0f}s in all)")
-    # measured here: IoU 0.420 -> 0.488, PSNR 13.92 -> 13.36 dB: the shape improves, the held-out colour does not
-    # yet (the same run with the antialias kernel before its edge-adjacency change gave 14.15 dB), so only the IoU is held
-    assert iou > coarse_iou + 0.03, (coarse_iou, iou, coarse_psnr, view_psnr)
-    assert view_psnr > coarse_psnr - 1.0, (coarse_psnr, view_psnr)
+    # measured here: IoU 0.414 -> 0.545, PSNR 14.03 -> 14.39 dB. The mesh first loses colour (the NeRF's albedo
+    # queried at the surface: 12.2 dB after one mesh step) and wins it back as the colour field trains on the surface
+    assert iou > coarse_iou + 0.05, (coarse_iou, iou, coarse_psnr, view_psnr)
+    assert view_psnr > coarse_psnr, (coarse_psnr, view_psnr)
 
 
 def test_mesh_stage_step_benchmark_quick_cpu(tmp_path):
