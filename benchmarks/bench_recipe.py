@@ -88,17 +88,6 @@ def scene_by_name(name: str, resolution: int = 32) -> Dict[str, np.ndarray]:
     raise SystemExit(f"unknown scene {name!r}; choose among {', '.join(SCENES)}")
 
 
-def mesh_occupancy(mesh, points: np.ndarray, pitch: float) -> np.ndarray:
-    """Inside test for a closed mesh without rtree/embree: solid voxelisation at pitch, then lookup."""
-    vox = mesh.voxelized(pitch=pitch).fill()
-    idx = vox.points_to_indices(points)
-    shape = np.asarray(vox.matrix.shape)
-    valid = np.all((idx >= 0) & (idx < shape), axis=1)
-    inside = np.zeros(len(points), dtype=bool)
-    inside[valid] = vox.matrix[idx[valid, 0], idx[valid, 1], idx[valid, 2]]
-    return inside
-
-
 def reconstruction_scores(out, scene, coarse: bool = False) -> Tuple[float, float]:
     """(mesh IoU, held-out PSNR) of the run in `out` against the reference `scene`: occupancy of the exported
     mesh vs the scene's (density above the export threshold) on a 48^3 lattice, and albedo renders from six
@@ -109,7 +98,7 @@ def reconstruction_scores(out, scene, coarse: bool = False) -> Tuple[float, floa
 
     from fastdream.cameras import orbit_cameras
     from fastdream.export import psnr
-    from fastdream.guidance.reference import ReferenceSceneGuidance, VoxelField
+    from fastdream.guidance.reference import ReferenceSceneGuidance, VoxelField, mesh_occupancy
     from fastdream.runs import load_run  # the run's renderer is rebuilt from its newest checkpoint
 
     out = Path(out)

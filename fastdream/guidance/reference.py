@@ -83,6 +83,18 @@ def check_scene(scene: Dict[str, np.ndarray], name: str = "scene") -> Dict[str, 
     return {"density": np.clip(d, 0, None), "albedo": np.clip(a, 0, 1), "aabb": box}
 
 
+def mesh_occupancy(mesh, points: np.ndarray, pitch: float) -> np.ndarray:
+    """Whether each of `points` (N, 3) lies inside the closed trimesh `mesh`: a solid voxelisation at `pitch`,
+    then a lookup (no rtree/embree needed)."""
+    vox = mesh.voxelized(pitch=pitch).fill()
+    idx = vox.points_to_indices(points)
+    shape = np.asarray(vox.matrix.shape)
+    valid = np.all((idx >= 0) & (idx < shape), axis=1)
+    inside = np.zeros(len(points), dtype=bool)
+    inside[valid] = vox.matrix[idx[valid, 0], idx[valid, 1], idx[valid, 2]]
+    return inside
+
+
 def voxelize_mesh(path, resolution: int = 64, padding: float = 0.1) -> Dict[str, np.ndarray]:
     """Solid voxelisation of a mesh inside a cube around its bounds (a `padding` fraction larger)."""
     import trimesh
@@ -100,13 +112,7 @@ def voxelize_mesh(path, resolution: int = 64, padding: float = 0.1) -> Dict[str,
     pitch = 2 * half / D
     coords = [aabb[i] + (np.arange(D) + 0.5) * pitch for i in range(3)]
     points = np.stack(np.meshgrid(*coords, indexing="ij"), axis=-1).reshape(-1, 3)
-    vox = mesh.voxelized(pitch=pitch).fill()
-    idx = vox.points_to_indices(points)
-    shape = np.asarray(vox.matrix.shape)
-    valid = np.all((idx >= 0) & (idx < shape), axis=1)
-    inside = np.zeros(len(points), dtype=bool)
-    inside[valid] = vox.matrix[idx[valid, 0], idx[valid, 1], idx[valid, 2]]
-    occupancy = inside.reshape(D, D, D).astype(np.float32)
+    occupancy = mesh_occupancy(mesh, points, pitch).reshape(D, D, D).astype(np.float32)
     # soften by one voxel so trilinear sampling and finite-difference normals see a smooth surface
     t = torch.from_numpy(occupancy)[None, None]
     occupancy = F.avg_pool3d(t, 3, stride=1, padding=1, count_include_pad=False)[0, 0].numpy()
