@@ -149,9 +149,9 @@ def look_at(position: torch.Tensor, target: torch.Tensor, up=(0.0, 1.0, 0.0)) ->
 
 @functools.lru_cache(maxsize=64)
 def _uniform_ranges(ranges: Tuple[Tuple[float, float], ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(lows, spans), each (K,), of K uniform draws on device; cached: a run asks for the same ranges every step."""
+    """(lows, spans), each (K, 1), of K uniform draws on device; cached: a run asks for the same ranges every step."""
     lo_hi = torch.tensor(ranges, dtype=torch.float32)
-    return lo_hi[:, 0].to(device), (lo_hi[:, 1] - lo_hi[:, 0]).to(device)
+    return lo_hi[:, :1].to(device), (lo_hi[:, 1:] - lo_hi[:, :1]).to(device)
 
 
 def sample_cameras(batch_size: int, width: int, height: int, scene_radius: float = 1.0,
@@ -160,8 +160,9 @@ def sample_cameras(batch_size: int, width: int, height: int, scene_radius: float
     """DreamFusion's random training cameras and point lights; ``progress`` (in [0, 1]) sets the view range
     when it widens over training (``CameraSamplerConfig.progressive_until``).
 
-    Every uniform parameter comes from one (B, 7) draw scaled to its range (one affine op), then one Gaussian
-    (B, 3) draw jitters the light: this runs every training step, so it is kept to a few ops."""
+    This runs every training step, so it is kept to a few ops: the seven uniform parameters are scaled to their
+    ranges in one affine op. They are drawn as (4, B) and (3, B) blocks around the Gaussian draws, the order in
+    which they were once drawn one parameter at a time, so that a seed gives the cameras it always gave."""
     cfg = config or CameraSamplerConfig()
     check(batch_size >= 1 and width >= 1 and height >= 1, "sample_cameras: batch size and image size must be positive")
     gen_device = generator.device if generator is not None else torch.device("cpu")
@@ -170,19 +171,23 @@ def sample_cameras(batch_size: int, width: int, height: int, scene_radius: float
     ranges = (scaled(elevation_range, 1.0), scaled(azimuth_range, 1.0), scaled(cfg.distance_range, scene_radius),
               scaled(cfg.focal_range, height), scaled(cfg.light_distance_range, scene_radius),
               scaled(cfg.light_intensity_range, 1.0), scaled(cfg.ambient_range, 1.0))
+    jittered = cfg.position_jitter > 0 or cfg.target_jitter > 0 or cfg.up_jitter > 0
+    draw = dict(generator=generator, device=gen_device)
+    camera_u = torch.rand(4, batch_size, **draw)
+    pose_noise = [torch.randn(batch_size, 3, **draw) for _ in range(3)] if jittered else None
+    light_noise = torch.randn(batch_size, 3, **draw)
+    u = torch.cat([camera_u, torch.rand(3, batch_size, **draw)])
     lows, spans = _uniform_ranges(ranges, gen_device)
-    u = torch.rand(batch_size, len(ranges), generator=generator, device=gen_device)
-    elevation, azimuth, distance, focal, light_distance, intensity, ambient = torch.addcmul(lows, u, spans).unbind(-1)
+    elevation, azimuth, distance, focal, light_distance, intensity, ambient = torch.addcmul(lows, u, spans).unbind(0)
     if ranges[1][0] < 0.0 or ranges[1][1] > 360.0:
         azimuth = azimuth % 360.0
     c2w = orbit_c2w(elevation, azimuth, distance)
     direction = c2w[:, :3, 2]  # unit vector toward the camera
-    if cfg.position_jitter > 0 or cfg.target_jitter > 0 or cfg.up_jitter > 0:
-        c2w = _jittered(c2w, cfg, scene_radius, generator, gen_device)
-    jitter = torch.randn(batch_size, 3, generator=generator, device=gen_device)
+    if jittered:
+        c2w = _jittered(c2w, cfg, scene_radius, pose_noise)
     if cfg.light_position_perturb != 1.0:
-        jitter = jitter * cfg.light_position_perturb
-    light_position = torch.nn.functional.normalize(direction + jitter, dim=-1) * light_distance[:, None]
+        light_noise = light_noise * cfg.light_position_perturb
+    light_position = torch.nn.functional.normalize(direction + light_noise, dim=-1) * light_distance[:, None]
     diffuse_share = 1.0 - ambient
     if ranges[6][1] > 1.0:  # ambient above 1 leaves no diffuse light (never negative)
         diffuse_share = diffuse_share.clamp_min(0.0)
@@ -194,12 +199,12 @@ def sample_cameras(batch_size: int, width: int, height: int, scene_radius: float
     return cams.to(device)
 
 
-def _jittered(c2w: torch.Tensor, cfg: CameraSamplerConfig, scene_radius: float, generator, device) -> torch.Tensor:
-    """threestudio's camera perturbation: jitter the position, the look-at target and the up vector."""
-    noise = lambda: torch.randn(c2w.shape[0], 3, generator=generator, device=device)  # noqa: E731
-    position = c2w[:, :3, 3] + noise() * cfg.position_jitter * scene_radius
-    target = noise() * cfg.target_jitter * scene_radius
-    up = c2w[:, :3, 1] + noise() * cfg.up_jitter
+def _jittered(c2w: torch.Tensor, cfg: CameraSamplerConfig, scene_radius: float, noise) -> torch.Tensor:
+    """threestudio's camera perturbation: jitter the position, the look-at target and the up vector by the
+    three standard-normal (B, 3) ``noise`` draws."""
+    position = c2w[:, :3, 3] + noise[0] * cfg.position_jitter * scene_radius
+    target = noise[1] * cfg.target_jitter * scene_radius
+    up = c2w[:, :3, 1] + noise[2] * cfg.up_jitter
     return look_at(position, target, up)
 
 
