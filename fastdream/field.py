@@ -25,6 +25,7 @@ from torch import nn
 
 from . import ops
 from .errors import check
+from .fused_mlp import mlp_forward
 
 
 @dataclass
@@ -146,14 +147,15 @@ class HashGridField(nn.Module):
     def mlp_parameters(self):
         return self.mlp.parameters()
 
-    def _raw(self, x: torch.Tensor, detach_grid: bool = False) -> torch.Tensor:
+    def _raw(self, x: torch.Tensor, detach_grid: bool = False, fused_mlp: bool = True) -> torch.Tensor:
         unit = torch.addcmul(self.unit_offset, x, self.unit_scale).clamp_(0.0, 1.0)
         params = self.encoding_params.detach() if detach_grid else self.encoding_params
         features = ops.hash_encode(unit, params, check_range=False, **self.encoding_kwargs)
         if self.active_levels < self.config.n_levels:  # later (finer) levels masked out: no signal, no gradient
             keep = self.active_levels * self.config.n_features_per_level
             features = torch.cat([features[:, :keep], torch.zeros_like(features[:, keep:])], dim=1)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+        features = features.to(self.mlp[0].weight.dtype)
+        return mlp_forward(self.mlp, features) if fused_mlp else self.mlp(features)
 
     def _density_from_raw(self, x: torch.Tensor, raw_density: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -184,7 +186,7 @@ class HashGridField(nn.Module):
                 xg = x.detach().requires_grad_(True)
                 # Without a graph only d(sigma)/dx is wanted: a detached hash grid keeps the backward from
                 # computing (zeroing, scattering) a grid-sized parameter gradient autograd.grad would drop.
-                raw = self._raw(xg, detach_grid=not graph)
+                raw = self._raw(xg, detach_grid=not graph, fused_mlp=not graph)  # a graph: differentiated twice
                 sigma = self._density_from_raw(xg, raw[:, 0])
                 grad = torch.autograd.grad(sigma.sum(), xg, create_graph=graph)[0]
             normals = F.normalize(-grad, dim=-1, eps=1e-12)
@@ -230,11 +232,12 @@ class BackgroundModel(nn.Module):
         self.n_frequencies = n_frequencies
         self.register_buffer("color", torch.as_tensor(color, dtype=torch.float32).reshape(3))
         self.mlp = _mlp(3 + 6 * n_frequencies, hidden_dim, 1, 3) if kind == "mlp" else None
+        self.register_buffer("frequencies", 2.0 ** torch.arange(n_frequencies, dtype=torch.float32) * math.pi,
+                             persistent=False)
 
     def forward(self, directions: torch.Tensor) -> torch.Tensor:
         if self.mlp is None:
             return self.color.to(directions.dtype).expand(directions.shape[0], 3)
-        freqs = 2.0 ** torch.arange(self.n_frequencies, device=directions.device, dtype=directions.dtype) * math.pi
-        angles = directions[..., None] * freqs  # (N,3,F)
+        angles = directions[..., None] * self.frequencies.to(directions.dtype)  # (N,3,F)
         enc = torch.cat([directions, torch.sin(angles).flatten(1), torch.cos(angles).flatten(1)], dim=-1)
-        return torch.sigmoid(self.mlp(enc))
+        return torch.sigmoid(mlp_forward(self.mlp, enc))

@@ -116,15 +116,15 @@ class NeRFStage(Stage):
         if reg["orient"] > 0 and rays is not None and rays.sample_normals is not None:
             orient = orientation_loss(rays.weights, rays.sample_normals, rays.directions, rays.ray_indices,
                                       opacity=opacity)
-            loss = loss + reg["orient"] * orient
+            loss = torch.add(loss, orient, alpha=reg["orient"])
             terms["orient"] = orient.detach()
         if reg["entropy"] > 0:
             ent = opacity_entropy(opacity)
-            loss = loss + reg["entropy"] * ent
+            loss = torch.add(loss, ent, alpha=reg["entropy"])
             terms["entropy"] = ent.detach()
         if reg["sparsity"] > 0:
             sp = opacity_sparsity(opacity)
-            loss = loss + reg["sparsity"] * sp
+            loss = torch.add(loss, sp, alpha=reg["sparsity"])
             terms["sparsity"] = sp.detach()
         if self.input_camera is not None:
             rgb, mask = self.reconstruction_loss()
