@@ -278,12 +278,12 @@ def run(args) -> Dict:
                   f"{c['syncs']:.1f} host syncs, {c['network_ops']:.0f} UNet/VAE ops; "
                   f"{results[-1]['median_ms']:.1f} ms/step; syncs: {c['sync_ops']}", flush=True)
             del trainer
-    ref = counts["reference"]
+    default = counts["tiny-sd"]  # the default config's path: a diffusion model's UNet and VAE
     targets = [
-        common.target("host_syncs_per_step", "host syncs per train step (default config, reference guidance)",
-                      ref["max_syncs"], 1, "<=", unit="syncs"),
-        common.target("ops_per_step", "ATen ops outside the UNet/VAE per train step (default config)",
-                      ref["max_ops"], 250, "<=", unit="ops"),
+        common.target("host_syncs_per_step", "host syncs per train step (default config, tiny SD; max over the steps)",
+                      default["max_syncs"], 1, "<=", unit="syncs"),
+        common.target("ops_per_step", "ATen ops outside the UNet/VAE per train step (default config, tiny SD; max "
+                      "over the steps, a grid update included)", default["max_ops"], 250, "<=", unit="ops"),
     ]
     config = {"render": "64x64 batch 1 (RunConfig defaults)", "counted_steps": n, "guidance": ["reference", "tiny-sd"],
               "counter": "TorchDispatchMode over Trainer.train_step"}
