@@ -25,7 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU_EXIT = 2
-CUDA_TESTS = ["-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_native_ops.py"]
+CUDA_TESTS = ["-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_native_ops.py",
+              "tests/test_step_capture.py"]
 
 
 def find_sanitizer():

@@ -27,7 +27,7 @@ class ColourStage(Stage):
     def param_groups(self, optim):
         return [{"params": [self.colour], "lr": optim.lr_mlp, "name": "colour"}]
 
-    def loss(self, cameras, step, progress, guidance, generator):
+    def loss(self, cameras, step, progress, guidance, generator, plan=None):
         images = self.colour.view(1, 3, 1, 1).expand(cameras.c2w.shape[0], 3, cameras.height, cameras.width)
         target = torch.tensor([0.9, 0.2, 0.1], device=self.device).view(1, 3, 1, 1)
         loss = ((images - target) ** 2).mean()
@@ -104,7 +104,7 @@ class DarkerStage(ColourStage):
             self.colour.copy_(previous.colour)
         self.started_from = previous.colour.detach().clone()
 
-    def loss(self, cameras, step, progress, guidance, generator):
+    def loss(self, cameras, step, progress, guidance, generator, plan=None):
         target = torch.tensor([0.3, 0.1, 0.05], device=self.device)
         noise = torch.randn(3, generator=generator, device=self.device) * 0.01
         loss = ((self.colour - target + noise) ** 2).mean()
