@@ -127,7 +127,7 @@ class Trainer:
         self._build_optimizer()
         self.input_view = load_input_view(config, self.stage.scene_radius, self.device)  # before the model: fail fast
         self.guidance = build_guidance(config, self.device, self.input_view)
-        self._base_guidance_options = getattr(self.guidance, "options", None)
+        self._remember_guidance_options()
         self._enter_stage()
         self.step = 0
         self.n_skipped = 0
@@ -174,9 +174,14 @@ class Trainer:
             self.stage.set_input_view(photo, input_camera(self.config, self.stage.scene_radius, width, height,
                                                           self.device))
         options = self.stage.guidance_options()
-        if self._base_guidance_options is not None:
-            self.guidance.options = (dataclasses.replace(self._base_guidance_options, **options).validate()
-                                     if options else self._base_guidance_options)
+        for model, base in self._base_guidance_options:  # every model of a joint guidance alike
+            model.options = dataclasses.replace(base, **options).validate() if options else base
+
+    def _remember_guidance_options(self) -> None:
+        """The guidance options the run was configured with, per model, for stages to adjust from."""
+        members = getattr(self.guidance, "members", None)
+        models = [g for _, g, _ in members] if members else [self.guidance]
+        self._base_guidance_options = [(g, g.options) for g in models if getattr(g, "options", None) is not None]
 
     def _switch_stage(self, index: int, previous: Optional[Stage] = None) -> None:
         """Make stage `index` the current one (started from the trained `previous` stage, if given)."""
