@@ -115,19 +115,20 @@ def spherical_position(elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor, d
 
 def orbit_c2w(elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
     """Cameras on a sphere looking at the origin. The image x-axis is the horizontal tangent of the orbit,
-    so the frame stays well defined straight overhead (where a look-at with a fixed up vector degenerates)."""
-    position = spherical_position(elevation_deg, azimuth_deg, distance)
-    a = torch.deg2rad(azimuth_deg)
-    right = torch.stack([torch.cos(a), torch.zeros_like(a), -torch.sin(a)], dim=-1)
-    forward = -position / distance[..., None]
-    up = torch.cross(right, forward, dim=-1)
-    c2w = torch.zeros(position.shape[:-1] + (4, 4), dtype=position.dtype, device=position.device)
-    c2w[..., :3, 0] = right
-    c2w[..., :3, 1] = up
-    c2w[..., :3, 2] = -forward
-    c2w[..., :3, 3] = position
-    c2w[..., 3, 3] = 1.0
-    return c2w
+    so the frame stays well defined straight overhead (where a look-at with a fixed up vector degenerates).
+
+    With e, a the elevation and azimuth the columns are right = (cos a, 0, -sin a), up = (-sin e sin a, cos e,
+    -sin e cos a), back = (cos e sin a, sin e, cos e cos a) (the unit vector toward the camera) and the position
+    distance * back; the 16 entries are stacked at once (this runs every training step: few ops)."""
+    angles = torch.deg2rad(torch.stack([elevation_deg, azimuth_deg], dim=-1))
+    (sin_e, sin_a), (cos_e, cos_a) = angles.sin().unbind(-1), angles.cos().unbind(-1)
+    zero, one, minus_sin_e = torch.zeros_like(sin_e), torch.ones_like(sin_e), -sin_e
+    back_x, back_z = cos_e * sin_a, cos_e * cos_a
+    c2w = torch.stack([cos_a, minus_sin_e * sin_a, back_x, back_x * distance,
+                       zero, cos_e, sin_e, sin_e * distance,
+                       -sin_a, minus_sin_e * cos_a, back_z, back_z * distance,
+                       zero, zero, zero, one], dim=-1)
+    return c2w.view(c2w.shape[:-1] + (4, 4))
 
 
 def look_at(position: torch.Tensor, target: torch.Tensor, up=(0.0, 1.0, 0.0)) -> torch.Tensor:
@@ -146,47 +147,64 @@ def look_at(position: torch.Tensor, target: torch.Tensor, up=(0.0, 1.0, 0.0)) ->
     return c2w
 
 
-def _uniform(lo_hi, n, generator, device) -> torch.Tensor:
-    lo, hi = float(lo_hi[0]), float(lo_hi[1])
-    return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
+@functools.lru_cache(maxsize=64)
+def _uniform_ranges(ranges: Tuple[Tuple[float, float], ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(lows, spans), each (K, 1), of K uniform draws on device; cached: a run asks for the same ranges every step."""
+    lo_hi = torch.tensor(ranges, dtype=torch.float32)
+    return lo_hi[:, :1].to(device), (lo_hi[:, 1:] - lo_hi[:, :1]).to(device)
 
 
 def sample_cameras(batch_size: int, width: int, height: int, scene_radius: float = 1.0,
                    config: Optional[CameraSamplerConfig] = None, generator: Optional[torch.Generator] = None,
                    device="cpu", progress: float = 1.0) -> CameraBatch:
     """DreamFusion's random training cameras and point lights; ``progress`` (in [0, 1]) sets the view range
-    when it widens over training (``CameraSamplerConfig.progressive_until``)."""
+    when it widens over training (``CameraSamplerConfig.progressive_until``).
+
+    This runs every training step, so it is kept to a few ops: the seven uniform parameters are scaled to their
+    ranges in one affine op. They are drawn as (4, B) and (3, B) blocks around the Gaussian draws, the order in
+    which they were once drawn one parameter at a time, so that a seed gives the cameras it always gave."""
     cfg = config or CameraSamplerConfig()
     check(batch_size >= 1 and width >= 1 and height >= 1, "sample_cameras: batch size and image size must be positive")
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    draw = lambda rng: _uniform(rng, batch_size, generator, gen_device)  # noqa: E731
     elevation_range, azimuth_range = view_ranges(cfg, progress)
-    elevation, azimuth = draw(elevation_range), draw(azimuth_range) % 360.0
-    distance = draw(cfg.distance_range) * scene_radius
-    focal = draw(cfg.focal_range) * height
+    scaled = lambda lo_hi, s: (float(lo_hi[0]) * s, float(lo_hi[1]) * s)  # noqa: E731
+    ranges = (scaled(elevation_range, 1.0), scaled(azimuth_range, 1.0), scaled(cfg.distance_range, scene_radius),
+              scaled(cfg.focal_range, height), scaled(cfg.light_distance_range, scene_radius),
+              scaled(cfg.light_intensity_range, 1.0), scaled(cfg.ambient_range, 1.0))
+    jittered = cfg.position_jitter > 0 or cfg.target_jitter > 0 or cfg.up_jitter > 0
+    draw = dict(generator=generator, device=gen_device)
+    camera_u = torch.rand(4, batch_size, **draw)
+    pose_noise = [torch.randn(batch_size, 3, **draw) for _ in range(3)] if jittered else None
+    light_noise = torch.randn(batch_size, 3, **draw)
+    u = torch.cat([camera_u, torch.rand(3, batch_size, **draw)])
+    lows, spans = _uniform_ranges(ranges, gen_device)
+    elevation, azimuth, distance, focal, light_distance, intensity, ambient = torch.addcmul(lows, u, spans).unbind(0)
+    if ranges[1][0] < 0.0 or ranges[1][1] > 360.0:
+        azimuth = azimuth % 360.0
     c2w = orbit_c2w(elevation, azimuth, distance)
-    direction = c2w[:, :3, 3] / distance[:, None]
-    if cfg.position_jitter > 0 or cfg.target_jitter > 0 or cfg.up_jitter > 0:
-        c2w = _jittered(c2w, cfg, scene_radius, generator, gen_device)
-    jitter = torch.randn(batch_size, 3, generator=generator, device=gen_device) * cfg.light_position_perturb
-    light_dir = torch.nn.functional.normalize(direction + jitter, dim=-1)
-    light_position = light_dir * (draw(cfg.light_distance_range) * scene_radius)[:, None]
-    intensity = draw(cfg.light_intensity_range)
-    ambient = draw(cfg.ambient_range)
+    direction = c2w[:, :3, 2]  # unit vector toward the camera
+    if jittered:
+        c2w = _jittered(c2w, cfg, scene_radius, pose_noise)
+    if cfg.light_position_perturb != 1.0:
+        light_noise = light_noise * cfg.light_position_perturb
+    light_position = torch.nn.functional.normalize(direction + light_noise, dim=-1) * light_distance[:, None]
+    diffuse_share = 1.0 - ambient
+    if ranges[6][1] > 1.0:  # ambient above 1 leaves no diffuse light (never negative)
+        diffuse_share = diffuse_share.clamp_min(0.0)
     cams = CameraBatch(
         c2w=c2w, fx=focal, fy=focal.clone(), cx=torch.full_like(focal, width / 2), cy=torch.full_like(focal, height / 2),
         width=width, height=height, elevation_deg=elevation, azimuth_deg=azimuth, distance=distance,
-        light_position=light_position, light_intensity=intensity * (1.0 - ambient).clamp_min(0.0), ambient=ambient,
+        light_position=light_position, light_intensity=intensity * diffuse_share, ambient=ambient,
     )
     return cams.to(device)
 
 
-def _jittered(c2w: torch.Tensor, cfg: CameraSamplerConfig, scene_radius: float, generator, device) -> torch.Tensor:
-    """threestudio's camera perturbation: jitter the position, the look-at target and the up vector."""
-    noise = lambda: torch.randn(c2w.shape[0], 3, generator=generator, device=device)  # noqa: E731
-    position = c2w[:, :3, 3] + noise() * cfg.position_jitter * scene_radius
-    target = noise() * cfg.target_jitter * scene_radius
-    up = c2w[:, :3, 1] + noise() * cfg.up_jitter
+def _jittered(c2w: torch.Tensor, cfg: CameraSamplerConfig, scene_radius: float, noise) -> torch.Tensor:
+    """threestudio's camera perturbation: jitter the position, the look-at target and the up vector by the
+    three standard-normal (B, 3) ``noise`` draws."""
+    position = c2w[:, :3, 3] + noise[0] * cfg.position_jitter * scene_radius
+    target = noise[1] * cfg.target_jitter * scene_radius
+    up = c2w[:, :3, 1] + noise[2] * cfg.up_jitter
     return look_at(position, target, up)
 
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import ops
 from .errors import check
+from .fused_mlp import mlp_forward
 
 
 @dataclass
@@ -95,7 +96,8 @@ class HashGridField(nn.Module):
         aabb = torch.as_tensor(aabb, dtype=torch.float32).reshape(-1)
         check(aabb.shape == (6,) and bool((aabb[3:] > aabb[:3]).all()), f"field aabb must be (xmin, ymin, zmin, xmax, ymax, zmax), got {aabb.tolist()}")
         self.register_buffer("aabb", aabb)
-        self.register_buffer("probe_directions", torch.cat([torch.eye(3), -torch.eye(3)]), persistent=False)
+        self.register_buffer("probe_directions", torch.cat([torch.zeros(1, 3), torch.eye(3), -torch.eye(3)]),
+                             persistent=False)
         self._cache_box()
         # the box is a buffer (a checkpoint may bring another): refresh the host copies after loading
         self.register_load_state_dict_post_hook(lambda module, keys: module._cache_box())
@@ -145,14 +147,15 @@ class HashGridField(nn.Module):
     def mlp_parameters(self):
         return self.mlp.parameters()
 
-    def _raw(self, x: torch.Tensor, detach_grid: bool = False) -> torch.Tensor:
+    def _raw(self, x: torch.Tensor, detach_grid: bool = False, fused_mlp: bool = True) -> torch.Tensor:
         unit = torch.addcmul(self.unit_offset, x, self.unit_scale).clamp_(0.0, 1.0)
         params = self.encoding_params.detach() if detach_grid else self.encoding_params
         features = ops.hash_encode(unit, params, check_range=False, **self.encoding_kwargs)
         if self.active_levels < self.config.n_levels:  # later (finer) levels masked out: no signal, no gradient
             keep = self.active_levels * self.config.n_features_per_level
             features = torch.cat([features[:, :keep], torch.zeros_like(features[:, keep:])], dim=1)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+        features = features.to(self.mlp[0].weight.dtype)
+        return mlp_forward(self.mlp, features) if fused_mlp else self.mlp(features)
 
     def _density_from_raw(self, x: torch.Tensor, raw_density: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -183,25 +186,40 @@ class HashGridField(nn.Module):
                 xg = x.detach().requires_grad_(True)
                 # Without a graph only d(sigma)/dx is wanted: a detached hash grid keeps the backward from
                 # computing (zeroing, scattering) a grid-sized parameter gradient autograd.grad would drop.
-                raw = self._raw(xg, detach_grid=not graph)
+                raw = self._raw(xg, detach_grid=not graph, fused_mlp=not graph)  # a graph: differentiated twice
                 sigma = self._density_from_raw(xg, raw[:, 0])
                 grad = torch.autograd.grad(sigma.sum(), xg, create_graph=graph)[0]
             normals = F.normalize(-grad, dim=-1, eps=1e-12)
             if not graph:
                 sigma, raw = sigma.detach(), raw.detach()
             return sigma, torch.sigmoid(raw[:, 1:]), normals
-        raw = self._raw(x)
-        sigma = self._density_from_raw(x, raw[:, 0])
-        normals = self.finite_difference_normals(x) if need_normals else None
-        return sigma, torch.sigmoid(raw[:, 1:]), normals
+        if not need_normals:
+            raw = self._raw(x)
+            density, albedo_raw = raw.split([1, 3], dim=-1)
+            return self._density_from_raw(x, density.squeeze(-1)), torch.sigmoid(albedo_raw), None
+        # Finite differences: x and its six probes go through one encoding, MLP and activation (one set of
+        # ops, and one backward, instead of two).
+        points = (x[:, None, :] + self._probe_offsets(x.dtype)).reshape(-1, 3)  # (7N, 3): x, then its probes
+        raw = self._raw(points).view(-1, 7, 4)
+        density, albedo_raw = raw.split([1, 3], dim=-1)
+        sigmas = self._density_from_raw(points, density.reshape(-1)).view(-1, 7)
+        sigma, probes = sigmas.split([1, 6], dim=-1)
+        return sigma.squeeze(-1), torch.sigmoid(albedo_raw[:, 0]), self._normals_from_probes(probes)
+
+    def _probe_offsets(self, dtype: torch.dtype) -> torch.Tensor:
+        """(7, 3): zero, then the finite-difference steps +x +y +z -x -y -z."""
+        return self.probe_directions.to(dtype) * (self.config.normal_epsilon * self.scene_radius)
+
+    def _normals_from_probes(self, probes: torch.Tensor) -> torch.Tensor:
+        """Unit normals (N, 3) from the densities (N, 6) at the probes +x +y +z -x -y -z."""
+        eps = self.config.normal_epsilon * self.scene_radius
+        plus, minus = probes.view(-1, 2, 3).unbind(1)
+        # normalize(-grad) with grad = (sig+ - sig-) / (2 eps): the positive factor 1 / (2 eps) cancels
+        return F.normalize(minus - plus, dim=-1, eps=1e-12 * 2 * eps)
 
     def finite_difference_normals(self, x: torch.Tensor) -> torch.Tensor:
-        eps = self.config.normal_epsilon * self.scene_radius
-        offsets = self.probe_directions.to(x.dtype) * eps  # (6, 3): +x +y +z -x -y -z
-        probes = (x[:, None, :] + offsets).reshape(-1, 3)
-        sig = self.density(probes).reshape(-1, 2, 3)
-        # normalize(-grad) with grad = (sig+ - sig-) / (2 eps): the positive factor 1 / (2 eps) cancels
-        return F.normalize(sig[:, 1] - sig[:, 0], dim=-1, eps=1e-12 * 2 * eps)
+        probes = (x[:, None, :] + self._probe_offsets(x.dtype)[1:]).reshape(-1, 3)
+        return self._normals_from_probes(self.density(probes).view(-1, 6))
 
 
 class BackgroundModel(nn.Module):
@@ -214,11 +232,12 @@ class BackgroundModel(nn.Module):
         self.n_frequencies = n_frequencies
         self.register_buffer("color", torch.as_tensor(color, dtype=torch.float32).reshape(3))
         self.mlp = _mlp(3 + 6 * n_frequencies, hidden_dim, 1, 3) if kind == "mlp" else None
+        self.register_buffer("frequencies", 2.0 ** torch.arange(n_frequencies, dtype=torch.float32) * math.pi,
+                             persistent=False)
 
     def forward(self, directions: torch.Tensor) -> torch.Tensor:
         if self.mlp is None:
             return self.color.to(directions.dtype).expand(directions.shape[0], 3)
-        freqs = 2.0 ** torch.arange(self.n_frequencies, device=directions.device, dtype=directions.dtype) * math.pi
-        angles = directions[..., None] * freqs  # (N,3,F)
+        angles = directions[..., None] * self.frequencies.to(directions.dtype)  # (N,3,F)
         enc = torch.cat([directions, torch.sin(angles).flatten(1), torch.cos(angles).flatten(1)], dim=-1)
-        return torch.sigmoid(self.mlp(enc))
+        return torch.sigmoid(mlp_forward(self.mlp, enc))

@@ -50,20 +50,20 @@ def orientation_loss(weights: torch.Tensor, normals: Optional[torch.Tensor], dir
     if normals is None or weights.numel() == 0:
         return directions.new_zeros(())
     facing = (normals * directions[ray_indices]).sum(-1).clamp_min(0.0)
-    total = (weights.detach() * facing.pow(2)).sum()
-    if opacity is not None:
-        return total / (opacity.detach() > 0).sum().clamp_min(1)
+    total = torch.dot(weights.detach(), facing.square())
+    if opacity is not None:  # opacity >= 0: its nonzero entries are the rays that see anything
+        return total / torch.count_nonzero(opacity.detach()).clamp_min(1)
     n_rays = directions.shape[0] if n_rays is None else n_rays
     return total / max(n_rays, 1)
 
 
 def opacity_entropy(opacity: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     a = opacity.clamp(eps, 1.0 - eps)
-    return -(a * torch.log(a) + (1.0 - a) * torch.log(1.0 - a)).mean()
+    return (torch.special.entr(a) + torch.special.entr(1.0 - a)).mean()  # entr(x) = -x log x
 
 
 def opacity_sparsity(opacity: torch.Tensor) -> torch.Tensor:
-    return torch.sqrt(opacity.pow(2) + 0.01).mean()
+    return torch.hypot(opacity, opacity.new_full((), 0.1)).mean()  # sqrt(a^2 + 0.01)
 
 
 def per_ray_orientation(weights, normals, directions, ray_indices) -> torch.Tensor:

@@ -213,7 +213,10 @@ class Renderer(nn.Module):
                 out = self.render_rays(shading=shading, need_normals=need_normals, background=background, **sl)
                 parts.append(out)
                 n_samples = n_samples + kept_samples(out)
-        cat = lambda name, c: torch.cat([getattr(p, name) for p in parts]).reshape(B, H, W, c)  # noqa: E731
+        def cat(name, c):  # one part (the training render): no copy
+            values = [getattr(p, name) for p in parts]
+            return (values[0] if len(values) == 1 else torch.cat(values)).reshape(B, H, W, c)
+
         return RenderOutput(rgb=cat("rgb", 3), opacity=cat("opacity", 1), depth=cat("depth", 1), normal=cat("normal", 3),
                             rays=rays, n_samples=n_samples)
 

@@ -391,11 +391,11 @@ class Trainer:
         # whole step needs one host sync: the loss, its terms and the finiteness verdict come back together.
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        finite_t = torch.isfinite(loss.detach()).float()
-        if params:  # one op over every gradient (GradScaler's check, at scale 1) instead of three per parameter
-            nonfinite = finite_t.new_zeros(())
-            torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], nonfinite, finite_t.new_ones(()))
-            finite_t = finite_t * (1.0 - nonfinite)
+        # one op checks the loss and every gradient (GradScaler's check, at scale 1) instead of three per tensor
+        nonfinite = loss.new_zeros((), dtype=torch.float32)
+        torch._amp_foreach_non_finite_check_and_unscale_([loss.detach().float(), *(p.grad for p in params)], nonfinite,
+                                                         nonfinite.new_ones(()))
+        finite_t = 1.0 - nonfinite
         pending = [buf.take() for buf in buffers]
         counts = [p.float() for p in pending if p is not None]
         readback = torch.cat([torch.stack([v.float() for v in (loss.detach(), *terms.values(), finite_t)]), *counts])

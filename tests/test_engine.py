@@ -79,6 +79,47 @@ def test_analytic_and_fd_normals_agree_on_trained_like_field():
     assert cos.median() > 0.9
 
 
+def test_query_with_fd_normals_matches_separate_queries():
+    """query(need_normals=True) evaluates the samples and their probes in one call: the same density, albedo and
+    normals (and gradients) as density() and finite_difference_normals() called apart."""
+    torch.manual_seed(0)
+    field = HashGridField(config=FieldConfig(**{**TINY_FIELD.__dict__, "init_scale": 0.5})).double()
+    x = torch.rand(40, 3, dtype=torch.float64) * 1.2 - 0.6
+    sigma, albedo, normals = field.query(x, need_normals=True)
+    together = torch.autograd.grad((sigma.sum() + albedo.sum() + normals[:, 0].sum()), field.encoding_params)[0]
+    apart_sigma, apart_albedo, _ = field.query(x)
+    apart_normals = field.finite_difference_normals(x)
+    apart = torch.autograd.grad(apart_sigma.sum() + apart_albedo.sum() + apart_normals[:, 0].sum(),
+                                field.encoding_params)[0]
+    for a, b in ((sigma, apart_sigma), (albedo, apart_albedo), (normals, apart_normals), (together, apart)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_mlp_matches_the_sequential_and_passes_gradcheck():
+    """mlp_forward (one autograd node with a hand-written backward) gives the Sequential's outputs and gradients,
+    with and without biases, and refuses a second derivative rather than give a wrong one."""
+    from fastdream.field import _mlp
+    from fastdream.fused_mlp import _MLP, mlp_forward
+
+    torch.manual_seed(0)
+    for bias in (True, False):
+        mlp = _mlp(6, 8, 2, 4, bias).double()
+        x = torch.randn(12, 6, dtype=torch.float64, requires_grad=True)
+        params = list(mlp.parameters())
+        expected = torch.autograd.grad(mlp(x).pow(2).sum(), [x, *params])
+        got = torch.autograd.grad(mlp_forward(mlp, x).pow(2).sum(), [x, *params])
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+        linears = [m for m in mlp if isinstance(m, torch.nn.Linear)]
+        biases = [m.bias for m in linears]
+        fn = lambda x, w0, w1, w2: _MLP.apply(x, 3, w0, w1, w2, *biases)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, *(m.weight for m in linears)))
+    y = mlp_forward(mlp, x)
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
 def test_analytic_normals_are_differentiable_for_training():
     field = HashGridField(config=FieldConfig(**{**TINY_FIELD.__dict__, "normals": "analytic"}))
     x = torch.rand(16, 3) - 0.5

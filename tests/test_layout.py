@@ -17,7 +17,7 @@ LAYERS = [
     ("engine", ["fastdream.cameras", "fastdream.field", "fastdream.occupancy", "fastdream.renderer", "fastdream.sample_buffer",
                 "fastdream.regularizers", "fastdream.export", "fastdream.data", "fastdream.demo",
                 "fastdream.image_input", "fastdream.tets", "fastdream.dmtet", "fastdream.mesh_renderer",
-                "fastdream.step_capture"]),
+                "fastdream.step_capture", "fastdream.fused_mlp"]),
     ("guidance", ["fastdream.guidance", "fastdream.guidance.*"]),
     ("training", ["fastdream.config", "fastdream.stages", "fastdream.stages.*", "fastdream.train", "fastdream.runs",
                   "fastdream.fit", "fastdream.evaluate", "fastdream.batch", "fastdream.metrics_log", "fastdream.report",

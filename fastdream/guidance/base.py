@@ -10,9 +10,9 @@ noise prediction  eps_u + s * (eps_c - eps_u)  (s = ``guidance_scale``, 100 by d
 Jacobian is skipped: the UNet runs under ``torch.no_grad``.
 
 Gradient application. ``SDSOutput.loss`` is a surrogate whose gradient w.r.t. z is *exactly*
-g = w(t) * (eps_hat - eps) (after zeroing non-finite entries and optional clipping): it is built as
-``sum(z * g) - sum(z.detach() * g) + 0.5 * sum(g**2)``, so autograd hands back g bit-for-bit and the
-value equals 0.5 * ||g||^2 (handy for logging). Over a batch of B images the surrogate is *averaged*
+g = w(t) * (eps_hat - eps) (after zeroing non-finite entries and optional clipping) and whose value is
+0.5 * ||g||^2 (handy for logging): one autograd node (``SDSSurrogate``) whose backward hands back g
+bit-for-bit. Over a batch of B images the surrogate is *averaged*
 (gradient g / B per image, value 0.5 * ||g||^2 / B), as both peers do (threestudio's
 ``guidance/stable_diffusion_guidance.py``: ``mse_loss(..., reduction="sum") / batch_size``;
 stable-dreamfusion's ``guidance/sd_utils.py``: ``... / latents.shape[0]``): the balance between SDS and
@@ -203,6 +203,24 @@ def out_of_memory_error(exc: BaseException, what: str = "SDS guidance") -> FastD
     return FastDreamError(f"The GPU ran out of memory during {what} ({first}). {OOM_HELP}")
 
 
+class SDSSurrogate(torch.autograd.Function):
+    """``apply(z, g, squared_norm)``: the value ``0.5 * squared_norm / B`` (``squared_norm`` = ||g||^2, computed by
+    the caller, which also reports its root) with gradient ``g / B`` w.r.t. z (B images), in z's dtype. One node
+    with a one-op backward; the same surrogate written as autograd expressions costs a dozen ops per step."""
+
+    @staticmethod
+    def forward(ctx, z, grad, squared_norm):
+        batch = z.shape[0]
+        ctx.save_for_backward(grad)
+        ctx.batch, ctx.dtype = batch, z.dtype
+        return squared_norm * (0.5 / batch)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return (grad * (grad_output / ctx.batch)).to(ctx.dtype), None, None
+
+
 def perpendicular_component(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The part of each x[i] orthogonal to y[i] (tensors (N, ...)); y[i] = 0 leaves x[i] unchanged."""
     dims = tuple(range(1, x.dim()))
@@ -263,6 +281,7 @@ class Guidance(abc.ABC):
         self._calls = 0
         self._nonfinite_total = torch.zeros((), dtype=torch.long, device=self.device)
         self._nonfinite_reported = 0
+        self._schedule: Optional[Tuple[str, torch.Tensor]] = None  # (weighting, its per-timestep table)
 
     # ------------------------------------------------------------------ subclass hooks
     @abc.abstractmethod
@@ -352,7 +371,7 @@ class Guidance(abc.ABC):
             if o.view_selection != "hard":
                 w = _prompts.view_weights(elev, azim, overhead_deg=o.view_overhead_deg,
                                           overhead_ramp=o.view_selection == "interpolate").to(cond.dtype)
-                c = torch.einsum("bv,vld->bld", w, cond)
+                c = torch.mm(w, cond.flatten(1)).view(-1, *cond.shape[1:])  # the blend, as one matmul
             else:
                 idx = _prompts.view_index(elev, azim, front_deg=o.view_front_deg, back_deg=o.view_back_deg,
                                           overhead_deg=o.view_overhead_deg)
@@ -422,6 +441,16 @@ class Guidance(abc.ABC):
             return torch.ones_like(ab)
         return ab.sqrt() * (1.0 - ab).sqrt()
 
+    def schedule_at(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sqrt(alpha_bar), sqrt(1 - alpha_bar), w) at timesteps t (B,), each (B, 1, 1, 1) float32: rows of a
+        table computed once per weighting, read with one index op per step."""
+        weighting = self.options.weighting
+        if self._schedule is None or self._schedule[0] != weighting:
+            every_t = torch.arange(self.num_train_timesteps, device=self.device)
+            ab = self.alphas_cumprod
+            self._schedule = (weighting, torch.stack([ab.sqrt(), (1.0 - ab).sqrt(), self.weight(every_t)]))
+        return self._schedule[1][:, t].view(3, -1, 1, 1, 1).unbind(0)
+
     # ------------------------------------------------------------------ SDS
     def guided_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                      negatives: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
@@ -448,7 +477,7 @@ class Guidance(abc.ABC):
             for k in range(copies - 2):
                 e_k = eps[(2 + k) * n:(3 + k) * n] - eps_u
                 direction = direction + weights[:, k].view(-1, 1, 1, 1) * perpendicular_component(e_k, positive)
-        eps_hat = eps_u + self.options.guidance_scale * direction
+        eps_hat = torch.add(eps_u, direction, alpha=self.options.guidance_scale)
         return eps_hat, eps_c, eps_u
 
     def sds_from_latents(self, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
@@ -465,21 +494,19 @@ class Guidance(abc.ABC):
         if noise is None:
             noise = torch.randn(z32.shape, device=self.device, dtype=torch.float32, generator=self.generator)
         noise = noise.to(self.device, torch.float32)
-        ab = self.alphas_cumprod[t].view(b, 1, 1, 1)
-        z_t = ab.sqrt() * z32 + (1.0 - ab).sqrt() * noise
+        sqrt_ab, sqrt_one_minus_ab, w = self.schedule_at(t)
+        z_t = torch.addcmul(sqrt_ab * z32, sqrt_one_minus_ab, noise)
         extra = {} if negatives is None else {"negatives": negatives}  # families with their own CFG take none
         eps_hat, _, _ = self.guided_noise(z_t.to(self.dtype), t, cond, uncond, **extra)
-        grad = self.weight(t).view(b, 1, 1, 1) * (eps_hat - noise)
-        finite = torch.isfinite(grad)
-        n_nonfinite = (~finite).sum()
-        grad = torch.where(finite, grad, torch.zeros_like(grad))
+        raw_grad = w * (eps_hat - noise)
+        grad = torch.nan_to_num(raw_grad, nan=0.0, posinf=0.0, neginf=0.0)
+        n_nonfinite = (grad != raw_grad).sum()  # NaN != anything; +-inf became 0
         if self.options.grad_clip is not None:
             grad = grad.clamp(-self.options.grad_clip, self.options.grad_clip)
-        # d/dz of the first term is exactly grad / b (cast to z's dtype by autograd); the other two terms
-        # carry no gradient and only make the value 0.5*||grad||^2 / b (the first two cancel exactly).
-        loss = ((z.float() * grad).sum() - (z32 * grad).sum() + 0.5 * grad.pow(2).sum()) / b
+        squared_norm = grad.square().sum()
+        loss = SDSSurrogate.apply(z, grad, squared_norm)
         self._account_nonfinite(n_nonfinite)
-        return SDSOutput(loss=loss, t=t, grad_norm=grad.norm().detach(), n_nonfinite=n_nonfinite)
+        return SDSOutput(loss=loss, t=t, grad_norm=squared_norm.sqrt(), n_nonfinite=n_nonfinite)
 
     def __call__(self, images: torch.Tensor, cameras: Any, shading: str = "albedo", progress: float = 0.0,
                  *, t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,

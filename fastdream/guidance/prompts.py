@@ -41,6 +41,8 @@ All functions are pure tensor ops (no host sync), so they can run every step on 
 """
 from __future__ import annotations
 
+import functools
+
 from typing import List, Union
 
 import torch
@@ -100,15 +102,21 @@ def view_weights(elevation_deg: Angle, azimuth_deg: Angle, overhead_deg: float =
     once (the paper's rule) or, with ``overhead_ramp``, linearly from overhead_deg to 90 degrees."""
     azimuth_deg = _as_tensor(azimuth_deg)
     elevation_deg = _as_tensor(elevation_deg, azimuth_deg)
-    r = wrap_azimuth(azimuth_deg).abs() / 90.0  # 0 front, 1 side, 2 back
-    w_front = (1.0 - r).clamp(0.0, 1.0)
-    w_side = (1.0 - (r - 1.0).abs()).clamp(0.0, 1.0)
-    w_back = (r - 1.0).clamp(0.0, 1.0)
+    # r = |azimuth wrapped to (-180, 180]| / 90: 0 front, 1 side, 2 back; front/side/back are the hat
+    # functions max(0, 1 - |r - k|), k = 0, 1, 2 (a few ops: this runs every training step)
+    r = (torch.remainder(azimuth_deg, 360.0) - 180.0).abs().mul_(-1.0 / 90.0).add_(2.0)
+    hats = (1.0 - (r[..., None] - _view_centres(r.device)).abs()).clamp_min_(0.0)
     if overhead_ramp:
         o = ((elevation_deg - overhead_deg) / max(90.0 - overhead_deg, 1e-6)).clamp(0.0, 1.0)
     else:
-        o = (elevation_deg > overhead_deg).to(w_front.dtype)
-    return torch.stack([(1 - o) * w_front, (1 - o) * w_side, (1 - o) * w_back, o], dim=-1)
+        o = (elevation_deg > overhead_deg).to(hats.dtype)
+    return torch.cat([hats * (1.0 - o)[..., None], o[..., None]], dim=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _view_centres(device: torch.device) -> torch.Tensor:
+    """(0, 1, 2): where the front, side and back weights peak on view_weights' azimuth scale."""
+    return torch.arange(3, dtype=torch.float32, device=device)
 
 
 def _decay(abc, r: torch.Tensor) -> torch.Tensor:
