@@ -55,7 +55,7 @@ def run(args) -> Dict:
     started = time.perf_counter()
     import torch
     from fastdream.data import load_dataset
-    from fastdream.fit import default_configs, fit
+    from fastdream.fit import default_configs, fit, grid_update_due
 
     data_dir = Path(args.data or os.environ.get(DEFAULT_DATA[0]) or DEFAULT_DATA[1])
     if not (data_dir / "transforms.json").is_file():
@@ -75,7 +75,7 @@ def run(args) -> Dict:
         t0 = time.perf_counter()
 
         def on_step(step, renderer, loss):
-            if step == 1 or step % config.grid_update_every == 0:
+            if grid_update_due(step, config):
                 grid = renderer.grid
                 extra = {"visible": round(float(grid.visible.float().mean()), 5)} if step == 1 else {}
                 trace.append({**extra, "step": step, "seconds": round(time.perf_counter() - t0, 2),

@@ -35,11 +35,22 @@ DEMO_PSNR_TARGET = 25.0
 class FitConfig:
     steps: int = 2000
     rays_per_step: int = 4096
+    # A sample budget instead of a ray count (instant-ngp's target batch size): the rays of each step are
+    # budget / (kept samples per ray of the last step), at most rays_per_step, in multiples of 64.
+    samples_per_step: Optional[int] = None
     lr_encoding: float = 1e-2
     lr_mlp: float = 1e-2
     final_lr_factor: float = 0.1      # exponential decay to lr * factor at the last step
     grid_resolution: int = 64
     grid_update_every: int = 16
+    # instant-ngp's schedule: update every clamp(step // grid_update_every, 1, grid_update_every) steps, so the
+    # grid follows the quickly changing field of the first hundred steps (empty space is pruned within tens of
+    # steps, not hundreds); False: every grid_update_every steps from the start.
+    grid_update_ramp: bool = False
+    # The grid's opacity estimate is density * a step: None takes the render step (box diagonal / samples_per_ray);
+    # N takes instant-ngp's finest step, the central box's diagonal / N (instant-ngp: 1024 across its unit cube),
+    # so the density a cell needs to stay occupied does not fall as aabb_scale enlarges the box and the render step.
+    grid_reference_steps: Optional[int] = None
     grid_warmup_steps: int = 256
     grid_ema_decay: float = 0.95
     background: tuple = (1.0, 1.0, 1.0)
@@ -69,6 +80,20 @@ def default_configs(steps: Optional[int] = None):
     render = RenderConfig(samples_per_ray=512)
     fit = FitConfig(steps=steps or 2000)
     return field, render, fit
+
+
+def grid_update_due(step: int, config: FitConfig) -> bool:
+    """Whether the fit loop updates the occupancy grid before training step `step` (1-based)."""
+    every = config.grid_update_every
+    if config.grid_update_ramp:
+        every = min(max(step // config.grid_update_every, 1), config.grid_update_every)
+    return step == 1 or step % every == 0
+
+
+def rays_for_budget(budget: int, samples: int, rays: int, max_rays: int, granularity: int = 64) -> int:
+    """Rays for the next step so that its samples meet `budget`, from the last step's `samples` over `rays`."""
+    per_ray = max(samples, 1) / rays
+    return int(min(max(budget / per_ray // granularity, 1) * granularity, max_rays))
 
 
 def pixel_rays(data: PosedImages, image_idx: torch.Tensor, px: torch.Tensor, py: torch.Tensor):
@@ -110,7 +135,8 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
     background = torch.tensor(config.background, dtype=torch.float32, device=device)
     renderer = build_renderer(train.aabb.tolist(), field_config, render_config, background="fixed",
                               background_color=config.background, grid_resolution=config.grid_resolution,
-                              grid_kwargs={"warmup_steps": config.grid_warmup_steps, "ema_decay": config.grid_ema_decay}).to(device)
+                              grid_kwargs={"warmup_steps": config.grid_warmup_steps, "ema_decay": config.grid_ema_decay,
+                                           "mean_box": None if train.centre_aabb is None else train.centre_aabb.tolist()}).to(device)
     field = renderer.field
     # Space no training view sees is unconstrained: keep it out of the grid (instant-ngp does the same).
     renderer.grid.mark_invisible_cells(train.c2w, train.fx, train.fy, train.cx, train.cy, train.width, train.height)
@@ -120,7 +146,11 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
     ], betas=(0.9, 0.99), eps=1e-15)
     gamma = config.final_lr_factor ** (1.0 / max(config.steps, 1))
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
-    opacity_fn = lambda x: field.density(x) * renderer.step_size  # noqa: E731
+    grid_step = renderer.step_size
+    if config.grid_reference_steps is not None:
+        centre = train.aabb if train.centre_aabb is None else train.centre_aabb
+        grid_step = float(torch.linalg.vector_norm(centre[3:] - centre[:3])) / config.grid_reference_steps
+    opacity_fn = lambda x: field.density(x) * grid_step  # noqa: E731
 
     n_images, H, W = len(train), train.height, train.width
     pixels = train.images.reshape(-1, 3)
@@ -128,10 +158,11 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
     start = time.perf_counter()
     bar = tqdm(range(1, config.steps + 1), desc="fit", unit="step", disable=not progress, dynamic_ncols=True, mininterval=0.5)
     loss_value, psnr_value = float("nan"), float("nan")
+    n_rays = config.rays_per_step
     for step in bar:
-        if step == 1 or step % config.grid_update_every == 0:
+        if grid_update_due(step, config):
             renderer.grid.update(step, opacity_fn, generator=None)
-        flat = torch.randint(0, n_images * H * W, (config.rays_per_step,), generator=generator)
+        flat = torch.randint(0, n_images * H * W, (n_rays,), generator=generator)
         image_idx, rem = flat // (H * W), flat % (H * W)
         py = (rem // W).float() + torch.rand(flat.shape, generator=generator)  # jitter inside the pixel
         px = (rem % W).float() + torch.rand(flat.shape, generator=generator)
@@ -143,6 +174,8 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if config.samples_per_step is not None:
+            n_rays = rays_for_budget(config.samples_per_step, out.weights.shape[0], n_rays, config.rays_per_step)
         if step % 10 == 0 or step == config.steps:
             loss_value = float(loss.detach())
             psnr_value = psnr_from_mse(loss_value)

@@ -159,3 +159,65 @@ def test_demo_renderer_basics():
     far[0, :3, 3] = torch.tensor([5.0, 0.0, 3.0])
     _, alpha_far = render_voxels(scene, far, focal=40.0, width=9, height=9)
     assert float(alpha_far.max()) == 0.0
+
+
+def _ball_in_haze(points: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Opacity estimates of a capture in a large box: an opaque ball of radius 0.5 at the centre, elsewhere the
+    faint haze of a transparent field (opacities 0.001-0.004, below the 0.01 threshold everywhere)."""
+    haze = 0.001 + 0.003 * torch.rand(points.shape[0], generator=generator)
+    return torch.where(points.norm(dim=-1) < 0.5, torch.full_like(haze, 0.5), haze)
+
+
+def test_occupancy_threshold_mean_comes_from_the_central_box():
+    """In an aabb_scale-4 box (half-size 6) the grid's threshold is min(0.01, mean): over the whole box the mean
+    is the haze's, and half the box stays occupied; over the central cube (instant-ngp's finest cascade) it
+    is above 0.01 and only the ball's cells remain."""
+    from fastdream.occupancy import OccupancyGrid
+
+    aabb = [-6.0] * 3 + [6.0] * 3
+    fractions = {}
+    for name, mean_box in (("whole", None), ("centre", [-1.5] * 3 + [1.5] * 3)):
+        grid = OccupancyGrid(aabb, resolution=32, warmup_steps=10, mean_box=mean_box)
+        generator = torch.Generator().manual_seed(0)
+        for step in range(4):
+            grid.update(step, lambda x: _ball_in_haze(x, generator), generator=generator)
+        fractions[name] = grid.occupied_fraction()
+        ball_cells = grid.cell_centres(torch.arange(32**3), jitter=False).norm(dim=-1) < 0.3
+        assert bool(grid.binary.reshape(-1)[ball_cells].all()), name  # the object is never pruned
+    assert fractions["whole"] > 0.3, fractions
+    assert fractions["centre"] < 0.002, fractions  # the ball's 8-27 cells of 32,768, and their neighbours
+
+
+def test_occupancy_mean_box_must_hold_cells():
+    from fastdream.errors import FastDreamError
+    from fastdream.occupancy import OccupancyGrid
+
+    with pytest.raises(FastDreamError, match="mean_box"):
+        OccupancyGrid([-6.0] * 3 + [6.0] * 3, resolution=4, mean_box=[5.0, 5.0, 5.0, 5.1, 5.1, 5.1])
+
+
+def test_aabb_scale_keeps_the_central_cube(nerf_dataset):
+    train = load_transforms(nerf_dataset(n_frames=2, width=6, height=4, extra={"aabb_scale": 4}) / "transforms.json")
+    assert train.aabb.tolist() == [-6.0] * 3 + [6.0] * 3
+    assert train.centre_aabb.tolist() == [-1.5] * 3 + [1.5] * 3
+    assert train.subset([0]).centre_aabb.tolist() == [-1.5] * 3 + [1.5] * 3
+    plain = load_transforms(nerf_dataset(n_frames=2, width=6, height=4) / "transforms.json")
+    assert plain.centre_aabb is None
+
+
+def test_grid_updates_follow_instant_ngp_schedule():
+    """With the ramp, every step until step 32, then every step // 16 steps, at most every 16 (instant-ngp)."""
+    config = fit_module.FitConfig(grid_update_every=16, grid_update_ramp=True)
+    due = [s for s in range(1, 400) if fit_module.grid_update_due(s, config)]
+    assert due[:31] == list(range(1, 32))
+    assert [s for s in due if 32 <= s < 48] == list(range(32, 48, 2))
+    assert [s for s in due if s >= 256] == list(range(256, 400, 16))
+    plain = fit_module.FitConfig(grid_update_every=16)
+    assert [s for s in range(1, 60) if fit_module.grid_update_due(s, plain)] == [1, 16, 32, 48]
+
+
+def test_rays_follow_the_sample_budget():
+    assert fit_module.rays_for_budget(65536, samples=2048 * 64, rays=2048, max_rays=4096) == 1024
+    assert fit_module.rays_for_budget(65536, samples=1024 * 8, rays=1024, max_rays=4096) == 4096  # capped
+    assert fit_module.rays_for_budget(65536, samples=0, rays=64, max_rays=4096) == 4096           # nothing kept yet
+    assert fit_module.rays_for_budget(100, samples=64 * 1000, rays=64, max_rays=4096) == 64       # at least 64
