@@ -71,14 +71,24 @@ def demo_configs(steps: Optional[int] = None):
 
 
 def default_configs(steps: Optional[int] = None):
-    # Untrained space is transparent and stays so, as in instant-ngp: density e^-3 = 0.05 (a fifth of the
-    # occupancy threshold at the default step) and no MLP biases, so where the hash features are untouched
-    # (space no ray constrains: occluded, behind the walls) the density cannot drift up with the rest of
-    # the scene, and those cells drop out of the grid instead of holding it near 100% occupied.
-    field = FieldConfig(n_levels=16, log2_hashmap_size=19, base_resolution=16, max_resolution=2048, hidden_dim=64,
+    """`fastdream fit` on real captures, sized for a CPU (measured on instant-ngp's fox at 135 px wide on two
+    cores: benchmarks/results/fox_cpu.json)."""
+    # Untrained space is transparent and stays so, as in instant-ngp: density e^-3 = 0.05 and no MLP biases, so
+    # where the hash features are untouched (space no ray constrains: occluded, behind the walls) the density
+    # cannot drift up with the rest of the scene, and those cells drop out of the grid.
+    # 12 levels up to 1024 and a 2^17 table (instant-ngp: 16 levels, 2^19, on a GPU): at 135 px the pixel
+    # footprint at the fox is ~1/400 of the box, so finer levels add no detail; the encoding is half the step's
+    # time and the 2^19 table's gradient, zeroing and Adam update cost ~0.1 s per step on their own (16 levels,
+    # 2^19: 0.6-0.7 s per step for the same samples; 12 levels, 2^17: 0.3-0.45 s and the same held-out PSNR
+    # after 300 steps).
+    field = FieldConfig(n_levels=12, log2_hashmap_size=17, base_resolution=16, max_resolution=1024, hidden_dim=64,
                         n_hidden_layers=1, blob_density=0.0, density_bias=-3.0, mlp_bias=False)
     render = RenderConfig(samples_per_ray=512)
-    fit = FitConfig(steps=steps or 2000)
+    # Instant-ngp's grid: updates every step at first, every 16 after 256 steps; a cell's opacity measured at its
+    # finest step (1/1024 of the central cube's diagonal) rather than the render step (1/512 of the box's
+    # diagonal, 8x longer on an aabb_scale-4 box, which lowered the density a cell needs to stay occupied 8x).
+    # A sample budget rather than a ray count (instant-ngp's target batch): 48k samples is ~0.4 s per step here.
+    fit = FitConfig(steps=steps or 2000, grid_update_ramp=True, grid_reference_steps=1024, samples_per_step=49152)
     return field, render, fit
 
 
@@ -159,6 +169,7 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
     bar = tqdm(range(1, config.steps + 1), desc="fit", unit="step", disable=not progress, dynamic_ncols=True, mininterval=0.5)
     loss_value, psnr_value = float("nan"), float("nan")
     n_rays = config.rays_per_step
+    total_rays = total_samples = 0
     for step in bar:
         if grid_update_due(step, config):
             renderer.grid.update(step, opacity_fn, generator=None)
@@ -174,6 +185,7 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
         loss.backward()
         optimizer.step()
         scheduler.step()
+        total_rays, total_samples = total_rays + n_rays, total_samples + out.weights.shape[0]
         if config.samples_per_step is not None:
             n_rays = rays_for_budget(config.samples_per_step, out.weights.shape[0], n_rays, config.rays_per_step)
         if step % 10 == 0 or step == config.steps:
@@ -220,6 +232,9 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
         "n_test": len(eval_data),
         "resolution": [train.width, train.height],
         "rays_per_step": config.rays_per_step,
+        "samples_per_step": config.samples_per_step,
+        "mean_rays_per_step": total_rays / config.steps,
+        "mean_samples_per_step": total_samples / config.steps,
         "occupied_fraction": renderer.grid.occupied_fraction(),
         "checkpoint": str(ckpt.relative_to(out_dir)),
         "train_source": str(train.source),
