@@ -100,6 +100,14 @@ def grid_update_due(step: int, config: FitConfig) -> bool:
     return step == 1 or step % every == 0
 
 
+def grid_opacity_step(data: PosedImages, render_step: float, config: FitConfig) -> float:
+    """The step the occupancy grid multiplies densities by (see FitConfig.grid_reference_steps)."""
+    if config.grid_reference_steps is None:
+        return render_step
+    centre = data.aabb if data.centre_aabb is None else data.centre_aabb
+    return float(torch.linalg.vector_norm(centre[3:] - centre[:3])) / config.grid_reference_steps
+
+
 def rays_for_budget(budget: int, samples: int, rays: int, max_rays: int, granularity: int = 64) -> int:
     """Rays for the next step so that its samples meet `budget`, from the last step's `samples` over `rays`."""
     per_ray = max(samples, 1) / rays
@@ -156,10 +164,7 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
     ], betas=(0.9, 0.99), eps=1e-15)
     gamma = config.final_lr_factor ** (1.0 / max(config.steps, 1))
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
-    grid_step = renderer.step_size
-    if config.grid_reference_steps is not None:
-        centre = train.aabb if train.centre_aabb is None else train.centre_aabb
-        grid_step = float(torch.linalg.vector_norm(centre[3:] - centre[:3])) / config.grid_reference_steps
+    grid_step = grid_opacity_step(train, renderer.step_size, config)
     opacity_fn = lambda x: field.density(x) * grid_step  # noqa: E731
 
     n_images, H, W = len(train), train.height, train.width
