@@ -199,6 +199,25 @@ def build_trainer(kind: str, device: str, tmp: Path, steps: int = 10000):
     return Trainer(config, tmp / f"run-{kind}", quiet=True, device=torch.device(device))
 
 
+def time_cuda_graph(trainer, kind: str, first: int, n: int) -> Dict:
+    """ms per step with the step's forward and backward replayed from CUDA graphs: the same steps are run
+    until every key met in them is captured, then timed."""
+    from fastdream.step_capture import StepCapture
+
+    trainer.config.cuda_graph = True
+    trainer.capture = StepCapture([trainer.generator, *trainer._guidance_generators().values()])
+    for _ in range(3):  # each key: two eager warm-ups, then its capture
+        for s in range(first, first + n):
+            trainer.train_step(s)
+    steps = iter(range(first, first + 10**6))
+    timing = common.time_fn(lambda: trainer.train_step(next(steps)), "cuda", warmup=0, repeats=max(n, 8))
+    entry = common.result_entry("train_step", f"native/{kind}+cuda_graph", 1, "steps", timing, work=1,
+                                work_unit="steps", guidance=kind, graphs=trainer.capture.captures,
+                                replays=trainer.capture.replays)
+    print(f"  {kind} with CUDA graphs: {entry['median_ms']:.1f} ms/step ({trainer.capture.captures} graphs)", flush=True)
+    return entry
+
+
 def build_parser():
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None, help="counted steps per guidance (default 4; quick 2)")
@@ -232,6 +251,8 @@ def run(args) -> Dict:
             print(f"  {kind}: {c['ops']:.0f} ops outside the UNet/VAE ({c['kernels']:.0f} launch kernels), "
                   f"{c['syncs']:.1f} host syncs, {c['network_ops']:.0f} UNet/VAE ops; "
                   f"{results[-1]['median_ms']:.1f} ms/step; syncs: {c['sync_ops']}", flush=True)
+            if device == "cuda":  # the same step replayed from CUDA graphs (RunConfig.cuda_graph)
+                results.append(time_cuda_graph(trainer, kind, first, n))
             del trainer
     ref = counts["reference"]
     targets = [

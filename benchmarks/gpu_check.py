@@ -5,9 +5,11 @@
 On a CUDA machine, in order:
   build       the extension for the local GPU's arch (FASTDREAM_BUILD_CUDA=1, setup.py build_ext --inplace)
   tests       the CUDA tests (pytest -m cuda) against the CPU ops and the PyTorch reference
+  step tests  whole training steps replayed from CUDA graphs against eager ones (tests/test_step_capture.py)
   memcheck    the same tests under `compute-sanitizer --tool memcheck` (out-of-bounds and misaligned
   racecheck   accesses; shared-memory races), when compute-sanitizer is on PATH or in CUDA_HOME/bin
   benchmarks  bench_ops on CUDA, with tinycudann and nerfacc as peers when they are installed
+  overhead    bench_overhead on CUDA: ops, host syncs and ms per training step, eager and from CUDA graphs
 The report holds the device, the versions, each step's command, exit code, time and output tail, and
 the benchmark results. Exit status 0 when every step passed; without a CUDA GPU it says so and exits 2.
 """
@@ -26,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU_EXIT = 2
 CUDA_TESTS = ["-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_native_ops.py"]
+# whole training steps (eager against CUDA-graph replays): run once, not under the sanitizers
+STEP_TESTS = ["-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_step_capture.py"]
 
 
 def find_sanitizer():
@@ -46,11 +50,15 @@ def plan(arch: str, sanitizer, bench_json: str, quick: bool, build: bool = True)
                       {"FASTDREAM_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": arch}))
     env = {"FASTDREAM_REQUIRE_NATIVE": "1"}
     steps.append(("tests", [py, *CUDA_TESTS], env))
+    steps.append(("step tests", [py, *STEP_TESTS], env))
     if sanitizer:
         for tool in ("memcheck", "racecheck"):
             steps.append((tool, [sanitizer, "--tool", tool, "--error-exitcode", "1", py, *CUDA_TESTS], env))
     bench = [py, "-m", "benchmarks.bench_ops", "--device", "cuda", "--json", bench_json]
     steps.append(("benchmarks", bench + (["--quick"] if quick else []), {}))
+    # ops and host syncs per training step, and its ms per step eager and replayed from CUDA graphs
+    overhead = str(Path(bench_json).with_name("overhead_cuda.json"))
+    steps.append(("overhead", [py, "-m", "benchmarks.bench_overhead", "--device", "cuda", "--quick", "--json", overhead], {}))
     return steps
 
 
@@ -92,6 +100,8 @@ def main(argv=None) -> int:
         steps = [run_step(*s) for s in plan(f"{major}.{minor}", sanitizer, bench_json, args.quick, not args.skip_build)]
         report["steps"] = steps
         report["benchmarks"] = json.loads(Path(bench_json).read_text()) if os.path.exists(bench_json) else None
+        overhead_json = Path(bench_json).with_name("overhead_cuda.json")
+        report["overhead"] = json.loads(overhead_json.read_text()) if overhead_json.exists() else None
     report["ok"] = all(s["exit_code"] == 0 for s in steps)
     write(report, Path(args.out))
     return 0 if report["ok"] else 1

@@ -219,6 +219,10 @@ class RunConfig:
     # as in threestudio's DreamFusion config (``random_aug: false``).
     random_background: float = 0.0
     max_nonfinite_steps: int = 5    # stop after this many consecutive non-finite losses
+    # CUDA runs: replay each step's forward and backward from CUDA graphs (fastdream.step_capture), one graph per
+    # step key (shading mode, timestep range, buffer sizes...). Needs render.fixed_capacity. Off by default:
+    # whether it pays depends on the GPU and the model (python -m benchmarks.gpu_check measures it).
+    cuda_graph: bool = False
     field: FieldConfig = _field(default_factory=FieldConfig)
     render: RenderConfig = _field(default_factory=RenderConfig)
     camera: CameraSamplerConfig = _field(default_factory=CameraSamplerConfig)
@@ -235,6 +239,9 @@ class RunConfig:
         def bad(msg: str):
             raise FastDreamError(f"Invalid configuration: {msg}")
 
+        if self.cuda_graph and not self.render.fixed_capacity:
+            bad("cuda_graph=true needs render.fixed_capacity=true: a step is replayed from a graph only when "
+                "its shapes are static.")
         if self.steps < 1:
             bad(f"steps must be >= 1, got {self.steps} (to redo the mesh and videos of a finished run without "
                 "training, use `fastdream export DIR`).")

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .cameras import orbit_cameras, sample_cameras
+from .cameras import orbit_cameras, sample_cameras, view_ranges
 from .checkpoint import checkpoint_name, save_checkpoint
 from .config import RunConfig, config_to_dict
 from .errors import FastDreamError
@@ -34,6 +34,7 @@ from .renderer import Renderer
 from .runtime import resolve_device, versions
 from .sample_buffer import SampleBuffer
 from .stages import Stage, build_stage, stage_class
+from .step_capture import StepCapture
 
 log = logging.getLogger("fastdream")
 
@@ -126,7 +127,7 @@ class Trainer:
         self._build_optimizer()
         self.input_view = load_input_view(config, self.stage.scene_radius, self.device)  # before the model: fail fast
         self.guidance = build_guidance(config, self.device, self.input_view)
-        self._base_guidance_options = getattr(self.guidance, "options", None)
+        self._remember_guidance_options()
         self._enter_stage()
         self.step = 0
         self.n_skipped = 0
@@ -138,6 +139,7 @@ class Trainer:
         self._in_step = False
         self.stop_signal: Optional[str] = None  # "SIGINT" / "SIGTERM" once a stop was asked for
         self.saved_on_stop = False
+        self.capture = self._build_capture()
 
     @property
     def renderer(self):
@@ -172,9 +174,14 @@ class Trainer:
             self.stage.set_input_view(photo, input_camera(self.config, self.stage.scene_radius, width, height,
                                                           self.device))
         options = self.stage.guidance_options()
-        if self._base_guidance_options is not None:
-            self.guidance.options = (dataclasses.replace(self._base_guidance_options, **options).validate()
-                                     if options else self._base_guidance_options)
+        for model, base in self._base_guidance_options:  # every model of a joint guidance alike
+            model.options = dataclasses.replace(base, **options).validate() if options else base
+
+    def _remember_guidance_options(self) -> None:
+        """The guidance options the run was configured with, per model, for stages to adjust from."""
+        members = getattr(self.guidance, "members", None)
+        models = [g for _, g, _ in members] if members else [self.guidance]
+        self._base_guidance_options = [(g, g.options) for g in models if getattr(g, "options", None) is not None]
 
     def _switch_stage(self, index: int, previous: Optional[Stage] = None) -> None:
         """Make stage `index` the current one (started from the trained `previous` stage, if given)."""
@@ -182,6 +189,8 @@ class Trainer:
         if previous is not None:
             stage.init_from(previous)
         self.stage_index, self.stage = index, stage
+        if self.capture is not None:
+            self.capture.forget()  # its graphs read the previous stage's parameters
         self._build_optimizer()
         self._enter_stage()
 
@@ -329,30 +338,28 @@ class Trainer:
         cfg = self.config
         step = step - self.stage_start()
         progress = step / max(self.stage.n_steps(cfg), 1)
-        width, height = self.stage.image_size()
+        plan = self.stage.plan(step, progress)
         # the progressive view range widens during the first stage; later ones start from a whole object
-        cams = sample_cameras(cfg.batch_size, width, height, self.stage.scene_radius, cfg.camera,
-                              generator=self.generator, device=self.device,
-                              progress=progress if self.stage_index == 0 else 1.0)
-        result = self.stage.loss(cams, step, progress, self.guidance, self.generator)
-        loss, terms = result.loss, result.terms
-        self.optimizer.zero_grad(set_to_none=True)
-        # Backward runs even on a non-finite loss (its gradients are then non-finite too) so that the
-        # whole step needs one host sync: the loss, its terms and the finiteness verdict come back together.
-        loss.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        finite_t = torch.isfinite(loss.detach()).float()
-        if params:  # one op over every gradient (GradScaler's check, at scale 1) instead of three per parameter
-            nonfinite = finite_t.new_zeros(())
-            torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], nonfinite, finite_t.new_ones(()))
-            finite_t = finite_t * (1.0 - nonfinite)
-        pending = [buf.take() for buf in buffers]
-        counts = [p.float() for p in pending if p is not None]
-        values = torch.cat([torch.stack([v.float() for v in (loss.detach(), *terms.values(), finite_t)]), *counts]).tolist()
-        values, totals = values[:len(terms) + 2], values[len(terms) + 2:]
+        view_progress = progress if self.stage_index == 0 else 1.0
+        weights = plan.weight_vector(self.device)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        capture = self._step_capture(plan, buffers)
+        if capture is not None:
+            key = self.step_key(plan, progress, view_progress, buffers)
+            readback, names, info, counted, metrics = capture.run(
+                key, weights, lambda w: self._forward_backward(step, progress, view_progress, plan, w, buffers), params)
+            metrics = {k: v.clone() for k, v in metrics.items()}  # the next replay overwrites the graph's outputs
+            self.guidance_calls_replayed()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            readback, names, info, counted, metrics = self._forward_backward(step, progress, view_progress, plan, weights,
+                                                                             buffers)
+        params = [p for p in params if p.grad is not None]
+        values = readback.tolist()
+        values, totals = values[:len(names) + 2], values[len(names) + 2:]
         overflow = False
-        for buf, p in zip(buffers, pending):
-            if p is not None:
+        for buf, has_totals in zip(buffers, counted):
+            if has_totals:
                 overflow |= buf.settle(totals[:2])
                 totals = totals[2:]
         if overflow and not last_try:  # samples were cut short: no update; train_step redoes the step
@@ -366,9 +373,62 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.stage.after_step(step, self.generator)
         # Device values for metrics.jsonl: read back in one go every output.metrics_every steps, not here.
-        metrics = {**{f"loss_{k}": v for k, v in terms.items()}, "loss": loss.detach(), **result.metrics}
-        return {"loss": values[0], "finite": finite, **result.info, "terms": dict(zip(terms, values[1:-1])),
+        return {"loss": values[0], "finite": finite, **info, "terms": dict(zip(names, values[1:-1])),
                 "metrics": metrics, "overflow": False}
+
+    def _forward_backward(self, step: int, progress: float, view_progress: float, plan, weights: torch.Tensor,
+                          buffers: List[SampleBuffer]):
+        """The step's device work, from the cameras to the gradients: what `fastdream.step_capture` captures.
+        Returns (one tensor to read back: loss, terms, finiteness, the buffers' totals; the term names; what the
+        loop reports; which buffers recorded totals; the metrics' device scalars). Everything the host decides
+        is in `plan` (and the step's key)."""
+        width, height = self.stage.image_size()
+        cams = sample_cameras(self.config.batch_size, width, height, self.stage.scene_radius, self.config.camera,
+                              generator=self.generator, device=self.device, progress=view_progress)
+        result = self.stage.loss(cams, step, progress, self.guidance, self.generator, plan=plan.bind(weights))
+        loss, terms = result.loss, result.terms
+        # Backward runs even on a non-finite loss (its gradients are then non-finite too) so that the
+        # whole step needs one host sync: the loss, its terms and the finiteness verdict come back together.
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        finite_t = torch.isfinite(loss.detach()).float()
+        if params:  # one op over every gradient (GradScaler's check, at scale 1) instead of three per parameter
+            nonfinite = finite_t.new_zeros(())
+            torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], nonfinite, finite_t.new_ones(()))
+            finite_t = finite_t * (1.0 - nonfinite)
+        pending = [buf.take() for buf in buffers]
+        counts = [p.float() for p in pending if p is not None]
+        readback = torch.cat([torch.stack([v.float() for v in (loss.detach(), *terms.values(), finite_t)]), *counts])
+        metrics = {**{f"loss_{k}": v for k, v in terms.items()}, "loss": loss.detach(), **result.metrics}
+        return readback, list(terms), dict(result.info), [p is not None for p in pending], metrics
+
+    def step_key(self, plan, progress: float, view_progress: float, buffers: List[SampleBuffer]) -> tuple:
+        """Every host value the step's device work depends on: steps with equal keys dispatch the same ops on
+        the same shapes, so one captured graph serves them all."""
+        return (self.stage_index, plan.key, self.guidance.step_key(progress), view_ranges(self.config.camera, view_progress),
+                tuple(b.capacities() for b in buffers))
+
+    def _build_capture(self) -> Optional[StepCapture]:
+        if not self.config.cuda_graph:
+            return None
+        if self.device.type != "cuda":
+            log.info("fastdream: cuda_graph applies to CUDA runs; this %s run steps eagerly.", self.device.type)
+            return None
+        return StepCapture([self.generator, *self._guidance_generators().values()])
+
+    def _step_capture(self, plan, buffers: List[SampleBuffer]):
+        """The step's graph capture, when this step can be replayed from a graph (see fastdream.step_capture)."""
+        if self.capture is None or not plan.capturable or not buffers:
+            return None
+        if not all(b.calibrated for b in buffers):
+            return None
+        return self.capture
+
+    def guidance_calls_replayed(self) -> None:
+        """The host bookkeeping of the guidance call a replayed step made (its periodic non-finite report)."""
+        count = getattr(self.guidance, "count_call", None)
+        if count is not None:
+            count()
 
     # ------------------------------------------------------------------ loop
     def _install_stop_handlers(self) -> Dict[int, Any]:

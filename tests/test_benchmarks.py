@@ -193,11 +193,13 @@ def test_gpu_check_plan_runs_the_sanitizers_when_present():
     from benchmarks.gpu_check import plan
 
     names = lambda steps: [s[0] for s in steps]  # noqa: E731
-    assert names(plan("9.0", None, "b.json", quick=True)) == ["build", "tests", "benchmarks"]
+    assert names(plan("9.0", None, "b.json", quick=True)) == ["build", "tests", "step tests", "benchmarks", "overhead"]
     steps = plan("8.6", "/cuda/bin/compute-sanitizer", "b.json", quick=False, build=False)
-    assert names(steps) == ["tests", "memcheck", "racecheck", "benchmarks"]
-    assert steps[1][1][:3] == ["/cuda/bin/compute-sanitizer", "--tool", "memcheck"]
-    assert "--quick" not in steps[-1][1] and steps[-1][1][-2:] == ["--json", "b.json"]
+    assert names(steps) == ["tests", "step tests", "memcheck", "racecheck", "benchmarks", "overhead"]
+    assert steps[2][1][:3] == ["/cuda/bin/compute-sanitizer", "--tool", "memcheck"]
+    assert "tests/test_step_capture.py" in steps[1][1] and "tests/test_step_capture.py" not in steps[2][1]
+    assert "--quick" not in steps[-2][1] and steps[-2][1][-2:] == ["--json", "b.json"]
+    assert steps[-1][1][-2:] == ["--json", "overhead_cuda.json"]
 
 
 def test_committed_recipe_results_score_every_scene():

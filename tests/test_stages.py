@@ -27,7 +27,7 @@ class ColourStage(Stage):
     def param_groups(self, optim):
         return [{"params": [self.colour], "lr": optim.lr_mlp, "name": "colour"}]
 
-    def loss(self, cameras, step, progress, guidance, generator):
+    def loss(self, cameras, step, progress, guidance, generator, plan=None):
         images = self.colour.view(1, 3, 1, 1).expand(cameras.c2w.shape[0], 3, cameras.height, cameras.width)
         target = torch.tensor([0.9, 0.2, 0.1], device=self.device).view(1, 3, 1, 1)
         loss = ((images - target) ** 2).mean()
@@ -104,7 +104,7 @@ class DarkerStage(ColourStage):
             self.colour.copy_(previous.colour)
         self.started_from = previous.colour.detach().clone()
 
-    def loss(self, cameras, step, progress, guidance, generator):
+    def loss(self, cameras, step, progress, guidance, generator, plan=None):
         target = torch.tensor([0.3, 0.1, 0.05], device=self.device)
         noise = torch.randn(3, generator=generator, device=self.device) * 0.01
         loss = ((self.colour - target + noise) ** 2).mean()
@@ -154,3 +154,30 @@ def test_a_stage_that_cannot_start_the_run_is_refused(tmp_path, monkeypatch, dem
         assert main(_args(demo_scene_npz, tmp_path / "run", 5, "--set", f"stages={stages}")) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_adjusts_every_model_of_a_joint_guidance(tmp_path):
+    """The mesh stage's timestep range (mesh.t_max, no annealing) reaches each member of a joint guidance, and
+    the NeRF stage's options come back when it is the current stage again."""
+    from fastdream.config import RunConfig
+    from fastdream.demo import save_demo_scene
+    from fastdream.guidance import JointGuidance, registry
+    from fastdream.guidance.reference import ReferenceSceneGuidance
+    from fastdream.train import Trainer
+
+    scene = save_demo_scene(tmp_path / "scene.npz", resolution=16)
+    cfg = RunConfig(prompt="a scene", device="cpu", steps=4, stages=("nerf", "mesh"), width=16, height=16)
+    cfg.guidance.kind, cfg.guidance.reference_scene = "reference", str(scene)
+    cfg.guidance.t_max, cfg.mesh.t_max = 0.98, 0.5
+    cfg.guidance.options = {"t_max_end": 0.6}
+    registry.get("reference").configure_run(cfg)
+    trainer = Trainer(cfg.validate(), tmp_path / "run", quiet=True, device=torch.device("cpu"))
+    second = ReferenceSceneGuidance(str(scene), options=trainer.guidance.options)
+    trainer.guidance = JointGuidance([("a", trainer.guidance, 1.0), ("b", second, 0.5)])
+    trainer._remember_guidance_options()
+    members = [g for _, g, _ in trainer.guidance.members]
+    assert [(g.options.t_max, g.options.t_max_end) for g in members] == [(0.98, 0.6)] * 2
+    trainer._switch_stage(1)
+    assert [(g.options.t_max, g.options.t_max_end) for g in members] == [(0.5, None)] * 2
+    trainer._switch_stage(0)
+    assert [(g.options.t_max, g.options.t_max_end) for g in members] == [(0.98, 0.6)] * 2

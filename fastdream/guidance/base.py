@@ -70,6 +70,7 @@ import torch.nn.functional as F
 
 from ..errors import FastDreamError
 from ..runtime import is_oom
+from ..step_capture import replaying
 
 log = logging.getLogger("fastdream")
 from . import prompts as _prompts
@@ -402,6 +403,12 @@ class Guidance(abc.ABC):
         hi = min(max(int(round(self.t_max_at(progress) * T)), lo), T - 1)
         return lo, hi
 
+    def step_key(self, progress: float) -> Tuple:
+        """Every host value a call at this progress builds into its ops (the timestep range, the latent
+        warm-up): calls with equal keys run the same ops on the same shapes (`fastdream.step_capture`)."""
+        warmup = getattr(self, "in_latent_warmup", None)
+        return (self.timestep_range(progress), bool(warmup(progress)) if warmup is not None else False)
+
     def sample_timesteps(self, batch_size: int, progress: float) -> torch.Tensor:
         lo, hi = self.timestep_range(progress)
         return torch.randint(lo, hi + 1, (batch_size,), device=self.device, generator=self.generator)
@@ -502,8 +509,13 @@ class Guidance(abc.ABC):
         return torch.autocast(self.device.type, enabled=False)
 
     def _account_nonfinite(self, n: torch.Tensor) -> None:
-        self._calls += 1
         self._nonfinite_total += n
+        if not replaying():  # a replayed step's call is counted by the training loop (count_call)
+            self.count_call()
+
+    def count_call(self) -> None:
+        """One more SDS call; every ``nonfinite_check_every`` calls the non-finite total is read back and reported."""
+        self._calls += 1
         if self._calls % self.options.nonfinite_check_every == 0:
             self.report_nonfinite()
 

@@ -61,6 +61,13 @@ class JointGuidance:
         n_nonfinite = sum(torch.as_tensor(p.n_nonfinite) for p in parts.values())
         return SDSOutput(loss=loss, t=first.t, grad_norm=first.grad_norm, n_nonfinite=n_nonfinite, parts=parts)
 
+    def step_key(self, progress: float) -> Tuple:
+        return tuple(g.step_key(progress) for _, g, _ in self.members)
+
+    def count_call(self) -> None:
+        for _, g, _ in self.members:
+            g.count_call()
+
     def report_nonfinite(self) -> int:
         return sum(g.report_nonfinite() for _, g, _ in self.members)
 

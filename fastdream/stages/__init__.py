@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Dict, Type
 
 from ..errors import FastDreamError
-from .base import Stage, StepLoss
+from .base import Stage, StepLoss, StepPlan
 from .mesh import MeshStage
 from .nerf import NeRFStage
 
@@ -25,4 +25,4 @@ def build_stage(name: str, config, device) -> Stage:
     return stage_class(name)(config, device)
 
 
-__all__ = ["Stage", "StepLoss", "NeRFStage", "MeshStage", "STAGES", "DEFAULT_STAGE", "stage_class", "build_stage"]
+__all__ = ["Stage", "StepLoss", "StepPlan", "NeRFStage", "MeshStage", "STAGES", "DEFAULT_STAGE", "stage_class", "build_stage"]

@@ -5,7 +5,9 @@ the optimizer built from the stage's parameter groups, the NaN guard, Ctrl-C, at
 progress and previews. A stage owns its modules and everything specific to them:
 
 * ``param_groups(optim)``: Adam parameter groups (each with ``lr`` and a ``name``);
-* ``loss(cameras, step, progress, guidance, generator)``: the loss of one batch of sampled cameras;
+* ``plan(step, progress)``: the host decisions of a step (shading mode, regulariser weights), taken before
+  any device work, so that a step's device work can be captured once and replayed (`fastdream.step_capture`);
+* ``loss(cameras, step, progress, guidance, generator, plan)``: the loss of one batch of sampled cameras;
 * ``set_input_view(photo, camera)``: image-to-3D only: the input photo to reconstruct at its camera;
 * ``after_step(step, generator)``: housekeeping after the optimizer step (e.g. the occupancy grid);
 * ``state_dict()`` / ``load_state_dict()``: its modules' state, stored at the top level of a checkpoint
@@ -26,7 +28,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -40,6 +42,36 @@ class StepLoss:
     terms: Dict[str, torch.Tensor] = field(default_factory=dict)
     info: Dict[str, Any] = field(default_factory=dict)
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class StepPlan:
+    """What the host decides for one step before any device work.
+
+    ``key`` names every host value the step's device work depends on, other than the continuous ``weights``:
+    two steps with the same key run the same ops on the same shapes, so a graph captured on one replays the
+    other (`fastdream.step_capture`). The ``weights`` (e.g. regularisers ramped over training) change every
+    step; they reach the loss as one device tensor (``bind``), never as Python floats baked into the ops.
+    ``capturable`` is False for steps that must run eagerly (e.g. a step that also updates the occupancy
+    grid inside its loss)."""
+    key: Tuple = ()
+    weights: Dict[str, float] = field(default_factory=dict)
+    info: Dict[str, Any] = field(default_factory=dict)
+    capturable: bool = False
+    values: Optional[torch.Tensor] = None  # the weights on the device, in ``weights``' order (see bind)
+
+    def weight_vector(self, device) -> torch.Tensor:
+        return torch.tensor(list(self.weights.values()), dtype=torch.float32, device=device)
+
+    def bind(self, values: torch.Tensor) -> "StepPlan":
+        self.values = values
+        return self
+
+    def weight(self, name: str):
+        """The weight ``name`` as a 0-d device tensor once bound, else the host float."""
+        if self.values is None:
+            return self.weights[name]
+        return self.values[list(self.weights).index(name)]
 
 
 class Stage(abc.ABC):
@@ -82,8 +114,13 @@ class Stage(abc.ABC):
     def param_groups(self, optim) -> List[Dict[str, Any]]:
         ...
 
+    def plan(self, step: int, progress: float) -> StepPlan:
+        """The host decisions of this step (see StepPlan). Default: none, and the step is never captured."""
+        return StepPlan()
+
     @abc.abstractmethod
-    def loss(self, cameras, step: int, progress: float, guidance, generator: torch.Generator) -> StepLoss:
+    def loss(self, cameras, step: int, progress: float, guidance, generator: torch.Generator,
+             plan: Optional[StepPlan] = None) -> StepLoss:
         ...
 
     def set_input_view(self, photo, camera) -> None:

@@ -175,7 +175,7 @@ class MeshStage(Stage):
         cdf = [sum(probs[:i + 1]) / sum(probs) for i in range(3)]
         return SHADING_MODES[min(sum(c <= u for c in cdf), 2)]
 
-    def loss(self, cameras, step: int, progress: float, guidance, generator: torch.Generator) -> StepLoss:
+    def loss(self, cameras, step: int, progress: float, guidance, generator: torch.Generator, plan=None) -> StepLoss:
         from ..regularizers import laplacian_smoothness, normal_consistency
 
         cfg = self.config

@@ -17,7 +17,7 @@ import torch
 
 from ..ops import SHADING_MODES
 from ..regularizers import opacity_entropy, opacity_sparsity, orientation_loss
-from .base import Stage, StepLoss
+from .base import Stage, StepLoss, StepPlan
 
 
 def build_run_renderer(config, device: torch.device):
@@ -81,7 +81,7 @@ class NeRFStage(Stage):
             groups.append({"params": bg, "lr": optim.lr_background, "name": "background"})
         return groups
 
-    def choose_shading(self, step: int, generator: torch.Generator) -> str:
+    def choose_shading(self, step: int, generator: torch.Generator = None) -> str:
         s = self.config.shading
         u = self.shading_rng.random()
         if step < s.albedo_only_fraction * self.config.steps:
@@ -90,16 +90,27 @@ class NeRFStage(Stage):
         cdf = [sum(probs[:i + 1]) / sum(probs) for i in range(3)]
         return SHADING_MODES[min(sum(c <= u for c in cdf), 2)]
 
-    def loss(self, cameras, step: int, progress: float, guidance, generator: torch.Generator) -> StepLoss:
+    def plan(self, step: int, progress: float) -> StepPlan:
+        """The shading mode (a host draw), the regulariser weights and the active hash levels of this step."""
+        shading = self.choose_shading(step)
+        self.renderer.field.set_progress(progress)
+        weights = self.config.reg.weights(progress)
+        on = tuple(name for name, w in weights.items() if w > 0)  # which terms run: a term at weight 0 is skipped
+        key = (shading, on, self.renderer.field.active_levels)
+        # step 0 also updates the occupancy grid (a data-dependent pass) inside the loss
+        return StepPlan(key=key, weights=weights, info={"shading": shading}, capturable=step > 0)
+
+    def loss(self, cameras, step: int, progress: float, guidance, generator: torch.Generator,
+             plan: StepPlan = None) -> StepLoss:
         cfg = self.config
         if step == 0:
             # The grid starts from the initial field (the blob), as instant-ngp's is updated from its first
             # step, rather than from "everything occupied": otherwise the first steps march and query
             # (normals included) every sample of the box, gigabytes of activations for samples of zero weight.
             self.update_grid(step, generator)
-        shading = self.choose_shading(step, generator)
-        self.renderer.field.set_progress(progress)
-        reg = cfg.reg.weights(progress)
+        plan = plan or self.plan(step, progress)
+        shading = plan.info["shading"]
+        reg = plan.weights  # host floats: which terms run; their values come from plan.weight (device, when bound)
         background = (self.renderer.random_solid_background(cameras, cfg.random_background, generator)
                       if cfg.random_background > 0 else None)
         # the orientation loss needs normals on every step, albedo steps included
@@ -116,22 +127,22 @@ class NeRFStage(Stage):
         if reg["orient"] > 0 and rays is not None and rays.sample_normals is not None:
             orient = orientation_loss(rays.weights, rays.sample_normals, rays.directions, rays.ray_indices,
                                       opacity=opacity)
-            loss = loss + reg["orient"] * orient
+            loss = loss + plan.weight("orient") * orient
             terms["orient"] = orient.detach()
         if reg["entropy"] > 0:
             ent = opacity_entropy(opacity)
-            loss = loss + reg["entropy"] * ent
+            loss = loss + plan.weight("entropy") * ent
             terms["entropy"] = ent.detach()
         if reg["sparsity"] > 0:
             sp = opacity_sparsity(opacity)
-            loss = loss + reg["sparsity"] * sp
+            loss = loss + plan.weight("sparsity") * sp
             terms["sparsity"] = sp.detach()
         if self.input_camera is not None:
             rgb, mask = self.reconstruction_loss()
             loss = loss + cfg.image.rgb_weight * rgb + cfg.image.mask_weight * mask
             terms["input_rgb"], terms["input_mask"] = rgb.detach(), mask.detach()
         n_rays = cfg.batch_size * cfg.width * cfg.height
-        info = {"shading": shading}
+        info = dict(plan.info)
         n_samples = torch.as_tensor(out.n_samples, device=opacity.device)  # a device count under fixed capacity
         metrics = {"sds_grad_norm": sds.grad_norm, "t": sds.t.float().mean(),
                    "occupancy": self.renderer.grid.binary.float().mean(),
