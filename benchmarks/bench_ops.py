@@ -1,4 +1,4 @@
-"""Op-level benchmark: hash encoding, marching and compositing, per backend and batch size.
+"""Op-level benchmark: hash encoding, marching, pruning and compositing, per backend and batch size.
 
     python -m benchmarks.bench_ops [--device cpu|cuda] [--quick] [--json OUT] [--sizes 14,16,18]
                                    [--reference-max-log2 N] [--backends native,reference,tinycudann,nerfacc]
@@ -12,6 +12,9 @@ Measurements (median and spread over repeats after warm-up; CUDA events on the G
   march                       R rays through a 128^3 occupancy grid holding a sphere shell
   composite_fwd, composite_fwd_bwd   the packed samples of `march`, lambertian shading, grads to
                               sigmas/albedo/normals
+  prune                       the pruning pass (compact_visible_samples) on the samples of `march` with
+                              densities up to 200 (most rays end inside the shell): early ray termination at
+                              T < 1e-4 and compaction into a buffer of the marched size
 Target (issue 5): CPU native >= 5x reference on hash_fwd_bwd.
 """
 from __future__ import annotations
@@ -88,16 +91,19 @@ def run(args) -> Dict[str, Any]:
     from fastdream.ops.compositing import composite_reference
     from fastdream.ops.hash_encoding import hash_encode_reference
     from fastdream.ops.marching import march_rays_reference
+    from fastdream.ops.pruning import compact_visible_samples_reference
 
     status = common.available_backends(device)
     skip: Dict[str, str] = {}
     impls: Dict[str, Dict[str, Any]] = {}
     if "reference" in wanted:
-        impls["reference"] = dict(hash=hash_encode_reference, march=march_rays_reference, composite=composite_reference)
+        impls["reference"] = dict(hash=hash_encode_reference, march=march_rays_reference, composite=composite_reference,
+                                  prune=compact_visible_samples_reference)
     if "native" in wanted:
         if status["native"] is None:
             from fastdream.ops import _native
-            impls["native"] = dict(hash=_native.hash_encode, march=_native.march_rays, composite=_native.composite)
+            impls["native"] = dict(hash=_native.hash_encode, march=_native.march_rays, composite=_native.composite,
+                                   prune=_native.compact_visible_samples)
         else:
             skip["native"] = status["native"]
     tcnn = None
@@ -160,7 +166,7 @@ def run(args) -> Dict[str, Any]:
         o, d, aabb, binary = _scene(device, n_rays)
         for name, impl in impls.items():
             if name == "reference" and k > ref_max:
-                for metric in ("march", "composite_fwd", "composite_fwd_bwd"):
+                for metric in ("march", "composite_fwd", "composite_fwd_bwd", "prune"):
                     results.append(common.result_entry(metric, name, n_rays, "rays", skipped=f"reference capped at 2^{ref_max}"))
                 continue
             march = lambda f=impl["march"]: f(o, d, aabb, binary, **mk)  # noqa: E731
@@ -192,6 +198,13 @@ def run(args) -> Dict[str, Any]:
             t = common.time_fn(comp_fb, **timing_kw)
             results.append(common.result_entry("composite_fwd_bwd", name, n_rays, "rays", t, work=n_samples,
                                                work_unit="samples", samples=n_samples))
+            dense, n_valid = sig * 10, torch.tensor(n_samples, device=device)
+
+            def prune(f=impl["prune"], dense=dense, n_valid=n_valid):
+                return f(ri, ts, te, dense, n_valid, n_rays, 1e-4, 0.0, n_samples)
+            t = common.time_fn(prune, **timing_kw)
+            results.append(common.result_entry("prune", name, n_rays, "rays", t, work=n_samples, work_unit="samples",
+                                               samples=n_samples, kept=int(prune()[3])))
         if nerfacc is not None:
             results.extend(_nerfacc_rows(nerfacc, device, o, d, aabb, binary, mk, n_rays, timing_kw))
     for name, why in skip.items():
@@ -200,7 +213,7 @@ def run(args) -> Dict[str, Any]:
     # ---------------------------------------------------------------- ratios / targets
     ratios = []
     for metric, unit_sizes in (("hash_fwd", point_sizes), ("hash_fwd_bwd", point_sizes), ("march", ray_sizes),
-                               ("composite_fwd", ray_sizes), ("composite_fwd_bwd", ray_sizes)):
+                               ("composite_fwd", ray_sizes), ("composite_fwd_bwd", ray_sizes), ("prune", ray_sizes)):
         common_sizes = [2 ** k for k in unit_sizes if k <= ref_max]
         if common_sizes:
             ratios.append(common.ratio(f"{metric}_native_vs_reference", results, metric, "native", "reference",

@@ -26,6 +26,9 @@ TORCH_LIBRARY(fastdream, m) {
           "float step_size, float cone_angle, float max_step_size) -> (Tensor, Tensor, Tensor)");
     m.def("march_rays_fixed(Tensor origins, Tensor directions, Tensor aabb, Tensor binary, float near, float far, "
           "float step_size, float cone_angle, float max_step_size, int capacity) -> (Tensor, Tensor, Tensor, Tensor)");
+    m.def("compact_visible_samples(Tensor ray_indices, Tensor t_starts, Tensor t_ends, Tensor sigmas, "
+          "Tensor? n_samples, int n_rays, float early_stop_eps, float alpha_threshold, int capacity) "
+          "-> (Tensor, Tensor, Tensor, Tensor)");
     m.def("occupancy_update(Tensor occupancy, Tensor indices, Tensor estimates, float decay, float threshold) "
           "-> (Tensor, Tensor)");
     m.def("render_weights_fwd(Tensor t_starts, Tensor t_ends, Tensor sigmas, Tensor ray_offsets) "

@@ -6,9 +6,10 @@ alpha_threshold), then query the field with gradients only for the samples that 
 
 Inside ``with renderer.fixed_capacity():`` (the training step) every shape is static: the marcher writes
 into a buffer sized on the host (`fastdream.sample_buffer`), the kept samples are compacted into a second
-one with fixed-shape ops (a prefix sum and a scatter, no boolean-mask gather), and padding slots are
-zero-length intervals (weight 0, no gradient). Nothing reads a device value on the host; the true totals
-are recorded on the device for the training loop to check. Outside it (previews, export, evaluation) the
+one by `ops.compact_visible_samples` (one native op: each ray walked until its transmittance falls below
+early_stop_eps, its kept samples counted, scanned and written), and padding slots are zero-length
+intervals (weight 0, no gradient). Nothing reads a device value on the host; the true totals are recorded
+on the device for the training loop to check. Outside it (previews, export, evaluation) the
 sample arrays are sized exactly.
 """
 from __future__ import annotations
@@ -97,13 +98,20 @@ class Renderer(nn.Module):
         return self.config.early_stop_eps > 0 or self.config.alpha_threshold > 0
 
     @torch.no_grad()
-    def _keep_mask(self, origins, directions, ray_indices, t_starts, t_ends) -> torch.Tensor:
-        """The gradient-free pruning pass: which samples are still visible and not transparent."""
-        cfg = self.config
+    def _densities(self, origins, directions, ray_indices, t_starts, t_ends) -> torch.Tensor:
+        """The pruning pass's density query, without gradients, in chunks that bound its memory."""
         mid = origins[ray_indices] + directions[ray_indices] * ((t_starts + t_ends) * 0.5)[:, None]
-        sigmas = torch.cat([self.field.density(part) for part in mid.split(cfg.chunk_samples)])
-        _, trans, alphas = ops.render_weights(t_starts, t_ends, sigmas, ray_indices=ray_indices, n_rays=origins.shape[0])
-        return (trans >= cfg.early_stop_eps) & (alphas >= cfg.alpha_threshold)
+        parts = [self.field.density(part) for part in mid.split(self.config.chunk_samples)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _prune(self, origins, directions, ray_indices, t_starts, t_ends, n_marched, capacity: int):
+        """Keep the samples still visible and not transparent (`ops.compact_visible_samples`), in `capacity`
+        slots; returns them and the kept total (a 0-d device tensor)."""
+        cfg = self.config
+        sigmas = self._densities(origins, directions, ray_indices, t_starts, t_ends)
+        return ops.compact_visible_samples(ray_indices, t_starts, t_ends, sigmas, n_samples=n_marched,
+                                           n_rays=origins.shape[0], early_stop_eps=cfg.early_stop_eps,
+                                           alpha_threshold=cfg.alpha_threshold, capacity=capacity)
 
     def sample(self, origins: torch.Tensor, directions: torch.Tensor):
         if self._fixed_capacity and origins.shape[0] > 0:
@@ -120,8 +128,10 @@ class Renderer(nn.Module):
         ray_indices, t_starts, t_ends = self.grid.march(origins, directions, cfg.near, cfg.far, self.step_size, cfg.cone_angle)
         n_marched = ray_indices.shape[0]
         if n_marched > 0 and self.prunes:
-            kept = self._keep_mask(origins, directions, ray_indices, t_starts, t_ends).nonzero().squeeze(1)
-            ray_indices, t_starts, t_ends = ray_indices[kept], t_starts[kept], t_ends[kept]  # one compaction for the three
+            ray_indices, t_starts, t_ends, n_kept = self._prune(origins, directions, ray_indices, t_starts, t_ends,
+                                                                None, capacity=n_marched)
+            n = int(n_kept)  # the one host sync, to size the samples exactly
+            ray_indices, t_starts, t_ends = ray_indices[:n], t_starts[:n], t_ends[:n]
         return ray_indices, t_starts, t_ends, n_marched
 
     def _sample_fixed(self, origins: torch.Tensor, directions: torch.Tensor):
@@ -130,19 +140,8 @@ class Renderer(nn.Module):
             origins, directions, cfg.near, cfg.far, self.step_size, cfg.cone_angle, capacity=buf.marched)
         n_kept = n_marched
         if self.prunes:
-            with torch.no_grad():
-                slots = torch.arange(buf.marched, device=origins.device)
-                keep = self._keep_mask(origins, directions, ray_indices, t_starts, t_ends) & (slots < n_marched)
-                n_kept = keep.sum()
-                # Compaction with static shapes: kept sample i goes to slot (kept samples before i); the others,
-                # and kept samples past the buffer, to a spare slot that is cut off.
-                rank = torch.cumsum(keep, 0) - 1
-                dest = torch.where(keep & (rank < buf.kept), rank, buf.kept)
-                source = slots.new_zeros(buf.kept + 1).scatter_(0, dest, slots)[:buf.kept]
-                filled = slots[:buf.kept] < n_kept
-                ray_indices = torch.where(filled, ray_indices[source], origins.shape[0] - 1)
-                t_starts = torch.where(filled, t_starts[source], 0.0)
-                t_ends = torch.where(filled, t_ends[source], 0.0)
+            ray_indices, t_starts, t_ends, n_kept = self._prune(origins, directions, ray_indices, t_starts, t_ends,
+                                                                n_marched, capacity=buf.kept)
         buf.record(n_marched, n_kept)
         self._n_kept = n_kept
         return ray_indices, t_starts, t_ends

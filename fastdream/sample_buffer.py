@@ -58,8 +58,8 @@ class SampleBuffer:
         self.marched, self.kept = (None if c is None else int(c) for c in capacities)
 
     def record(self, n_marched: torch.Tensor, n_kept: torch.Tensor) -> None:
-        """The device totals of one render (or one chunk of rays); a step keeps the largest."""
-        counts = torch.stack([n_marched.reshape(()), n_kept.reshape(())]).to(torch.int64)
+        """The device totals (0-d tensors) of one render (or one chunk of rays); a step keeps the largest."""
+        counts = torch.stack([n_marched, n_kept]).to(torch.int64)
         self.pending = counts if self.pending is None else torch.maximum(self.pending, counts)
 
     def take(self) -> Optional[torch.Tensor]:

@@ -29,7 +29,8 @@ from fastdream.ops.rasterization import triangle_adjacency
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "cuda_emulation"
 RASTER = ["rasterize_fwd", "rasterize_bwd", "interpolate_fwd", "interpolate_bwd", "antialias_fwd", "antialias_bwd"]
-OPS = ["hash_encode_fwd", "hash_encode_bwd", "hash_encode_bwd_bwd", "march_rays", "march_rays_fixed", "occupancy_update",
+OPS = ["hash_encode_fwd", "hash_encode_bwd", "hash_encode_bwd_bwd", "march_rays", "march_rays_fixed",
+       "compact_visible_samples", "occupancy_update",
        "render_weights_fwd", "render_weights_bwd", "composite_fwd", "composite_bwd", *RASTER]
 CPU = torch.ops.fastdream
 
@@ -224,12 +225,40 @@ def _one_op_call_per_op():
             ("hash_encode_bwd_bwd", (torch.ones(8, 3), gy, x, p, *la, True, True)),
             ("march_rays", (*_march_args(MARCH_CASES[0], (4, 4, 4), torch.float32),)),
             ("march_rays_fixed", (*_march_args(MARCH_CASES[0], (4, 4, 4), torch.float32), 64)),
+            ("compact_visible_samples", (*_compact_args(torch.float32, n_rays=6)[:5], 6, 1e-4, 0.0, 40)),
             ("occupancy_update", (torch.zeros(8), torch.tensor([1]), torch.ones(1), 0.9, 0.5)),
             ("render_weights_fwd", (ts, te, sig, off)),
             ("render_weights_bwd", (torch.ones(n), None, None, ts, te, sig, off, rw[1], rw[2])),
             ("composite_fwd", fa),
             ("composite_bwd", (*[torch.ones_like(t) for t in fwd[:4]], None, *fa[:-1], *fwd, 1, True)),
             *_raster_calls(torch.float32)]
+
+
+def _compact_args(dtype, n_rays=300):
+    """Marched samples with their densities, padding and valid count (test_native_ops._marched)."""
+    from test_native_ops import _marched
+
+    return _marched(n_rays=n_rays, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps,threshold", [(1e-4, 0.0), (0.3, 0.05)])
+def test_compact_visible_samples(EMU, dtype, eps, threshold):
+    """The pruning pass's count, scan, write and device-side padding (three launches of parallel_for.h's
+    kernel over 300 rays: three blocks) equal the CPU op, below, at and above the kept total, with and
+    without the valid count."""
+    ri, ts, te, sig, n_valid, n_rays = _compact_args(dtype)
+    for count in (n_valid, None):
+        total = int(CPU.compact_visible_samples(ri, ts, te, sig, count, n_rays, eps, threshold, 0)[3])
+        assert 0 < total < ri.numel()
+        for capacity in (0, 1, total // 3, total, total + 100):
+            cpu = CPU.compact_visible_samples(ri, ts, te, sig, count, n_rays, eps, threshold, capacity)
+            emu = EMU.compact_visible_samples(ri, ts, te, sig, count, n_rays, eps, threshold, capacity)
+            assert int(emu[3]) == total
+            for u, v in zip(cpu, emu):
+                assert u.dtype == v.dtype and torch.equal(u, v), capacity
+    ran = _launches(EMU, [("compact_visible_samples", (ri, ts, te, sig, n_valid, n_rays, eps, threshold, 50))])
+    assert len(ran) == 1 and ran[0].startswith("include/fastdream/parallel_for.h:") and "\tlaunches=3\t" in ran[0], ran
 
 
 def _raster_calls(dtype, seed=0):
@@ -352,6 +381,10 @@ def test_empty_inputs(EMU):
         assert upd.shape == (8,)
         e, off = torch.zeros(0), torch.zeros(1, dtype=torch.long)
         assert all(t.numel() == 0 for t in op.render_weights_fwd(e, e, e, off))
+        ri, ts, te, n = op.compact_visible_samples(off[:0], e, e, e, torch.tensor(0), 4, 1e-4, 0.0, 3)
+        assert int(n) == 0 and ri.tolist() == [3, 3, 3] and not te.any()  # no samples: only the padding pass
+        ri, ts, te, n = op.compact_visible_samples(off[:0], e, e, e, None, 0, 1e-4, 0.0, 0)
+        assert int(n) == 0 and ri.numel() == 0  # no rays, no slots: nothing launched
 
 
 def _launches(EMU, calls):

@@ -452,6 +452,115 @@ def test_ops_reject_tensors_on_two_devices():
         torch.ops.fastdream.occupancy_update.default.redispatch(cpu_only, occupancy, indices, estimates.to("meta"), 0.9, 0.5)
 
 
+# ----------------------------------------------------------------------------- pruning pass
+def _marched(n_rays=60, seed=0, dtype=torch.float32, n_pad=9):
+    """Packed samples as the marcher writes them (grouped by ray, increasing t): rays with no samples, rays
+    whose first sample is opaque, transparent samples (sigma 0); then n_pad slots of march_rays_fixed's
+    padding (zero-length intervals of the last ray) and the valid count."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 14, (n_rays,), generator=g)
+    counts[::6] = 0
+    counts[-1] = max(int(counts[-1]), 2)
+    ray_indices = torch.repeat_interleave(torch.arange(n_rays), counts)
+    n = ray_indices.numel()
+    t_starts = (torch.arange(n, dtype=torch.float64) * 0.05 + torch.rand(n, generator=g, dtype=torch.float64) * 0.01)
+    t_ends = t_starts + 0.04
+    sigmas = torch.rand(n, generator=g, dtype=torch.float64) * 60
+    sigmas[torch.rand(n, generator=g) < 0.25] = 0.0
+    first = torch.cumsum(counts, 0) - counts
+    sigmas[first[(counts > 0) & (torch.arange(n_rays) % 4 == 1)]] = 1e4  # terminates after its first sample
+    sigmas[ray_indices == n_rays - 1] = 0.0  # the padding's ray stays clear: only n_samples drops the padding
+    pad = lambda v, fill: torch.cat([v, v.new_full((n_pad,), fill)])  # noqa: E731
+    return (pad(ray_indices, n_rays - 1), pad(t_starts, 0.0).to(dtype), pad(t_ends, 0.0).to(dtype),
+            pad(sigmas, 50.0).to(dtype), torch.tensor(n), n_rays)
+
+
+def _visible_by_mask(ray_indices, t_starts, t_ends, sigmas, n_valid, n_rays, eps, threshold):
+    """The pruning pass as a boolean mask over the whole render_weights pass (the renderer's former logic)."""
+    _, trans, alphas = render_weights_reference(t_starts, t_ends, sigmas, ray_indices, n_rays)
+    keep = (trans >= eps) & (alphas >= threshold) & (torch.arange(ray_indices.numel()) < n_valid)
+    return ray_indices[keep], t_starts[keep], t_ends[keep]
+
+
+def _compact_impl(name, device="cpu"):
+    if name == "reference":
+        from fastdream.ops.pruning import compact_visible_samples_reference
+        return compact_visible_samples_reference
+    return _native_on(device).compact_visible_samples
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl_name", ["reference", "native"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps,threshold", [(1e-4, 0.0), (1e-4, 0.05), (0.3, 0.0), (0.0, 0.2), (2.0, 0.0)])
+def test_compact_visible_samples_matches_the_mask(impl_name, dtype, eps, threshold, device):
+    """Native and twin against the boolean mask of a full render_weights pass: the same samples in the same
+    order, then padding, at capacities below, at and above the kept total (outputs cut consistently, the
+    true total returned), with the valid count cutting the march buffer's padding or a ray in the middle."""
+    compact = _compact_impl(impl_name, device)
+    ri, ts, te, sig, n_valid, n_rays = _marched(dtype=dtype)
+    for n_samples in (n_valid, n_valid - 5):
+        want = _visible_by_mask(ri, ts, te, sig, int(n_samples), n_rays, eps, threshold)
+        k = want[0].numel()
+        if eps == 1e-4 and n_samples is n_valid:  # the scene exercises what it means to
+            every = _visible_by_mask(ri, ts, te, sig, int(n_samples), n_rays, 0.0, threshold)[0].numel()
+            assert 0 < k < every  # early termination drops samples
+            if threshold == 0.0:  # without the valid count the padding would be kept
+                assert k + 9 == _visible_by_mask(ri, ts, te, sig, ri.numel(), n_rays, eps, 0.0)[0].numel()
+        for capacity in sorted({0, k // 2, k, k + 7, ri.numel()}):
+            args = [t.to(device) for t in (ri, ts, te, sig, n_samples)]
+            out_ri, out_ts, out_te, n_kept = (t.cpu() for t in compact(*args, n_rays, eps, threshold, capacity))
+            assert n_kept.shape == () and n_kept.dtype == torch.int64 and int(n_kept) == k, capacity
+            assert out_ri.shape == out_ts.shape == out_te.shape == (capacity,) and out_ts.dtype == dtype
+            m = min(k, capacity)
+            assert torch.equal(out_ri[:m], want[0][:m]) and torch.equal(out_ts[:m], want[1][:m])
+            assert torch.equal(out_te[:m], want[2][:m]), capacity
+            assert (out_ri[m:] == n_rays - 1).all() and not out_ts[m:].any() and not out_te[m:].any()
+
+
+@pytest.mark.parametrize("impl_name", ["reference", "native"])
+def test_compact_visible_samples_without_a_count_and_when_empty(impl_name):
+    """n_samples None: every slot is valid (the exactly sized path); no samples: all padding; no rays."""
+    compact = _compact_impl(impl_name)
+    ri, ts, te, sig, n_valid, n_rays = _marched(n_pad=0)
+    a, b = compact(ri, ts, te, sig, None, n_rays, 1e-4, 0.0, ri.numel()), compact(ri, ts, te, sig, n_valid, n_rays,
+                                                                                    1e-4, 0.0, ri.numel())
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    e, ei = torch.zeros(0), torch.zeros(0, dtype=torch.int64)
+    out_ri, out_ts, out_te, n_kept = compact(ei, e, e, e, torch.tensor(0), 5, 1e-4, 0.0, 3)
+    assert out_ri.tolist() == [4, 4, 4] and not out_te.any() and int(n_kept) == 0
+    out_ri, _, _, n_kept = compact(ei, e, e, e, None, 0, 1e-4, 0.0, 2)
+    assert out_ri.tolist() == [0, 0] and int(n_kept) == 0
+
+
+@pytest.mark.parametrize("impl_name", ["reference", "native"])
+def test_compact_visible_samples_rejects_bad_input(impl_name):
+    from fastdream.errors import FastDreamError
+
+    compact = _compact_impl(impl_name)
+    ri, ts, te, sig, n_valid, n_rays = _marched()
+    with pytest.raises(FastDreamError, match="n_samples must be None or a one-element int64 tensor"):
+        compact(ri, ts, te, sig, n_valid.float(), n_rays, 1e-4, 0.0, 8)
+    with pytest.raises(FastDreamError, match="capacity must be >= 0"):
+        compact(ri, ts, te, sig, n_valid, n_rays, 1e-4, 0.0, -1)
+    with pytest.raises(FastDreamError, match="sigmas must have shape"):
+        compact(ri, ts, te, sig[:-1], n_valid, n_rays, 1e-4, 0.0, 8)
+
+
+def test_compact_visible_samples_routes_by_backend():
+    """ops.compact_visible_samples runs the native op under the native backend and the twin under torch."""
+    _native()
+    from fastdream import ops
+
+    ri, ts, te, sig, n_valid, n_rays = _marched()
+    kw = dict(n_samples=n_valid, n_rays=n_rays, early_stop_eps=1e-4, alpha_threshold=0.0, capacity=100)
+    with ops_use_backend("native"):
+        a = ops.compact_visible_samples(ri, ts, te, sig, **kw)
+    with ops_use_backend("torch"):
+        b = ops.compact_visible_samples(ri, ts, te, sig, **kw)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
 # ----------------------------------------------------------------------------- volume rendering
 def _packed(n_rays=7, seed=0, dtype=torch.float64, max_samples=6):
     """Packed samples with rays of 0..max_samples samples, zero-length intervals and large densities."""
@@ -606,6 +715,8 @@ def _opcheck_cases():
         "hash_encode_bwd": (gy.requires_grad_(), x.detach().requires_grad_(), p.detach().requires_grad_(), *la, True, True),
         "hash_encode_bwd_bwd": (ggx, gy.detach(), x.detach(), p.detach(), *la, True, True),
         "march_rays": (o, d, aabb, binary, 0.0, 1e10, 0.1, 0.01, 1e10),
+        "compact_visible_samples": (*_marched(n_rays=8)[:5], 8, 1e-4, 0.0, 40),
+        "compact_visible_samples_no_count": (*_marched(n_rays=8)[:4], None, 8, 1e-4, 0.01, 40),
         "occupancy_update": (torch.rand(60), torch.randint(0, 60, (20,)), torch.rand(20), 0.95, 0.5),
         "render_weights_fwd": (sc["t_starts"].requires_grad_(), sc["t_ends"].requires_grad_(),
                                sc["sigmas"].requires_grad_(), off),
@@ -618,13 +729,13 @@ def _opcheck_cases():
 
 
 OPCHECK_NAMES = ["hash_encode_fwd", "hash_encode_fwd_half", "hash_encode_bwd", "hash_encode_bwd_bwd", "march_rays",
-                 "occupancy_update", "render_weights_fwd", "render_weights_bwd", "composite_fwd", "composite_bwd"]
+                 "compact_visible_samples", "compact_visible_samples_no_count", "occupancy_update", "render_weights_fwd", "render_weights_bwd", "composite_fwd", "composite_bwd"]
 
 
 @pytest.mark.parametrize("name", OPCHECK_NAMES)
 def test_opcheck(name):
     cases = _opcheck_cases()
-    op = getattr(torch.ops.fastdream, name.replace("_half", "")).default
+    op = getattr(torch.ops.fastdream, name.replace("_half", "").replace("_no_count", "")).default
     torch.library.opcheck(op, tuple(cases[name]))
 
 

@@ -1,6 +1,6 @@
 // CPU launchers: OpenMP (through at::parallel_for) over points / levels / rays around the shared
-// per-element logic in csrc/kernels/*_impl.h; the volume-rendering launchers are shared with CUDA
-// (csrc/launchers/volume_rendering.h). No atomics: the hash-grid parameter gradient is
+// per-element logic in csrc/kernels/*_impl.h; the volume-rendering, pruning and rasterization launchers
+// are shared with CUDA (csrc/launchers/). No atomics: the hash-grid parameter gradient is
 // partitioned by level, so each thread owns a disjoint slice of the gradient buffer.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -12,6 +12,7 @@
 #include "fastdream/torch_glue.h"
 #include "../kernels/compositing_impl.h"
 #include "../kernels/marching_impl.h"
+#include "../launchers/pruning.h"           // compact_visible_samples (shared with CUDA)
 #include "../launchers/rasterize.h"         // rasterize, interpolate, antialias (shared with CUDA)
 #include "../launchers/volume_rendering.h"  // render_weights_fwd/bwd, composite_fwd/bwd (shared with CUDA)
 
@@ -302,6 +303,7 @@ TORCH_LIBRARY_IMPL(fastdream, CPU, m) {
     m.impl("march_rays", &march_rays_cpu);
     m.impl("march_rays_fixed", &march_rays_fixed_cpu);
     m.impl("occupancy_update", &occupancy_update_cpu);
+    m.impl("compact_visible_samples", &fastdream::compact_visible_samples);
     m.impl("render_weights_fwd", &fastdream::render_weights_fwd);
     m.impl("render_weights_bwd", &fastdream::render_weights_bwd);
     m.impl("composite_fwd", &fastdream::composite_fwd);

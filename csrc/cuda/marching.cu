@@ -7,6 +7,9 @@
 #include "fastdream/torch_glue.h"
 #include "../kernels/marching_impl.h"
 
+#include <tuple>
+#include <utility>
+
 namespace fastdream {
 namespace {
 
@@ -65,36 +68,67 @@ __global__ void march_pad_kernel(int64_t capacity, const int64_t* __restrict__ t
     march::write_padding(i, pad_ray, ray_indices, t_starts, t_ends);
 }
 
+at::Device checked_device(const char* op, const at::Tensor& origins, const at::Tensor& directions,
+                          const at::Tensor& aabb, const at::Tensor& binary) {
+    check_same_device(op, {origins, directions, aabb, binary});
+    return origins.device();
+}
+
+// What both marching launchers share: the checked inputs on their device (the guard lives as long as this
+// object), the grid view, the stepping rule, and the count pass with its scan.
+struct CudaMarch {
+    c10::cuda::CUDAGuard guard;
+    const MarchInputs in;
+    const march::OccupancyView grid;
+    const int64_t R;
+    const march::MarchParams p;
+
+    CudaMarch(const char* op, const at::Tensor& origins, const at::Tensor& directions, const at::Tensor& aabb,
+              const at::Tensor& binary, double near, double far, double step_size, double cone_angle,
+              double max_step_size)
+        : guard(checked_device(op, origins, directions, aabb, binary)),
+          in(prepare_march(origins, directions, aabb, binary)),
+          grid(in.view()),
+          R(in.origins.size(0)),
+          p{near, far, step_size, cone_angle, max_step_size} {}
+
+    template <typename S> const S* o() const { return in.origins.data_ptr<S>(); }
+    template <typename S> const S* d() const { return in.directions.data_ptr<S>(); }
+    template <typename S> const S* box() const { return in.box.data_ptr<S>(); }
+
+    // Per-ray sample counts (counts[R] = 0) and their inclusive scan: ends[r] is where ray r's samples end,
+    // ends[R] the total, still on the device.
+    template <typename S>
+    std::pair<at::Tensor, at::Tensor> count() const {
+        auto counts = at::zeros({R + 1}, in.origins.options().dtype(at::kLong));
+        if (R > 0) {
+            march_count_kernel<S><<<cuda::blocks_for(R), cuda::kThreads, 0, cuda::stream()>>>(
+                R, o<S>(), d<S>(), box<S>(), grid, p, counts.data_ptr<int64_t>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        return {counts, at::cumsum(counts, 0)};
+    }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> march_rays_fixed_cuda(
     const at::Tensor& origins_, const at::Tensor& directions_, const at::Tensor& aabb_, const at::Tensor& binary_,
     double near, double far, double step_size, double cone_angle, double max_step_size, int64_t capacity) {
-    check_same_device("march_rays_fixed", {origins_, directions_, aabb_, binary_});
+    const CudaMarch m("march_rays_fixed", origins_, directions_, aabb_, binary_, near, far, step_size, cone_angle,
+                      max_step_size);
     TORCH_CHECK(capacity >= 0, "march_rays_fixed: capacity must be >= 0");
-    c10::cuda::CUDAGuard guard(origins_.device());
-    const MarchInputs in = prepare_march(origins_, directions_, aabb_, binary_);
-    const march::OccupancyView grid = in.view();
-    const int64_t R = in.origins.size(0);
-    const march::MarchParams p{near, far, step_size, cone_angle, max_step_size};
-    auto counts = at::zeros({R + 1}, in.origins.options().dtype(at::kLong));  // counts[R] = 0: the total of no rays
-    auto ray_indices = at::empty({capacity}, counts.options());
-    auto t_starts = at::empty({capacity}, in.origins.options());
-    auto t_ends = at::empty({capacity}, in.origins.options());
+    const int64_t R = m.R;
+    auto ray_indices = at::empty({capacity}, m.in.origins.options().dtype(at::kLong));
+    auto t_starts = at::empty({capacity}, m.in.origins.options());
+    auto t_ends = at::empty({capacity}, m.in.origins.options());
     at::Tensor ends;
-    AT_DISPATCH_FLOATING_TYPES(in.origins.scalar_type(), "march_rays_fixed_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES(m.in.origins.scalar_type(), "march_rays_fixed_cuda", [&] {
         using S = scalar_t;
-        const S* o = in.origins.data_ptr<S>();
-        const S* d = in.directions.data_ptr<S>();
-        const S* bx = in.box.data_ptr<S>();
-        if (R > 0) {
-            march_count_kernel<S><<<cuda::blocks_for(R), cuda::kThreads, 0, cuda::stream()>>>(
-                R, o, d, bx, grid, p, counts.data_ptr<int64_t>());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-        ends = at::cumsum(counts, 0);  // ends[R] is the total: it sizes nothing, so it stays on the device
+        at::Tensor counts;
+        std::tie(counts, ends) = m.count<S>();  // the total sizes nothing: it stays on the device
         if (R > 0 && capacity > 0) {
             march_fill_fixed_kernel<S><<<cuda::blocks_for(R), cuda::kThreads, 0, cuda::stream()>>>(
-                R, o, d, bx, grid, p, counts.data_ptr<int64_t>(), ends.data_ptr<int64_t>(), capacity,
-                ray_indices.data_ptr<int64_t>(), t_starts.data_ptr<S>(), t_ends.data_ptr<S>());
+                R, m.o<S>(), m.d<S>(), m.box<S>(), m.grid, m.p, counts.data_ptr<int64_t>(), ends.data_ptr<int64_t>(),
+                capacity, ray_indices.data_ptr<int64_t>(), t_starts.data_ptr<S>(), t_ends.data_ptr<S>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
         if (capacity > 0) {
@@ -111,32 +145,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> march_rays_cuda(const at::Tensor&
                                                                const at::Tensor& aabb_, const at::Tensor& binary_,
                                                                double near, double far, double step_size,
                                                                double cone_angle, double max_step_size) {
-    check_same_device("march_rays", {origins_, directions_, aabb_, binary_});
-    c10::cuda::CUDAGuard guard(origins_.device());
-    const MarchInputs in = prepare_march(origins_, directions_, aabb_, binary_);
-    const march::OccupancyView grid = in.view();
-    const int64_t R = in.origins.size(0);
-    const march::MarchParams p{near, far, step_size, cone_angle, max_step_size};
-    auto counts = at::empty({R}, in.origins.options().dtype(at::kLong));
+    const CudaMarch m("march_rays", origins_, directions_, aabb_, binary_, near, far, step_size, cone_angle,
+                      max_step_size);
+    const int64_t R = m.R;
     at::Tensor ray_indices, t_starts, t_ends;
-    AT_DISPATCH_FLOATING_TYPES(in.origins.scalar_type(), "march_rays_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES(m.in.origins.scalar_type(), "march_rays_cuda", [&] {
         using S = scalar_t;
-        const S* o = in.origins.data_ptr<S>();
-        const S* d = in.directions.data_ptr<S>();
-        const S* bx = in.box.data_ptr<S>();
-        if (R > 0) {
-            march_count_kernel<S><<<cuda::blocks_for(R), cuda::kThreads, 0, cuda::stream()>>>(
-                R, o, d, bx, grid, p, counts.data_ptr<int64_t>());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-        at::Tensor ends = at::cumsum(counts, 0);
-        const int64_t total = R > 0 ? ends[R - 1].item<int64_t>() : 0;  // one sync, to size the outputs
+        at::Tensor counts, ends;
+        std::tie(counts, ends) = m.count<S>();
+        const int64_t total = ends[R].item<int64_t>();  // one sync, to size the outputs
         ray_indices = at::empty({total}, counts.options());
-        t_starts = at::empty({total}, in.origins.options());
-        t_ends = at::empty({total}, in.origins.options());
+        t_starts = at::empty({total}, m.in.origins.options());
+        t_ends = at::empty({total}, m.in.origins.options());
         if (total > 0) {
             march_fill_kernel<S><<<cuda::blocks_for(R), cuda::kThreads, 0, cuda::stream()>>>(
-                R, o, d, bx, grid, p, counts.data_ptr<int64_t>(), ends.data_ptr<int64_t>(),
+                R, m.o<S>(), m.d<S>(), m.box<S>(), m.grid, m.p, counts.data_ptr<int64_t>(), ends.data_ptr<int64_t>(),
                 ray_indices.data_ptr<int64_t>(), t_starts.data_ptr<S>(), t_ends.data_ptr<S>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
         }

@@ -10,6 +10,7 @@
 #include "kernels/compositing_impl.h"
 #include "kernels/hash_encoding_impl.h"
 #include "kernels/marching_impl.h"
+#include "kernels/pruning_impl.h"
 #include "kernels/rasterize_impl.h"
 
 using namespace fastdream;
@@ -173,6 +174,34 @@ static void test_compositing() {
     EXPECT(op == 0 && rgb[0] == 0 && depth == 0);
 }
 
+static void test_pruning() {
+    // samples of s = sigma * dt = 1, 0, 3, 1, 1: T = 1, e^-1, e^-1, e^-4, e^-5; alpha = 1 - e^-s
+    const int n = 5;
+    double ts[n] = {0, 1, 2, 3, 4}, te[n] = {1, 2, 3, 4, 5}, sig[n] = {1, 0, 3, 1, 1};
+    std::vector<int64_t> kept;
+    auto record = [&](int64_t i) { kept.push_back(i); };
+    EXPECT(prune::walk_ray<double>(0, n, ts, te, sig, 0.0, 0.0, record) == 5);
+    kept.clear();  // T < e^-3 from the fourth sample on: the walk stops there
+    EXPECT(prune::walk_ray<double>(0, n, ts, te, sig, std::exp(-3.0), 0.0, record) == 3 && kept.size() == 3);
+    kept.clear();  // the transparent second sample (alpha 0) is dropped, the walk goes on
+    EXPECT(prune::walk_ray<double>(0, n, ts, te, sig, std::exp(-3.0), 0.5, record) == 2);
+    EXPECT(kept.size() == 2 && kept[0] == 0 && kept[1] == 2);
+    EXPECT(prune::walk_ray<double>(0, n, ts, te, sig, 2.0, 0.0, prune::CountOnly{}) == 0);  // T = 1 < 2
+    // a NaN density: its alpha fails the threshold test, the NaN transmittance behind it stops the walk
+    double nan_sig[3] = {1.0, std::numeric_limits<double>::quiet_NaN(), 1.0};
+    EXPECT(prune::walk_ray<double>(0, 3, ts, te, nan_sig, 1e-4, 0.0, prune::CountOnly{}) == 1);
+    // ray spans by binary search; writes cut at the capacity
+    const int64_t rays[6] = {0, 0, 2, 2, 2, 4};
+    EXPECT(prune::lower_bound(rays, 0, 6, 1) == 2 && prune::lower_bound(rays, 0, 6, 2) == 2);
+    EXPECT(prune::lower_bound(rays, 0, 6, 3) == 5 && prune::lower_bound(rays, 0, 6, 5) == 6);
+    int64_t out_r[2] = {-1, -1};
+    double out_s[2] = {-1, -1}, out_e[2] = {-1, -1};
+    prune::WriteKept<double> write{1, 2, rays, ts, te, out_r, out_s, out_e};
+    write(2);
+    write(3);  // past the capacity: counted, not written
+    EXPECT(out_r[0] == -1 && out_r[1] == 2 && out_s[1] == 2.0 && out_e[1] == 3.0 && write.slot == 3);
+}
+
 static void test_rasterize() {
     // a triangle with w = 1, 2, 1: perspective-correct barycentrics are not the screen-space ones
     const double p0[4] = {-1, -1, 0.5, 1}, p1[4] = {2, -2, 0, 2}, p2[4] = {-1, 1, 0.5, 1};
@@ -238,6 +267,7 @@ int main() {
     test_encode_level();
     test_marching();
     test_compositing();
+    test_pruning();
     test_rasterize();
     if (failures == 0) std::printf("all impl checks passed\n");
     return failures == 0 ? 0 : 1;

@@ -19,6 +19,7 @@ from .compositing import composite_reference
 from .hash_encoding import (DEFAULT_PER_LEVEL_SCALE, HashGridLayout, check_hash_encode_inputs, default_per_level_scale,
                             hash_encode_reference, hash_grid_layout, hash_grid_n_params)
 from .marching import march_rays_fixed_reference, march_rays_reference, occupancy_update_reference, ray_aabb_intersect
+from .pruning import compact_visible_samples_reference
 from .rasterization import antialias_reference, interpolate_reference, rasterize_reference, triangle_adjacency
 from .shading import SHADING_MODES, shade, shading_code
 from .volume_rendering import accumulate_along_rays as _accumulate_along_rays
@@ -26,7 +27,7 @@ from .volume_rendering import render_weights_reference
 
 __all__ = [
     "hash_encode", "hash_grid_n_params", "hash_grid_layout", "HashGridLayout", "default_per_level_scale",
-    "DEFAULT_PER_LEVEL_SCALE", "render_weights", "accumulate_along_rays", "march_rays", "march_rays_fixed", "occupancy_update", "ray_aabb_intersect",
+    "DEFAULT_PER_LEVEL_SCALE", "render_weights", "accumulate_along_rays", "march_rays", "march_rays_fixed", "compact_visible_samples", "occupancy_update", "ray_aabb_intersect",
     "composite", "shade", "SHADING_MODES", "shading_code", "rasterize", "interpolate", "antialias", "triangle_adjacency",
     "use_backend",
     "set_backend", "backend_name",
@@ -100,6 +101,28 @@ def march_rays_fixed(origins: torch.Tensor, directions: torch.Tensor, *, aabb: t
                                             max_step_size, capacity)
         return march_rays_fixed_reference(origins, directions, aabb, binary, near, far, step_size, cone_angle,
                                           max_step_size, capacity)
+
+
+def compact_visible_samples(ray_indices: torch.Tensor, t_starts: torch.Tensor, t_ends: torch.Tensor,
+                            sigmas: torch.Tensor, *, n_rays: int, early_stop_eps: float, alpha_threshold: float,
+                            capacity: int, n_samples: Optional[torch.Tensor] = None):
+    """The pruning pass: keep the marched samples still visible and not transparent, compacted in order.
+
+    Packed samples ray_indices, t_starts, t_ends and their densities sigmas (N,), each ray's samples
+    contiguous and in order (as march_rays writes them); n_samples, the valid count as a 0-d int64 device
+    tensor (march_rays_fixed's), or None when all N are valid. Each ray is walked front to back accumulating
+    the transmittance T (render_weights' arithmetic) and stops at the first sample with T < early_stop_eps
+    (early ray termination); of the samples before, those with alpha >= alpha_threshold are kept. Returns
+    (ray_indices, t_starts, t_ends), each (capacity,): the kept samples in their order, then padding
+    (zero-length intervals [0, 0) of ray n_rays - 1), and n_kept, the kept total as a 0-d int64 device
+    tensor (no host sync; past the capacity the samples are dropped). No gradients. See ops.pruning."""
+    with torch.no_grad():
+        if _backend.use_native(sigmas.device):
+            from . import _native
+            return _native.compact_visible_samples(ray_indices, t_starts, t_ends, sigmas, n_samples, n_rays,
+                                                   early_stop_eps, alpha_threshold, capacity)
+        return compact_visible_samples_reference(ray_indices, t_starts, t_ends, sigmas, n_samples, n_rays,
+                                                 early_stop_eps, alpha_threshold, capacity)
 
 
 def occupancy_update(occupancy: torch.Tensor, *, indices: torch.Tensor, estimates: torch.Tensor, decay: float,

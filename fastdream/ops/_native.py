@@ -13,7 +13,7 @@ Gradients:
   light_intensity or ambient require grad, composite() falls back to the reference (exact autograd).
 - rasterize: barycentrics and depth to the clip-space vertex positions; interpolate: to the attributes
   and the barycentrics; antialias: to the colours and the vertex positions (first order only).
-- march_rays / march_rays_fixed / occupancy_update: no gradients.
+- march_rays / march_rays_fixed / compact_visible_samples / occupancy_update: no gradients.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from ..errors import check
 from .compositing import composite_reference
 from .hash_encoding import HashGridLayout
 from .marching import check_march_inputs, check_occupancy_update_inputs
+from .pruning import check_compact_inputs
 from .rasterization import check_mesh_inputs, check_topology, triangle_adjacency
 from .shading import shading_code
 from .volume_rendering import check_packed
@@ -71,6 +72,13 @@ def _march_rays_fake(origins, directions, aabb, binary, near, far, step_size, co
 def _march_rays_fixed_fake(origins, directions, aabb, binary, near, far, step_size, cone_angle, max_step_size, capacity):
     return (origins.new_empty((capacity,), dtype=torch.int64), origins.new_empty((capacity,)),
             origins.new_empty((capacity,)), origins.new_empty((), dtype=torch.int64))
+
+
+@torch.library.register_fake(_LIB + "compact_visible_samples")
+def _compact_visible_samples_fake(ray_indices, t_starts, t_ends, sigmas, n_samples, n_rays, early_stop_eps,
+                                  alpha_threshold, capacity):
+    return (ray_indices.new_empty((capacity,)), t_starts.new_empty((capacity,)), t_starts.new_empty((capacity,)),
+            ray_indices.new_empty(()))
 
 
 @torch.library.register_fake(_LIB + "occupancy_update")
@@ -336,6 +344,14 @@ def march_rays_fixed(origins, directions, aabb, binary, near: float, far: float,
         origins = origins.float()
     return ops.march_rays_fixed(origins, directions.to(origins.dtype), aabb, binary, float(near), float(far),
                                 float(step_size), float(cone_angle), float(max_step_size), int(capacity))
+
+
+def compact_visible_samples(ray_indices, t_starts, t_ends, sigmas, n_samples: Optional[torch.Tensor], n_rays: int,
+                            early_stop_eps: float, alpha_threshold: float, capacity: int):
+    """See ops.pruning.compact_visible_samples_reference."""
+    check_compact_inputs(ray_indices, t_starts, t_ends, sigmas, n_samples, n_rays, capacity)
+    return ops.compact_visible_samples(ray_indices, t_starts, t_ends, sigmas, n_samples, int(n_rays),
+                                       float(early_stop_eps), float(alpha_threshold), int(capacity))
 
 
 def occupancy_update(occupancy: torch.Tensor, indices: torch.Tensor, estimates: torch.Tensor, decay: float,
