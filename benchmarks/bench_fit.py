@@ -55,7 +55,7 @@ def run(args) -> Dict:
     started = time.perf_counter()
     import torch
     from fastdream.data import load_dataset
-    from fastdream.fit import default_configs, fit
+    from fastdream.fit import default_configs, fit, grid_update_due
 
     data_dir = Path(args.data or os.environ.get(DEFAULT_DATA[0]) or DEFAULT_DATA[1])
     if not (data_dir / "transforms.json").is_file():
@@ -75,7 +75,7 @@ def run(args) -> Dict:
         t0 = time.perf_counter()
 
         def on_step(step, renderer, loss):
-            if step == 1 or step % config.grid_update_every == 0:
+            if grid_update_due(step, config):
                 grid = renderer.grid
                 extra = {"visible": round(float(grid.visible.float().mean()), 5)} if step == 1 else {}
                 trace.append({**extra, "step": step, "seconds": round(time.perf_counter() - t0, 2),
@@ -92,7 +92,8 @@ def run(args) -> Dict:
         work_unit="steps", dataset=str(data_dir), n_train=metrics["n_train"], n_test=metrics["n_test"],
         resolution=metrics["resolution"], seconds_per_step=s_per_step, train_seconds=metrics["train_seconds"],
         eval_seconds=metrics["eval_seconds"], wall_seconds=wall, psnr_test=metrics["psnr"],
-        psnr_train_last=metrics["final_train_psnr"],
+        psnr_train_last=metrics["final_train_psnr"], mean_rays_per_step=metrics["mean_rays_per_step"],
+        mean_samples_per_step=metrics["mean_samples_per_step"],
         occupied_after_warmup=after_warmup[0] if after_warmup else None, occupied_final=metrics["occupied_fraction"],
         visible_fraction=visible, occupancy_trace=trace, load_average_start=list(load_start),
         load_average_end=list(os.getloadavg()))
@@ -101,6 +102,9 @@ def run(args) -> Dict:
                              applies=steps >= 3000 and wall <= WALL_TARGET_S,
                              note=None if steps >= 3000 else f"only {steps} steps run", unit="dB")]
     config_out = {"steps": steps, "resolution": args.resolution, "rays_per_step": config.rays_per_step,
+                  "samples_per_step": config.samples_per_step, "grid_update_ramp": config.grid_update_ramp,
+                  "grid_reference_steps": config.grid_reference_steps, "n_levels": field_config.n_levels,
+                  "log2_hashmap_size": field_config.log2_hashmap_size, "max_resolution": field_config.max_resolution,
                   "grid_resolution": config.grid_resolution, "grid_update_every": config.grid_update_every,
                   "grid_warmup_steps": config.grid_warmup_steps, "grid_ema_decay": config.grid_ema_decay,
                   "samples_per_ray": render_config.samples_per_ray, "max_images": args.max_images}

@@ -14,7 +14,8 @@ is_fisheye) are not modelled and are warned about.
 The scene box is, in order of preference: an explicit "aabb": [[xmin,ymin,zmin],[xmax,ymax,zmax]]
 (a fastdream extension other tools ignore), else instant-ngp's aabb_scale: a cube of half-size
 1.5 * aabb_scale around the origin (instant-ngp maps the unit cube to NeRF-synthetic's [-1.5, 1.5]^3),
-else [-1.5, 1.5]^3.
+else [-1.5, 1.5]^3. With aabb_scale the box's central cube (half-size 1.5, where instant-ngp expects
+the object) is kept as `centre_aabb`: the occupancy grid takes its threshold's mean there.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ class PosedImages:
     aabb: torch.Tensor        # (6,) scene box
     paths: List[Path]         # the image files, in frame order
     source: Path              # the transforms file they came from
+    centre_aabb: Optional[torch.Tensor] = None  # (6,) the object's region inside an aabb_scale box; None: all of aabb
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -73,7 +75,8 @@ class PosedImages:
     def subset(self, indices: Sequence[int]) -> "PosedImages":
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         return PosedImages(self.images[idx], self.c2w[idx], self.fx[idx], self.fy[idx], self.cx[idx], self.cy[idx],
-                           self.width, self.height, self.aabb, [self.paths[i] for i in idx.tolist()], self.source)
+                           self.width, self.height, self.aabb, [self.paths[i] for i in idx.tolist()], self.source,
+                           self.centre_aabb)
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
@@ -224,12 +227,19 @@ def scene_aabb(meta: Dict[str, Any], source: Path) -> torch.Tensor:
             raise FastDreamError(f"{source}: \"aabb\" must be [[xmin, ymin, zmin], [xmax, ymax, zmax]] with max > min, got {meta['aabb']!r}.")
         return torch.from_numpy(box).float()
     half = DEFAULT_HALF_SIZE
-    if "aabb_scale" in meta:
+    if "aabb_scale" in meta:  # instant-ngp: the unit cube (here [-1.5, 1.5]^3) scaled about its centre
         scale = _number(meta["aabb_scale"], "aabb_scale", source)
         if scale <= 0:
             raise FastDreamError(f"{source}: aabb_scale must be positive, got {scale}.")
         half *= scale
     return torch.tensor([-half] * 3 + [half] * 3, dtype=torch.float32)
+
+
+def centre_aabb(meta: Dict[str, Any]) -> Optional[torch.Tensor]:
+    """The unscaled central cube of an aabb_scale box (None without aabb_scale, or with an explicit aabb)."""
+    if "aabb" in meta or "aabb_scale" not in meta:
+        return None
+    return torch.tensor([-DEFAULT_HALF_SIZE] * 3 + [DEFAULT_HALF_SIZE] * 3, dtype=torch.float32)
 
 
 def load_transforms(path, resolution: Optional[int] = None, background=(1.0, 1.0, 1.0)) -> PosedImages:
@@ -284,7 +294,7 @@ def load_transforms(path, resolution: Optional[int] = None, background=(1.0, 1.0
         fx, fy, cx, cy = fx * sx, fy * sy, cx * sx, cy * sy
         w, h = new_w, new_h
     return PosedImages(images=stack, c2w=torch.stack(mats), fx=fx, fy=fy, cx=cx, cy=cy, width=w, height=h,
-                       aabb=scene_aabb(meta, source), paths=paths, source=source)
+                       aabb=scene_aabb(meta, source), paths=paths, source=source, centre_aabb=centre_aabb(meta))
 
 
 def load_dataset(data_dir, resolution: Optional[int] = None, background=(1.0, 1.0, 1.0)) -> Tuple[PosedImages, PosedImages]:
@@ -306,7 +316,7 @@ def load_dataset(data_dir, resolution: Optional[int] = None, background=(1.0, 1.
         for name in ("transforms_test.json", "transforms_val.json"):
             if (root / name).is_file():
                 test = load_transforms(root / name, resolution, background)
-                test.aabb = train.aabb
+                test.aabb, test.centre_aabb = train.aabb, train.centre_aabb
                 return train, test
         log.info("fastdream: %s has no transforms_test.json; holding out every %dth training frame.", root, HOLDOUT_EVERY)
         return _holdout(train)

@@ -35,11 +35,22 @@ DEMO_PSNR_TARGET = 25.0
 class FitConfig:
     steps: int = 2000
     rays_per_step: int = 4096
+    # A sample budget instead of a ray count (instant-ngp's target batch size): the rays of each step are
+    # budget / (kept samples per ray of the last step), at most rays_per_step, in multiples of 64.
+    samples_per_step: Optional[int] = None
     lr_encoding: float = 1e-2
     lr_mlp: float = 1e-2
     final_lr_factor: float = 0.1      # exponential decay to lr * factor at the last step
     grid_resolution: int = 64
     grid_update_every: int = 16
+    # instant-ngp's schedule: update every clamp(step // grid_update_every, 1, grid_update_every) steps, so the
+    # grid follows the quickly changing field of the first hundred steps (empty space is pruned within tens of
+    # steps, not hundreds); False: every grid_update_every steps from the start.
+    grid_update_ramp: bool = False
+    # The grid's opacity estimate is density * a step: None takes the render step (box diagonal / samples_per_ray);
+    # N takes instant-ngp's finest step, the central box's diagonal / N (instant-ngp: 1024 across its unit cube),
+    # so the density a cell needs to stay occupied does not fall as aabb_scale enlarges the box and the render step.
+    grid_reference_steps: Optional[int] = None
     grid_warmup_steps: int = 256
     grid_ema_decay: float = 0.95
     background: tuple = (1.0, 1.0, 1.0)
@@ -60,15 +71,47 @@ def demo_configs(steps: Optional[int] = None):
 
 
 def default_configs(steps: Optional[int] = None):
-    # Untrained space is transparent and stays so, as in instant-ngp: density e^-3 = 0.05 (a fifth of the
-    # occupancy threshold at the default step) and no MLP biases, so where the hash features are untouched
-    # (space no ray constrains: occluded, behind the walls) the density cannot drift up with the rest of
-    # the scene, and those cells drop out of the grid instead of holding it near 100% occupied.
-    field = FieldConfig(n_levels=16, log2_hashmap_size=19, base_resolution=16, max_resolution=2048, hidden_dim=64,
+    """`fastdream fit` on real captures, sized for a CPU (measured on instant-ngp's fox at 135 px wide on two
+    cores: benchmarks/results/fox_cpu.json)."""
+    # Untrained space is transparent and stays so, as in instant-ngp: density e^-3 = 0.05 and no MLP biases, so
+    # where the hash features are untouched (space no ray constrains: occluded, behind the walls) the density
+    # cannot drift up with the rest of the scene, and those cells drop out of the grid.
+    # 12 levels up to 1024 and a 2^17 table (instant-ngp: 16 levels, 2^19, on a GPU): at 135 px the pixel
+    # footprint at the fox is ~1/400 of the box, so finer levels add no detail; the encoding is half the step's
+    # time and the 2^19 table's gradient, zeroing and Adam update cost ~0.1 s per step on their own (16 levels,
+    # 2^19: 0.6-0.7 s per step for the same samples; 12 levels, 2^17: 0.3-0.45 s and the same held-out PSNR
+    # after 300 steps).
+    field = FieldConfig(n_levels=12, log2_hashmap_size=17, base_resolution=16, max_resolution=1024, hidden_dim=64,
                         n_hidden_layers=1, blob_density=0.0, density_bias=-3.0, mlp_bias=False)
     render = RenderConfig(samples_per_ray=512)
-    fit = FitConfig(steps=steps or 2000)
+    # Instant-ngp's grid: updates every step at first, every 16 after 256 steps; a cell's opacity measured at its
+    # finest step (1/1024 of the central cube's diagonal) rather than the render step (1/512 of the box's
+    # diagonal, 8x longer on an aabb_scale-4 box, which lowered the density a cell needs to stay occupied 8x).
+    # A sample budget rather than a ray count (instant-ngp's target batch): 48k samples is ~0.4 s per step here.
+    fit = FitConfig(steps=steps or 2000, grid_update_ramp=True, grid_reference_steps=1024, samples_per_step=49152)
     return field, render, fit
+
+
+def grid_update_due(step: int, config: FitConfig) -> bool:
+    """Whether the fit loop updates the occupancy grid before training step `step` (1-based)."""
+    every = config.grid_update_every
+    if config.grid_update_ramp:
+        every = min(max(step // config.grid_update_every, 1), config.grid_update_every)
+    return step == 1 or step % every == 0
+
+
+def grid_opacity_step(data: PosedImages, render_step: float, config: FitConfig) -> float:
+    """The step the occupancy grid multiplies densities by (see FitConfig.grid_reference_steps)."""
+    if config.grid_reference_steps is None:
+        return render_step
+    centre = data.aabb if data.centre_aabb is None else data.centre_aabb
+    return float(torch.linalg.vector_norm(centre[3:] - centre[:3])) / config.grid_reference_steps
+
+
+def rays_for_budget(budget: int, samples: int, rays: int, max_rays: int, granularity: int = 64) -> int:
+    """Rays for the next step so that its samples meet `budget`, from the last step's `samples` over `rays`."""
+    per_ray = max(samples, 1) / rays
+    return int(min(max(budget / per_ray // granularity, 1) * granularity, max_rays))
 
 
 def pixel_rays(data: PosedImages, image_idx: torch.Tensor, px: torch.Tensor, py: torch.Tensor):
@@ -110,7 +153,8 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
     background = torch.tensor(config.background, dtype=torch.float32, device=device)
     renderer = build_renderer(train.aabb.tolist(), field_config, render_config, background="fixed",
                               background_color=config.background, grid_resolution=config.grid_resolution,
-                              grid_kwargs={"warmup_steps": config.grid_warmup_steps, "ema_decay": config.grid_ema_decay}).to(device)
+                              grid_kwargs={"warmup_steps": config.grid_warmup_steps, "ema_decay": config.grid_ema_decay,
+                                           "mean_box": None if train.centre_aabb is None else train.centre_aabb.tolist()}).to(device)
     field = renderer.field
     # Space no training view sees is unconstrained: keep it out of the grid (instant-ngp does the same).
     renderer.grid.mark_invisible_cells(train.c2w, train.fx, train.fy, train.cx, train.cy, train.width, train.height)
@@ -120,7 +164,8 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
     ], betas=(0.9, 0.99), eps=1e-15)
     gamma = config.final_lr_factor ** (1.0 / max(config.steps, 1))
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
-    opacity_fn = lambda x: field.density(x) * renderer.step_size  # noqa: E731
+    grid_step = grid_opacity_step(train, renderer.step_size, config)
+    opacity_fn = lambda x: field.density(x) * grid_step  # noqa: E731
 
     n_images, H, W = len(train), train.height, train.width
     pixels = train.images.reshape(-1, 3)
@@ -128,10 +173,12 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
     start = time.perf_counter()
     bar = tqdm(range(1, config.steps + 1), desc="fit", unit="step", disable=not progress, dynamic_ncols=True, mininterval=0.5)
     loss_value, psnr_value = float("nan"), float("nan")
+    n_rays = config.rays_per_step
+    total_rays = total_samples = 0
     for step in bar:
-        if step == 1 or step % config.grid_update_every == 0:
+        if grid_update_due(step, config):
             renderer.grid.update(step, opacity_fn, generator=None)
-        flat = torch.randint(0, n_images * H * W, (config.rays_per_step,), generator=generator)
+        flat = torch.randint(0, n_images * H * W, (n_rays,), generator=generator)
         image_idx, rem = flat // (H * W), flat % (H * W)
         py = (rem // W).float() + torch.rand(flat.shape, generator=generator)  # jitter inside the pixel
         px = (rem % W).float() + torch.rand(flat.shape, generator=generator)
@@ -143,6 +190,9 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
         loss.backward()
         optimizer.step()
         scheduler.step()
+        total_rays, total_samples = total_rays + n_rays, total_samples + out.weights.shape[0]
+        if config.samples_per_step is not None:
+            n_rays = rays_for_budget(config.samples_per_step, out.weights.shape[0], n_rays, config.rays_per_step)
         if step % 10 == 0 or step == config.steps:
             loss_value = float(loss.detach())
             psnr_value = psnr_from_mse(loss_value)
@@ -187,6 +237,9 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
         "n_test": len(eval_data),
         "resolution": [train.width, train.height],
         "rays_per_step": config.rays_per_step,
+        "samples_per_step": config.samples_per_step,
+        "mean_rays_per_step": total_rays / config.steps,
+        "mean_samples_per_step": total_samples / config.steps,
         "occupied_fraction": renderer.grid.occupied_fraction(),
         "checkpoint": str(ckpt.relative_to(out_dir)),
         "train_source": str(train.source),

@@ -11,6 +11,12 @@ Cells that no training camera sees (mark_invisible_cells, as instant-ngp's mark_
 and nerfacc's mark_invisible_cells) are never occupied: nothing constrains the field there, so it keeps
 its untrained density, which would otherwise hold them open for good. On real captures with a large
 box (instant-ngp's aabb_scale) that is most of the box behind and beside the cameras.
+
+On such a box the threshold's cap must come from the region the object is in: `mean_box` restricts
+the mean to the cells inside a sub-box (instant-ngp takes it over its finest cascade only, the unit
+cube, however large aabb_scale makes the box). Over the whole box the mean is dominated by empty
+cells, falls to the opacity of a transparent field, and about a third of a fox-like capture's box
+stays occupied for good.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from .errors import check
 
 class OccupancyGrid(nn.Module):
     def __init__(self, aabb, resolution: int = 64, ema_decay: float = 0.95, threshold: float = 0.01,
-                 warmup_steps: int = 256, chunk: int = 2**18):
+                 warmup_steps: int = 256, chunk: int = 2**18, mean_box=None):
         super().__init__()
         aabb = torch.as_tensor(aabb, dtype=torch.float32).reshape(-1)
         check(aabb.shape == (6,) and bool((aabb[3:] > aabb[:3]).all()), f"OccupancyGrid: aabb must be (xmin, ymin, zmin, xmax, ymax, zmax) with max > min, got {aabb.tolist()}")
@@ -45,6 +51,15 @@ class OccupancyGrid(nn.Module):
         # Cells some training view sees (all of them unless mark_invisible_cells is called). Recomputed
         # from the cameras rather than saved, so checkpoints keep their format.
         self.register_buffer("visible", torch.ones(resolution**3, dtype=torch.bool), persistent=False)
+        # Cells whose mean caps the threshold (see the module docstring); None: every cell.
+        self.register_buffer("mean_cells", None, persistent=False)
+        if mean_box is not None:
+            box = torch.as_tensor(mean_box, dtype=torch.float32).reshape(-1)
+            check(box.shape == (6,) and bool((box[3:] > box[:3]).all()), f"OccupancyGrid: mean_box must be (xmin, ymin, zmin, xmax, ymax, zmax) with max > min, got {box.tolist()}")
+            centres = self.cell_centres(torch.arange(resolution**3), jitter=False)
+            inside = ((centres >= box[:3]) & (centres <= box[3:])).all(dim=1)
+            check(bool(inside.any()), f"OccupancyGrid: mean_box {box.tolist()} holds no cell centre of the grid over {aabb.tolist()}")
+            self.register_buffer("mean_cells", inside.nonzero().squeeze(1), persistent=False)
 
     @torch.no_grad()
     def mark_invisible_cells(self, c2w: torch.Tensor, fx: torch.Tensor, fy: torch.Tensor, cx: torch.Tensor,
@@ -98,6 +113,9 @@ class OccupancyGrid(nn.Module):
         estimates = estimates * self.visible[indices]  # unseen cells decay to empty and stay there
         occupancy, binary = ops.occupancy_update(self.occupancy, indices=indices, estimates=estimates,
                                                  decay=self.ema_decay, threshold=self.threshold)
+        if self.mean_cells is not None:
+            threshold = occupancy[self.mean_cells].clamp_min(0.0).mean().clamp_max(self.threshold)
+            binary = occupancy > threshold
         self.occupancy.copy_(occupancy)
         self.binary.copy_((binary & self.visible).reshape(self.binary.shape))
 
