@@ -24,7 +24,7 @@ if __package__ in (None, ""):
 
 from . import common  # noqa: E402
 
-ORDER = ["ops", "raster", "mesh", "render", "iteration", "overhead", "memory", "sds", "e2e", "recipe", "mesh_stage"]
+ORDER = ["ops", "raster", "mesh", "render", "iteration", "overhead", "memory", "fit", "sds", "e2e", "recipe", "mesh_stage"]
 
 
 def load_results(folder) -> List[Dict]:

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # python benchmarks/run_all.py
 
 from . import common  # noqa: E402
 
-SCRIPTS = ("ops", "raster", "mesh", "render", "iteration", "overhead", "memory", "sds", "e2e", "recipe", "mesh_stage")
+SCRIPTS = ("ops", "raster", "mesh", "render", "iteration", "overhead", "memory", "fit", "sds", "e2e", "recipe", "mesh_stage")
 
 
 def build_parser() -> argparse.ArgumentParser:

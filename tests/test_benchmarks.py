@@ -247,3 +247,14 @@ def test_committed_recipe_results_score_every_scene():
     for r in scored.values():
         assert 0.0 <= r["iou"] <= 1.0 and r["psnr_db"] > 0 and r["steps"] == bench_recipe.RECON_STEPS
     assert scored["demo"]["iou"] >= 0.7 and scored["demo"]["psnr_db"] >= 18.0  # the reconstruction test's bounds
+
+
+def test_bench_fit_without_its_dataset_writes_a_result_that_says_so(tmp_path):
+    """The suite runs bench_fit too: without the capture it returns a valid result with the reason, not an exit."""
+    from benchmarks import bench_fit, common
+
+    args = bench_fit.build_parser().parse_args([str(tmp_path / "no-such-capture"), "--device", "cpu"])
+    data = bench_fit.run(args)
+    assert common.validate(data) == []
+    assert data["results"] == [] and "no dataset at" in data["notes"][0]
+    assert data["targets"][0]["met"] is None and data["targets"][0]["applies"] is False
