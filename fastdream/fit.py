@@ -87,7 +87,7 @@ def default_configs(steps: Optional[int] = None):
     # Instant-ngp's grid: updates every step at first, every 16 after 256 steps; a cell's opacity measured at its
     # finest step (1/1024 of the central cube's diagonal) rather than the render step (1/512 of the box's
     # diagonal, 8x longer on an aabb_scale-4 box, which lowered the density a cell needs to stay occupied 8x).
-    # A sample budget rather than a ray count (instant-ngp's target batch): 48k samples is ~0.4 s per step here.
+    # A sample budget rather than a ray count (instant-ngp's target batch): 48k samples is ~0.06 s per step here.
     fit = FitConfig(steps=steps or 2000, grid_update_ramp=True, grid_reference_steps=1024, samples_per_step=49152)
     return field, render, fit
 
