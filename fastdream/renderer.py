@@ -101,8 +101,7 @@ class Renderer(nn.Module):
     def _densities(self, origins, directions, ray_indices, t_starts, t_ends) -> torch.Tensor:
         """The pruning pass's density query, without gradients, in chunks that bound its memory."""
         mid = origins[ray_indices] + directions[ray_indices] * ((t_starts + t_ends) * 0.5)[:, None]
-        parts = [self.field.density(part) for part in mid.split(self.config.chunk_samples)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return _joined([self.field.density(part) for part in mid.split(self.config.chunk_samples)])
 
     def _prune(self, origins, directions, ray_indices, t_starts, t_ends, n_marched, capacity: int):
         """Keep the samples still visible and not transparent (`ops.compact_visible_samples`), in `capacity`
@@ -213,12 +212,15 @@ class Renderer(nn.Module):
                 out = self.render_rays(shading=shading, need_normals=need_normals, background=background, **sl)
                 parts.append(out)
                 n_samples = n_samples + kept_samples(out)
-        def cat(name, c):  # one part (the training render): no copy
-            values = [getattr(p, name) for p in parts]
-            return (values[0] if len(values) == 1 else torch.cat(values)).reshape(B, H, W, c)
+        cat = lambda name, c: _joined([getattr(p, name) for p in parts]).reshape(B, H, W, c)  # noqa: E731
 
         return RenderOutput(rgb=cat("rgb", 3), opacity=cat("opacity", 1), depth=cat("depth", 1), normal=cat("normal", 3),
                             rays=rays, n_samples=n_samples)
+
+
+def _joined(parts):
+    """torch.cat of the parts, without a copy when there is one (the training render, an unchunked query)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def build_renderer(aabb=(-1.0, -1.0, -1.0, 1.0, 1.0, 1.0), field_config=None, render_config=None,

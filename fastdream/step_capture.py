@@ -62,6 +62,26 @@ class _Graph:
         return self._replay()
 
 
+class _EmulatedGraph(_Graph):
+    """The CPU stand-in: each replay runs the step again and writes its outputs into the first replay's
+    tensors, as a graph writes into the same memory every replay."""
+
+    def __init__(self, values: torch.Tensor, step_fn: Callable[[torch.Tensor], Any], params):
+        super().__init__(values, None, [], self._run)
+        self._step_fn, self._params = step_fn, list(params)
+
+    def _run(self) -> Any:
+        for p in self._params:
+            p.grad = None
+        outputs = self._step_fn(self.values)
+        self.grads = [p.grad for p in self._params]
+        if self.outputs is None:
+            self.outputs = outputs
+        else:
+            _copy_into(self.outputs, outputs)
+        return self.outputs
+
+
 class StepCapture:
     def __init__(self, generators: Sequence[torch.Generator] = (), warmup: int = 2, max_graphs: int = 4,
                  emulate: bool = False):
@@ -109,23 +129,7 @@ class StepCapture:
         for p in params:  # the backward then allocates each gradient in the graph's memory, refilled by replays
             p.grad = None
         if self.emulate:
-            holder: dict = {}
-
-            def replay():
-                for p in params:
-                    p.grad = None
-                holder["outputs"] = step_fn(static)
-                graph.grads = [p.grad for p in params]
-                # a real graph writes its outputs into the same tensors every replay
-                if "static" in holder:
-                    _copy_into(holder["static"], holder["outputs"])
-                else:
-                    holder["static"] = holder["outputs"]
-                graph.outputs = holder["static"]
-                return holder["static"]
-
-            graph = _Graph(static, None, [], replay)
-            return graph
+            return _EmulatedGraph(static, step_fn, params)
         cuda_graph = torch.cuda.CUDAGraph()
         for gen in self.generators:
             cuda_graph.register_generator_state(gen)

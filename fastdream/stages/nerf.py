@@ -81,7 +81,7 @@ class NeRFStage(Stage):
             groups.append({"params": bg, "lr": optim.lr_background, "name": "background"})
         return groups
 
-    def choose_shading(self, step: int, generator: torch.Generator = None) -> str:
+    def choose_shading(self, step: int) -> str:
         s = self.config.shading
         u = self.shading_rng.random()
         if step < s.albedo_only_fraction * self.config.steps:
