@@ -204,21 +204,22 @@ def out_of_memory_error(exc: BaseException, what: str = "SDS guidance") -> FastD
 
 
 class SDSSurrogate(torch.autograd.Function):
-    """``apply(z, g, squared_norm)``: the value ``0.5 * squared_norm / B`` (``squared_norm`` = ||g||^2, computed by
-    the caller, which also reports its root) with gradient ``g / B`` w.r.t. z (B images), in z's dtype. One node
-    with a one-op backward; the same surrogate written as autograd expressions costs a dozen ops per step."""
+    """``apply(z, g, norm)``: the value ``0.5 * norm^2 / B`` (``norm`` = ||g||, computed by the caller, which also
+    reports it) with gradient ``g / B`` w.r.t. z (B images), in z's dtype. One node with a one-op backward (two
+    for B > 1); the same surrogate written as autograd expressions costs a dozen ops per step."""
 
     @staticmethod
-    def forward(ctx, z, grad, squared_norm):
+    def forward(ctx, z, grad, norm):
         batch = z.shape[0]
         ctx.save_for_backward(grad)
         ctx.batch, ctx.dtype = batch, z.dtype
-        return squared_norm * (0.5 / batch)
+        return norm.square().mul_(0.5 / batch)
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return (grad * (grad_output / ctx.batch)).to(ctx.dtype), None, None
+        scale = grad_output if ctx.batch == 1 else grad_output / ctx.batch
+        return (grad * scale).to(ctx.dtype), None, None
 
 
 def perpendicular_component(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -278,6 +279,7 @@ class Guidance(abc.ABC):
         self.negative_prompt: str = ""
         self._cond: Optional[torch.Tensor] = None  # (V, L, D): V = 4 views or 1
         self._uncond: Optional[torch.Tensor] = None  # (L, D)
+        self._view_table: Optional[Tuple[torch.Tensor, Any]] = None  # (the _cond it was built from, its blend table)
         self._calls = 0
         self._nonfinite_total = torch.zeros((), dtype=torch.long, device=self.device)
         self._nonfinite_reported = 0
@@ -369,19 +371,23 @@ class Guidance(abc.ABC):
         else:
             elev, azim = self._camera_angles(cameras, batch_size)
             if o.view_selection != "hard":
-                w = _prompts.view_weights(elev, azim, overhead_deg=o.view_overhead_deg,
-                                          overhead_ramp=o.view_selection == "interpolate").to(cond.dtype)
-                c = torch.mm(w, cond.flatten(1)).view(-1, *cond.shape[1:])  # the blend, as one matmul
+                if self._view_table is None or self._view_table[0] is not cond:  # once per prompt
+                    self._view_table = (cond, _prompts.view_blend_table(cond))
+                c = _prompts.blend_views(self._view_table[1], elev, azim, overhead_deg=o.view_overhead_deg,
+                                         overhead_ramp=o.view_selection == "interpolate").to(cond.dtype)
             else:
                 idx = _prompts.view_index(elev, azim, front_deg=o.view_front_deg, back_deg=o.view_back_deg,
                                           overhead_deg=o.view_overhead_deg)
                 c = cond[idx]
-        return c, self._uncond.unsqueeze(0).expand(batch_size, -1, -1)
+        return c, self._uncond.expand(batch_size, -1, -1)
 
     def _camera_angles(self, cameras: Any, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(elevation, azimuth) in degrees, each (B,) float32 on the guidance device."""
-        elev = torch.as_tensor(cameras.elevation_deg).to(self.device, torch.float32, non_blocking=True).reshape(-1)
-        azim = torch.as_tensor(cameras.azimuth_deg).to(self.device, torch.float32, non_blocking=True).reshape(-1)
+        def flat(angles):  # (B,) float32 on the device: no op when the cameras' angles already are
+            a = torch.as_tensor(angles).to(self.device, torch.float32, non_blocking=True)
+            return a if a.dim() == 1 else a.reshape(-1)
+
+        elev, azim = flat(cameras.elevation_deg), flat(cameras.azimuth_deg)
         if elev.shape[0] != batch_size:
             raise FastDreamError(f"Got {batch_size} images but {elev.shape[0]} cameras; they must match.")
         return elev, azim
@@ -448,8 +454,9 @@ class Guidance(abc.ABC):
         if self._schedule is None or self._schedule[0] != weighting:
             every_t = torch.arange(self.num_train_timesteps, device=self.device)
             ab = self.alphas_cumprod
-            self._schedule = (weighting, torch.stack([ab.sqrt(), (1.0 - ab).sqrt(), self.weight(every_t)]))
-        return self._schedule[1][:, t].view(3, -1, 1, 1, 1).unbind(0)
+            table = torch.stack([ab.sqrt(), (1.0 - ab).sqrt(), self.weight(every_t)])
+            self._schedule = (weighting, table.view(3, -1, 1, 1, 1))
+        return self._schedule[1][:, t].unbind(0)
 
     # ------------------------------------------------------------------ SDS
     def guided_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
@@ -469,14 +476,14 @@ class Guidance(abc.ABC):
         if self.prediction_type == "v_prediction":  # v = sqrt(ab) eps - sqrt(1-ab) z  =>  eps = sqrt(ab) v + sqrt(1-ab) z_t
             ab = self.alphas_cumprod[tt.to(self.device, torch.long)].view(-1, 1, 1, 1)
             eps = ab.sqrt() * eps + (1.0 - ab).sqrt() * z_t.float().repeat(copies, 1, 1, 1)
-        eps_u, eps_c = eps[:n], eps[n:2 * n]
-        direction = eps_c - eps_u
-        if negatives is not None:  # Perp-Neg: push against what each negative adds orthogonally to the positive
-            weights = negatives[1].to(self.device, torch.float32)
-            positive = direction
-            for k in range(copies - 2):
-                e_k = eps[(2 + k) * n:(3 + k) * n] - eps_u
-                direction = direction + weights[:, k].view(-1, 1, 1, 1) * perpendicular_component(e_k, positive)
+        eps_u, eps_c, *eps_negatives = eps.split(n)
+        if negatives is None:  # eps_u + s (eps_c - eps_u) in one op
+            return torch.lerp(eps_u, eps_c, self.options.guidance_scale), eps_c, eps_u
+        # Perp-Neg: push against what each negative adds orthogonally to the positive
+        weights = negatives[1].to(self.device, torch.float32)
+        direction = positive = eps_c - eps_u
+        for k, eps_k in enumerate(eps_negatives):
+            direction = direction + weights[:, k].view(-1, 1, 1, 1) * perpendicular_component(eps_k - eps_u, positive)
         eps_hat = torch.add(eps_u, direction, alpha=self.options.guidance_scale)
         return eps_hat, eps_c, eps_u
 
@@ -490,23 +497,24 @@ class Guidance(abc.ABC):
         if t is None:
             t = self.sample_timesteps(b, progress)
         t = t.to(self.device, torch.long)
-        z32 = z.detach().float()
-        if noise is None:
-            noise = torch.randn(z32.shape, device=self.device, dtype=torch.float32, generator=self.generator)
-        noise = noise.to(self.device, torch.float32)
-        sqrt_ab, sqrt_one_minus_ab, w = self.schedule_at(t)
-        z_t = torch.addcmul(sqrt_ab * z32, sqrt_one_minus_ab, noise)
-        extra = {} if negatives is None else {"negatives": negatives}  # families with their own CFG take none
-        eps_hat, _, _ = self.guided_noise(z_t.to(self.dtype), t, cond, uncond, **extra)
-        raw_grad = w * (eps_hat - noise)
-        grad = torch.nan_to_num(raw_grad, nan=0.0, posinf=0.0, neginf=0.0)
-        n_nonfinite = (grad != raw_grad).sum()  # NaN != anything; +-inf became 0
-        if self.options.grad_clip is not None:
-            grad = grad.clamp(-self.options.grad_clip, self.options.grad_clip)
-        squared_norm = grad.square().sum()
-        loss = SDSSurrogate.apply(z, grad, squared_norm)
+        with torch.no_grad():  # z's gradient is the SDSSurrogate's: nothing here is recorded (or detached)
+            z32 = z.float()
+            if noise is None:
+                noise = torch.randn(z32.shape, device=self.device, dtype=torch.float32, generator=self.generator)
+            noise = noise.to(self.device, torch.float32)
+            sqrt_ab, sqrt_one_minus_ab, w = self.schedule_at(t)
+            z_t = torch.addcmul(sqrt_ab * z32, sqrt_one_minus_ab, noise)
+            extra = {} if negatives is None else {"negatives": negatives}  # families with their own CFG take none
+            eps_hat, _, _ = self.guided_noise(z_t.to(self.dtype), t, cond, uncond, **extra)
+            raw_grad = w * (eps_hat - noise)
+            grad = torch.nan_to_num(raw_grad, nan=0.0, posinf=0.0, neginf=0.0)
+            n_nonfinite = (grad != raw_grad).sum()  # NaN != anything; +-inf became 0
+            if self.options.grad_clip is not None:
+                grad = grad.clamp(-self.options.grad_clip, self.options.grad_clip)
+            norm = torch.linalg.vector_norm(grad)
+        loss = SDSSurrogate.apply(z, grad, norm)
         self._account_nonfinite(n_nonfinite)
-        return SDSOutput(loss=loss, t=t, grad_norm=squared_norm.sqrt(), n_nonfinite=n_nonfinite)
+        return SDSOutput(loss=loss, t=t, grad_norm=norm, n_nonfinite=n_nonfinite)
 
     def __call__(self, images: torch.Tensor, cameras: Any, shading: str = "albedo", progress: float = 0.0,
                  *, t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,

@@ -43,9 +43,10 @@ from __future__ import annotations
 
 import functools
 
-from typing import List, Union
+from typing import List, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 VIEWS = ("front", "side", "back", "overhead")
 FRONT, SIDE, BACK, OVERHEAD = range(4)
@@ -111,6 +112,33 @@ def view_weights(elevation_deg: Angle, azimuth_deg: Angle, overhead_deg: float =
     else:
         o = (elevation_deg > overhead_deg).to(hats.dtype)
     return torch.cat([hats * (1.0 - o)[..., None], o[..., None]], dim=-1)
+
+
+def view_blend_table(embeddings: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For ``blend_views``: the view embeddings (4, L, D) in ``VIEWS`` order as (a (1, L*D, 1, 5) float32 table of
+    the back, side, front, side and back embeddings at azimuths -180, -90, 0, 90 and 180 degrees, the overhead
+    embedding (L, D) float32)."""
+    e = embeddings.float()
+    columns = [e[BACK], e[SIDE], e[FRONT], e[SIDE], e[BACK]]
+    return torch.stack(columns, dim=-1).reshape(1, -1, 1, len(columns)), e[OVERHEAD]
+
+
+def blend_views(table: Tuple[torch.Tensor, torch.Tensor], elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor,
+                overhead_deg: float = 60.0, overhead_ramp: bool = False) -> torch.Tensor:
+    """``view_weights(elevation_deg, azimuth_deg) @ embeddings`` (B, L, D) float32 for cameras (B,), from
+    ``view_blend_table(embeddings)`` in a handful of ops (this runs every training step): the hat functions of
+    front/side/back over the azimuth are a linear interpolation of the table's columns (one grid_sample; its
+    reflection padding wraps any azimuth, the weights being even and 360-periodic), the overhead view takes over
+    as in view_weights."""
+    columns, overhead = table
+    b = azimuth_deg.shape[0]
+    x = torch.div(azimuth_deg, 180.0).view(b, 1, 1, 1).expand(b, 1, 1, 2)  # the table has one row: y is ignored
+    blend = F.grid_sample(columns.expand(b, -1, -1, -1), x, mode="bilinear", padding_mode="reflection",
+                          align_corners=True).view(b, *overhead.shape)
+    if overhead_ramp:
+        o = ((elevation_deg - overhead_deg) / max(90.0 - overhead_deg, 1e-6)).clamp(0.0, 1.0)
+        return torch.lerp(blend, overhead, o.view(b, 1, 1))
+    return torch.where((elevation_deg > overhead_deg).view(b, 1, 1), overhead, blend)
 
 
 @functools.lru_cache(maxsize=8)

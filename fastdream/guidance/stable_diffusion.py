@@ -103,7 +103,8 @@ class StableDiffusionGuidance(Guidance):
         if self.options.channels_last and self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         posterior = self.vae.encode(x).latent_dist
-        return (posterior.mean - self.shift_factor) * self.scaling_factor
+        mean = posterior.mean if self.shift_factor == 0.0 else posterior.mean - self.shift_factor  # SD 1.x/2.x: 0
+        return mean * self.scaling_factor
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         if self.options.latent_mode == "linear":
