@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import signal
 import sys
 import threading
@@ -125,6 +126,7 @@ class Trainer:
         self.stage_index = 0
         self.stage = build_stage(config.stages[0], config, self.device)
         self._build_optimizer()
+        self._unit_scale = torch.ones((), device=self.device)  # the non-finite check's "unscale" by 1
         self.input_view = load_input_view(config, self.stage.scene_radius, self.device)  # before the model: fail fast
         self.guidance = build_guidance(config, self.device, self.input_view)
         self._remember_guidance_options()
@@ -351,11 +353,11 @@ class Trainer:
             metrics = {k: v.clone() for k, v in metrics.items()}  # the next replay overwrites the graph's outputs
             self.guidance_calls_replayed()
         else:
-            self.optimizer.zero_grad(set_to_none=True)
+            self._drop_gradients(params)
             readback, names, info, counted, metrics = self._forward_backward(step, progress, view_progress, plan, weights,
                                                                              buffers)
         params = [p for p in params if p.grad is not None]
-        values = readback.tolist()
+        values = readback.tolist()  # the loss, the non-finite flag, the terms, then the buffers' totals
         values, totals = values[:len(names) + 2], values[len(names) + 2:]
         overflow = False
         for buf, has_totals in zip(buffers, counted):
@@ -363,23 +365,29 @@ class Trainer:
                 overflow |= buf.settle(totals[:2])
                 totals = totals[2:]
         if overflow and not last_try:  # samples were cut short: no update; train_step redoes the step
-            self.optimizer.zero_grad(set_to_none=True)
+            self._drop_gradients(params)
             return {"overflow": True}
-        finite = bool(values[-1])
+        finite = values[1] == 0
         if finite:
             if cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._drop_gradients(params)
         self.stage.after_step(step, self.generator)
         # Device values for metrics.jsonl: read back in one go every output.metrics_every steps, not here.
-        return {"loss": values[0], "finite": finite, **info, "terms": dict(zip(names, values[1:-1])),
+        return {"loss": values[0], "finite": finite, **info, "terms": dict(zip(names, values[2:])),
                 "metrics": metrics, "overflow": False}
+
+    @staticmethod
+    def _drop_gradients(params: List[torch.Tensor]) -> None:
+        """optimizer.zero_grad(set_to_none=True) without its profiler range (two ops per call)."""
+        for p in params:
+            p.grad = None
 
     def _forward_backward(self, step: int, progress: float, view_progress: float, plan, weights: torch.Tensor,
                           buffers: List[SampleBuffer]):
         """The step's device work, from the cameras to the gradients: what `fastdream.step_capture` captures.
-        Returns (one tensor to read back: loss, terms, finiteness, the buffers' totals; the term names; what the
+        Returns (one tensor to read back: loss, non-finite flag, terms, the buffers' totals; the term names; what the
         loop reports; which buffers recorded totals; the metrics' device scalars). Everything the host decides
         is in `plan` (and the step's key)."""
         width, height = self.stage.image_size()
@@ -387,20 +395,23 @@ class Trainer:
                               generator=self.generator, device=self.device, progress=view_progress)
         result = self.stage.loss(cams, step, progress, self.guidance, self.generator, plan=plan.bind(weights))
         loss, terms = result.loss, result.terms
+        vector_names, vector = result.term_vector
         # Backward runs even on a non-finite loss (its gradients are then non-finite too) so that the
         # whole step needs one host sync: the loss, its terms and the finiteness verdict come back together.
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        # one op checks the loss and every gradient (GradScaler's check, at scale 1) instead of three per tensor
-        nonfinite = loss.new_zeros((), dtype=torch.float32)
-        torch._amp_foreach_non_finite_check_and_unscale_([loss.detach().float(), *(p.grad for p in params)], nonfinite,
-                                                         nonfinite.new_ones(()))
-        finite_t = 1.0 - nonfinite
         pending = [buf.take() for buf in buffers]
-        counts = [p.float() for p in pending if p is not None]
-        readback = torch.cat([torch.stack([v.float() for v in (loss.detach(), *terms.values(), finite_t)]), *counts])
-        metrics = {**{f"loss_{k}": v for k, v in terms.items()}, "loss": loss.detach(), **result.metrics}
-        return readback, list(terms), dict(result.info), [p is not None for p in pending], metrics
+        with torch.no_grad():  # the readback carries no gradient: no detach per term
+            loss_value = loss.float()  # (the check below "unscales" it in place, by exactly 1)
+            # one op checks the loss and every gradient (GradScaler's check, at scale 1) instead of three per tensor
+            nonfinite = loss_value.new_zeros(())
+            torch._amp_foreach_non_finite_check_and_unscale_([loss_value, *(p.grad for p in params)], nonfinite,
+                                                             self._unit_scale)
+            head = torch.stack([loss_value, nonfinite, *(v.float() for v in terms.values())])
+            # cat promotes the integer sample totals to float32 (exact below 2^24)
+            readback = torch.cat([head, *([] if vector is None else [vector]), *(p for p in pending if p is not None)])
+        metrics = dict(result.metrics)  # the loss and its terms come back with the readback: none here
+        return (readback, [*terms, *vector_names], dict(result.info), [p is not None for p in pending], metrics)
 
     def step_key(self, plan, progress: float, view_progress: float, buffers: List[SampleBuffer]) -> tuple:
         """Every host value the step's device work depends on: steps with equal keys dispatch the same ops on
@@ -502,6 +513,8 @@ class Trainer:
                 row = {"step": self.step, "stage": self.stage.name, "time": round(self.train_time, 4),
                        "skipped": self.n_skipped}
                 row.update({k: result[k] for k in ("shading", "samples_per_ray") if k in result})
+                losses = {"loss": result["loss"], **{f"loss_{k}": v for k, v in result["terms"].items()}}
+                row.update({k: v if math.isfinite(v) else None for k, v in losses.items()})
                 metrics_log.record(row, result["metrics"])
                 if self.step % 5 == 0 or self.step == total:
                     bar.set_postfix(loss=f"{self.last_loss:.4g}", skipped=self.n_skipped, refresh=False)

@@ -35,13 +35,15 @@ import torch
 
 @dataclass
 class StepLoss:
-    """A stage's loss for one batch: the total (a scalar tensor), its named terms (detached scalar tensors,
-    read back with the loss in one host sync), what the loop reports (e.g. the shading used) and device
+    """A stage's loss for one batch: the total (a scalar tensor), its named terms (scalar tensors, read back
+    without their gradient with the loss in one host sync; ``term_vector``: more named terms as one (K,) tensor,
+    read back the same way without a select per term), what the loop reports (e.g. the shading used) and device
     scalars for metrics.jsonl (read back every output.metrics_every steps, never per step)."""
     loss: torch.Tensor
     terms: Dict[str, torch.Tensor] = field(default_factory=dict)
     info: Dict[str, Any] = field(default_factory=dict)
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    term_vector: Tuple[Tuple[str, ...], Optional[torch.Tensor]] = ((), None)
 
 
 @dataclass
@@ -72,6 +74,17 @@ class StepPlan:
         if self.values is None:
             return self.weights[name]
         return self.values[list(self.weights).index(name)]
+
+    def weight_slice(self, names: Tuple[str, ...], device=None) -> torch.Tensor:
+        """The weights ``names`` as one (K,) tensor: a view of the bound device weights when the names are
+        consecutive in ``weights`` (no op per weight), else stacked; unbound, a tensor of the host floats."""
+        if self.values is None:
+            return torch.tensor([self.weights[n] for n in names], dtype=torch.float32, device=device)
+        keys = list(self.weights)
+        first = keys.index(names[0])
+        if tuple(keys[first:first + len(names)]) == tuple(names):
+            return self.values[first:first + len(names)]
+        return torch.stack([self.weight(n) for n in names])
 
 
 class Stage(abc.ABC):

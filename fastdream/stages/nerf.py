@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List
 import torch
 
 from ..ops import SHADING_MODES
-from ..regularizers import opacity_entropy, opacity_sparsity, orientation_loss
+from ..regularizers import OrientationLoss, opacity_terms
 from .base import Stage, StepLoss, StepPlan
 
 
@@ -110,7 +110,7 @@ class NeRFStage(Stage):
             self.update_grid(step, generator)
         plan = plan or self.plan(step, progress)
         shading = plan.info["shading"]
-        reg = plan.weights  # host floats: which terms run; their values come from plan.weight (device, when bound)
+        reg = plan.weights  # host floats: which terms run; their values come from the plan's device weights, when bound
         background = (self.renderer.random_solid_background(cameras, cfg.random_background, generator)
                       if cfg.random_background > 0 else None)
         # the orientation loss needs normals on every step, albedo steps included
@@ -119,35 +119,40 @@ class NeRFStage(Stage):
         images = out.rgb.permute(0, 3, 1, 2)
         sds = guidance(images, cameras, shading, progress, opacity=out.opacity.permute(0, 3, 1, 2))
         loss = sds.loss
-        terms = {"sds": sds.loss.detach()}
+        terms = {"sds": sds.loss}
         for name, part in getattr(sds, "parts", {}).items():  # a joint guidance: each model's own (unweighted) SDS
-            terms[f"sds_{name}"] = part.loss.detach()
-        rays = out.rays
+            terms[f"sds_{name}"] = part.loss
         opacity = out.opacity.reshape(-1)
-        if reg["orient"] > 0 and rays is not None and rays.sample_normals is not None:
-            orient = orientation_loss(rays.weights, rays.sample_normals, rays.directions, rays.ray_indices,
-                                      opacity=opacity)
-            loss = loss + plan.weight("orient") * orient
-            terms["orient"] = orient.detach()
-        if reg["entropy"] > 0:
-            ent = opacity_entropy(opacity)
-            loss = loss + plan.weight("entropy") * ent
-            terms["entropy"] = ent.detach()
-        if reg["sparsity"] > 0:
-            sp = opacity_sparsity(opacity)
-            loss = loss + plan.weight("sparsity") * sp
-            terms["sparsity"] = sp.detach()
+        names, values = self.regularizers(out.rays, opacity, plan)
+        if names:  # their weighted sum as one dot with the step's weights (device values when bound)
+            loss = loss + torch.dot(values, plan.weight_slice(names, values.device))
         if self.input_camera is not None:
             rgb, mask = self.reconstruction_loss()
             loss = loss + cfg.image.rgb_weight * rgb + cfg.image.mask_weight * mask
-            terms["input_rgb"], terms["input_mask"] = rgb.detach(), mask.detach()
+            terms["input_rgb"], terms["input_mask"] = rgb, mask
         n_rays = cfg.batch_size * cfg.width * cfg.height
         info = dict(plan.info)
         n_samples = torch.as_tensor(out.n_samples, device=opacity.device)  # a device count under fixed capacity
-        metrics = {"sds_grad_norm": sds.grad_norm, "t": sds.t.float().mean(),
-                   "occupancy": self.renderer.grid.binary.float().mean(),
-                   "samples_per_ray": n_samples.float() / max(n_rays, 1)}
-        return StepLoss(loss, terms, info, metrics)
+        # one op each (the grid's occupied fraction from its boolean cells, the mean t from the integer draws)
+        metrics = {"sds_grad_norm": sds.grad_norm, "t": torch.mean(sds.t, dtype=torch.float32),
+                   "occupancy": torch.mean(self.renderer.grid.binary, dtype=torch.float32),
+                   "samples_per_ray": torch.div(n_samples, max(n_rays, 1))}
+        return StepLoss(loss, terms, info, metrics, term_vector=(names, values))
+
+    @staticmethod
+    def regularizers(rays, opacity: torch.Tensor, plan: StepPlan):
+        """The regularisers that run this step: (their names, in the order of ``plan.weights``; their values as one
+        vector). The orientation loss runs at a weight > 0 when the render has normals; the opacity entropy and
+        sparsity come from one autograd node, so both run (and are reported) when either weight is > 0."""
+        reg, names, parts = plan.weights, (), []
+        if reg["orient"] > 0 and rays is not None and rays.sample_normals is not None:
+            names, parts = ("orient",), [OrientationLoss.apply(rays.sample_normals, rays.weights, rays.directions,
+                                                               rays.ray_indices, opacity)]
+        if reg["entropy"] > 0 or reg["sparsity"] > 0:
+            names, parts = names + ("entropy", "sparsity"), parts + [opacity_terms(opacity)]
+        if not parts:
+            return (), None
+        return names, parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def after_step(self, step: int, generator: torch.Generator) -> None:
         if (step + 1) % self.config.grid.update_every == 0:

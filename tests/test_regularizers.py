@@ -1,0 +1,69 @@
+"""The NeRF regularisers' autograd Functions against the same losses written as autograd expressions, and
+their hand-written backward against finite differences (float64)."""
+import pytest
+import torch
+
+from fastdream.regularizers import (OpacityTerms, OrientationLoss, opacity_entropy, opacity_sparsity,
+                                    opacity_terms, orientation_loss)
+
+
+def _rays(dtype=torch.float32, n_rays=6, n_samples=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    normals = torch.nn.functional.normalize(torch.randn(n_samples, 3, generator=g, dtype=dtype), dim=-1)
+    directions = torch.nn.functional.normalize(torch.randn(n_rays, 3, generator=g, dtype=dtype), dim=-1)
+    ray_indices = torch.sort(torch.randint(0, n_rays - 1, (n_samples,), generator=g)).values  # the last ray: empty
+    weights = torch.rand(n_samples, generator=g, dtype=dtype)
+    opacity = torch.zeros(n_rays, dtype=dtype).index_add_(0, ray_indices, weights).clamp(0, 1)
+    return normals, weights, directions, ray_indices, opacity
+
+
+def _orientation_reference(normals, weights, directions, ray_indices, opacity):
+    facing = (normals * directions[ray_indices]).sum(-1).clamp_min(0.0)
+    return torch.dot(weights.detach(), facing.square()) / torch.count_nonzero(opacity).clamp_min(1)
+
+
+def test_orientation_loss_matches_the_autograd_expression():
+    normals, weights, directions, ray_indices, opacity = _rays()
+    weights.requires_grad_(True)
+    n1 = normals.clone().requires_grad_(True)
+    n2 = normals.clone().requires_grad_(True)
+    got = orientation_loss(weights, n1, directions, ray_indices, opacity=opacity)
+    expected = _orientation_reference(n2, weights, directions, ray_indices, opacity)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    (got * 3.0).backward()
+    (expected * 3.0).backward()
+    torch.testing.assert_close(n1.grad, n2.grad, rtol=1e-6, atol=1e-7)
+    assert n1.grad.abs().sum() > 0
+    assert weights.grad is None  # the rendering weights are stop-gradient
+    # divided by the rays that see anything: 5 of the 6 here
+    assert int(torch.count_nonzero(opacity)) == 5
+
+
+def test_orientation_loss_gradcheck():
+    normals, weights, directions, ray_indices, opacity = _rays(torch.float64)
+    normals.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda n: OrientationLoss.apply(n, weights, directions, ray_indices, opacity),
+                                    (normals,))
+
+
+def test_opacity_terms_match_the_separate_regularisers():
+    g = torch.Generator().manual_seed(1)
+    # empty and opaque rays (inside the entropy's clamp: no gradient there) and everything between
+    a = torch.cat([torch.zeros(3), torch.ones(2), torch.rand(40, generator=g)])
+    a1, a2 = a.clone().requires_grad_(True), a.clone().requires_grad_(True)
+    got = opacity_terms(a1)
+    expected = torch.stack([opacity_entropy(a2), opacity_sparsity(a2)])
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    weights = torch.tensor([0.3, 2.0])
+    torch.dot(got, weights).backward()
+    torch.dot(expected, weights).backward()
+    torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-5, atol=1e-7)
+    # empty and opaque rays: the entropy is clamped there, only the sparsity pulls
+    torch.testing.assert_close(a1.grad[:5], 2.0 * a[:5] / torch.sqrt(a[:5] ** 2 + 0.01) / a.numel())
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_opacity_terms_gradcheck(which):
+    g = torch.Generator().manual_seed(2)
+    a = (torch.rand(30, generator=g, dtype=torch.float64) * 0.98 + 0.01).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: OpacityTerms.apply(x, 1e-5)[which], (a,))
