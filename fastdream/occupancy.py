@@ -29,6 +29,10 @@ from . import ops
 from .errors import check
 
 
+def _after_load(grid: "OccupancyGrid", incompatible_keys) -> None:
+    grid._derive_cell_geometry()  # the loaded aabb may differ from the constructed one
+
+
 class OccupancyGrid(nn.Module):
     def __init__(self, aabb, resolution: int = 64, ema_decay: float = 0.95, threshold: float = 0.01,
                  warmup_steps: int = 256, chunk: int = 2**18, mean_box=None):
@@ -48,9 +52,17 @@ class OccupancyGrid(nn.Module):
         r = torch.arange(resolution)
         cells = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), dim=-1).reshape(-1, 3)
         self.register_buffer("cells", cells, persistent=False)
+        # Derived from aabb (recomputed when a state dict is loaded): each cell's lowest corner and the cell size,
+        # so a jittered point is one gather and one addcmul; every cell's index, for the warm-up's full updates.
+        self.register_buffer("cell_corners", torch.empty(resolution**3, 3), persistent=False)
+        self.register_buffer("cell_size", torch.empty(3), persistent=False)
+        self.register_buffer("all_cells", torch.arange(resolution**3), persistent=False)
+        self._derive_cell_geometry()
+        self.register_load_state_dict_post_hook(_after_load)
         # Cells some training view sees (all of them unless mark_invisible_cells is called). Recomputed
         # from the cameras rather than saved, so checkpoints keep their format.
         self.register_buffer("visible", torch.ones(resolution**3, dtype=torch.bool), persistent=False)
+        self.all_visible = True  # host flag: no visibility mask to apply in update()
         # Cells whose mean caps the threshold (see the module docstring); None: every cell.
         self.register_buffer("mean_cells", None, persistent=False)
         if mean_box is not None:
@@ -84,40 +96,59 @@ class OccupancyGrid(nn.Module):
                 seen |= (z > near) & (u >= 0) & (u <= width) & (v >= 0) & (v <= height)
             visible[part] = seen.reshape(-1, 8).any(dim=1)
         self.visible.copy_(visible)
+        self.all_visible = bool(visible.all())
         self.occupancy.masked_fill_(~visible, 0.0)
         self.binary.logical_and_(visible.reshape(self.binary.shape))
         return float(visible.float().mean())
 
-    def cell_centres(self, indices: torch.Tensor, generator: Optional[torch.Generator] = None, jitter: bool = True) -> torch.Tensor:
-        offset = torch.rand(indices.shape[0], 3, device=self.aabb.device, generator=generator) if jitter else torch.full((indices.shape[0], 3), 0.5, device=self.aabb.device)
-        unit = (self.cells[indices].float() + offset) / self.resolution
-        return self.aabb[:3] + unit * (self.aabb[3:] - self.aabb[:3])
+    @torch.no_grad()
+    def _derive_cell_geometry(self) -> None:
+        size = (self.aabb[3:] - self.aabb[:3]) / self.resolution
+        self.cell_size.copy_(size)
+        self.cell_corners.copy_(self.aabb[:3] + self.cells.to(size.dtype) * size)
+
+    def cell_centres(self, indices: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                     jitter: bool = True) -> torch.Tensor:
+        """World points in the cells ``indices`` (None: every cell): uniformly jittered, or their centres."""
+        corners = self.cell_corners if indices is None else self.cell_corners[indices]
+        n = corners.shape[0]
+        offset = torch.rand(n, 3, device=self.aabb.device, generator=generator) if jitter else torch.full((n, 3), 0.5, device=self.aabb.device)
+        return torch.addcmul(corners, offset, self.cell_size)
 
     @torch.no_grad()
     def update(self, step: int, opacity_fn: Callable[[torch.Tensor], torch.Tensor], generator: Optional[torch.Generator] = None) -> None:
-        """opacity_fn maps world points (N,3) to density * step_size (N,)."""
+        """opacity_fn maps world points (N,3) to density * step_size (N,). Few ops (the step that updates the grid
+        dispatches the most ops of any training step): no split or cat for a single chunk, no visibility mask
+        while every cell is visible."""
         n_cells = self.occupancy.numel()
-        device = self.occupancy.device
         if step < self.warmup_steps:
-            indices = torch.arange(n_cells, device=device)
+            indices, sampled = self.all_cells, None
         else:
             quarter = max(n_cells // 4, 1)
-            uniform = torch.randint(0, n_cells, (quarter,), device=device, generator=generator)
+            uniform = torch.randint(0, n_cells, (quarter,), device=self.occupancy.device, generator=generator)
             # occupied cells drawn with multinomial, not gathered with nonzero (whose size the host must read);
             # the tiny floor makes an empty grid draw uniformly
-            weights = self.binary.reshape(-1).float() + 1e-9
-            occupied = torch.multinomial(weights, quarter, replacement=True, generator=generator)
-            indices = torch.cat([uniform, occupied])
-        estimates = torch.cat([opacity_fn(self.cell_centres(part, generator)).reshape(-1).float()
-                               for part in indices.split(self.chunk)])
-        estimates = estimates * self.visible[indices]  # unseen cells decay to empty and stay there
+            occupied = torch.multinomial(torch.add(self.binary.view(-1), 1e-9), quarter, replacement=True,
+                                         generator=generator)
+            indices = sampled = torch.cat([uniform, occupied])
+        if indices.shape[0] <= self.chunk:
+            estimates = opacity_fn(self.cell_centres(sampled, generator))
+        else:
+            estimates = torch.cat([opacity_fn(self.cell_centres(part, generator)).reshape(-1)
+                                   for part in indices.split(self.chunk)])
+        estimates = estimates.reshape(-1) if estimates.dim() != 1 else estimates
+        if not self.all_visible:
+            estimates = estimates * self.visible[indices]  # unseen cells decay to empty and stay there
         occupancy, binary = ops.occupancy_update(self.occupancy, indices=indices, estimates=estimates,
                                                  decay=self.ema_decay, threshold=self.threshold)
         if self.mean_cells is not None:
             threshold = occupancy[self.mean_cells].clamp_min(0.0).mean().clamp_max(self.threshold)
             binary = occupancy > threshold
-        self.occupancy.copy_(occupancy)
-        self.binary.copy_((binary & self.visible).reshape(self.binary.shape))
+        self.occupancy = occupancy  # the op's fresh tensor becomes the buffer (renders read only `binary`)
+        if self.all_visible:  # in place: a captured step's march reads this very tensor
+            self.binary.view(-1).copy_(binary)
+        else:
+            torch.logical_and(binary, self.visible, out=self.binary.view(-1))
 
     def march(self, origins: torch.Tensor, directions: torch.Tensor, near: float, far: float, step_size: float,
               cone_angle: float = 0.0, max_step_size: float = 1e10):

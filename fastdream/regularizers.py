@@ -25,7 +25,7 @@ first fraction of the steps, then stay there (threestudio writes ``[start_step, 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -42,31 +42,29 @@ def ramp(start: float, end: float, progress: float, fraction: float) -> float:
 
 class OrientationLoss(torch.autograd.Function):
     """``apply(normals (N,3), weights (N,), directions (R,3), ray_indices (N,), opacity (R,))``: the orientation loss
-    sum_i w_i max(0, n_i . d_i)^2 / (number of rays with opacity > 0, at least 1) as a (1,) tensor (a term vector's
-    entry), differentiable in the normals only (the weights are stop-gradient, the directions and opacity
-    constants). One node with a five-op backward, 2 w_i max(0, n_i . d_i) d_i / count; as autograd expressions the
-    same loss costs three times the ops."""
+    sum_i w_i max(0, n_i . d_i)^2 / (number of rays with opacity > 0, at least 1), differentiable in the normals
+    only (the weights are stop-gradient, the directions and opacity constants). One node with a four-op backward,
+    2 w_i max(0, n_i . d_i) d_i / count; as autograd expressions the same loss costs three times the ops."""
 
     @staticmethod
     def forward(ctx, normals, weights, directions, ray_indices, opacity):
         ray_directions = directions[ray_indices]
         facing = (normals * ray_directions).sum(-1).clamp_min_(0.0)
-        weighted = weights * facing
         count = torch.count_nonzero(opacity).clamp_min(1)  # opacity >= 0: its nonzero entries see anything
-        ctx.save_for_backward(weighted, ray_directions, count)
-        return torch.dot(weighted, facing).div(count).view(1)
+        weighted = weights * facing / count
+        ctx.save_for_backward(weighted, ray_directions)
+        return torch.dot(weighted, facing)
 
     @staticmethod
     def backward(ctx, grad):
-        weighted, ray_directions, count = ctx.saved_tensors
-        coef = weighted * (grad * 2.0 / count)  # grad (1,)
-        return ray_directions * coef.unsqueeze(1), None, None, None, None
+        weighted, ray_directions = ctx.saved_tensors
+        return ray_directions * (weighted * (grad * 2.0)).unsqueeze(1), None, None, None, None
 
 
 class OpacityTerms(torch.autograd.Function):
-    """``apply(opacity (R,), eps)``: the opacity regularisers as one (2,) tensor, (entropy, sparsity): means over
-    the rays of the binary entropy of clamp(a, eps, 1 - eps) and of sqrt(a^2 + 0.01). One node for both, whose
-    backward is d entropy / da = log((1 - a) / a) inside the clamp (0 outside) and d sparsity / da = a / sqrt(a^2 + 0.01)."""
+    """``apply(opacity (R,), eps)``: the opacity regularisers (entropy, sparsity), two scalars: means over the rays
+    of the binary entropy of clamp(a, eps, 1 - eps) and of sqrt(a^2 + 0.01). One node for both, whose backward is
+    d entropy / da = log((1 - a) / a) inside the clamp (0 outside) and d sparsity / da = a / sqrt(a^2 + 0.01)."""
 
     @staticmethod
     def forward(ctx, opacity, eps):
@@ -75,14 +73,13 @@ class OpacityTerms(torch.autograd.Function):
         entropy = torch.special.entr(a) + torch.special.entr(rest)  # entr(x) = -x log x
         sparsity = torch.hypot(opacity, opacity.new_full((), 0.1))
         ctx.save_for_backward(opacity, a, rest, sparsity)
-        return torch.stack([entropy, sparsity]).mean(1)
+        return entropy.mean(), sparsity.mean()
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, g_entropy, g_sparsity):
         opacity, a, rest, sparsity = ctx.saved_tensors
-        g_entropy, g_sparsity = (grad / opacity.shape[0]).unbind()
-        d_entropy = torch.logit(rest).mul_(g_entropy).masked_fill_(a != opacity, 0.0)  # logit(1 - a) = log((1-a)/a)
-        return torch.addcmul(d_entropy, opacity / sparsity, g_sparsity), None
+        d_entropy = torch.logit(rest).mul_(g_entropy).masked_fill_(a != opacity, 0.0)  # logit(1-a) = log((1-a)/a)
+        return torch.addcmul(d_entropy, opacity / sparsity, g_sparsity).div_(opacity.shape[0]), None  # of means
 
 
 def orientation_loss(weights: torch.Tensor, normals: Optional[torch.Tensor], directions: torch.Tensor,
@@ -95,15 +92,15 @@ def orientation_loss(weights: torch.Tensor, normals: Optional[torch.Tensor], dir
     if normals is None or weights.numel() == 0:
         return directions.new_zeros(())
     if opacity is not None:
-        return OrientationLoss.apply(normals, weights, directions, ray_indices, opacity)[0]
+        return OrientationLoss.apply(normals, weights, directions, ray_indices, opacity)
     facing = (normals * directions[ray_indices]).sum(-1).clamp_min(0.0)
     total = torch.dot(weights.detach(), facing.square())
     n_rays = directions.shape[0] if n_rays is None else n_rays
     return total / max(n_rays, 1)
 
 
-def opacity_terms(opacity: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """(entropy, sparsity) of the per-ray opacity (R,), as one (2,) tensor (see OpacityTerms)."""
+def opacity_terms(opacity: torch.Tensor, eps: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(entropy, sparsity) of the per-ray opacity (R,) (see OpacityTerms)."""
     return OpacityTerms.apply(opacity, eps)
 
 

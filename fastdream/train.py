@@ -48,6 +48,31 @@ def _on_step(trainer: "Trainer", step: int) -> None:
     """Called after every completed step (tests patch it to interrupt a run)."""
 
 
+def merge_param_groups(groups: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The stage's parameter groups with consecutive groups of equal settings (all but ``name``) joined, names
+    joined by "+": the same updates, and two ops less per joined group in each Adam step (one fused kernel and
+    one step-counter increment per group)."""
+    merged: List[Dict[str, Any]] = []
+    for group in groups:
+        last = merged[-1] if merged else None
+        if last is not None and _group_settings(last) == _group_settings(group):
+            last["params"] = [*last["params"], *group["params"]]
+            last["name"] = f"{last.get('name', '')}+{group.get('name', '')}"
+        else:
+            merged.append(dict(group, params=list(group["params"])))
+    return merged
+
+
+def merged_optimizer_state(state: Dict[str, Any]) -> Dict[str, Any]:
+    """An optimizer state dict with its parameter groups joined as merge_param_groups joins them (checkpoints
+    written before groups were joined hold one group per stage group; parameter indices are unchanged)."""
+    return dict(state, param_groups=merge_param_groups(state["param_groups"]))
+
+
+def _group_settings(group: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in group.items() if k not in ("params", "name")}
+
+
 def input_camera(config: RunConfig, scene_radius: float, width: int, height: int, device=None):
     """The fixed camera of an image-to-3D run's input photo: azimuth 0 (the object's front), `image.elevation`,
     `image.distance` scene radii, `image.fov` degrees."""
@@ -166,7 +191,8 @@ class Trainer:
     def _build_optimizer(self) -> None:
         o = self.config.optim
         # fused: one kernel for all parameters, step counters kept on the device (no .item() per step)
-        self.optimizer = torch.optim.Adam(self.stage.param_groups(o), betas=tuple(o.betas), eps=o.eps, fused=True)
+        self.optimizer = torch.optim.Adam(merge_param_groups(self.stage.param_groups(o)), betas=tuple(o.betas),
+                                          eps=o.eps, fused=True)
 
     def _enter_stage(self) -> None:
         """What the current stage needs from the run: the input view at its render size, its guidance options."""
@@ -244,7 +270,7 @@ class Trainer:
             self._switch_stage(index)
         try:
             self.stage.load_state_dict(state)
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(merged_optimizer_state(state["optimizer"]))
         except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise FastDreamError(f"Checkpoint {source} does not fit this configuration ({first}). It was written with "

@@ -51,7 +51,7 @@ def test_opacity_terms_match_the_separate_regularisers():
     # empty and opaque rays (inside the entropy's clamp: no gradient there) and everything between
     a = torch.cat([torch.zeros(3), torch.ones(2), torch.rand(40, generator=g)])
     a1, a2 = a.clone().requires_grad_(True), a.clone().requires_grad_(True)
-    got = opacity_terms(a1)
+    got = torch.stack(opacity_terms(a1))
     expected = torch.stack([opacity_entropy(a2), opacity_sparsity(a2)])
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
     weights = torch.tensor([0.3, 2.0])

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List
 import torch
 
 from ..ops import SHADING_MODES
-from ..regularizers import OrientationLoss, opacity_terms
+from ..regularizers import opacity_terms, orientation_loss
 from .base import Stage, StepLoss, StepPlan
 
 
@@ -146,13 +146,12 @@ class NeRFStage(Stage):
         sparsity come from one autograd node, so both run (and are reported) when either weight is > 0."""
         reg, names, parts = plan.weights, (), []
         if reg["orient"] > 0 and rays is not None and rays.sample_normals is not None:
-            names, parts = ("orient",), [OrientationLoss.apply(rays.sample_normals, rays.weights, rays.directions,
-                                                               rays.ray_indices, opacity)]
+            orient = orientation_loss(rays.weights, rays.sample_normals, rays.directions, rays.ray_indices,
+                                      opacity=opacity)
+            names, parts = ("orient",), [orient]
         if reg["entropy"] > 0 or reg["sparsity"] > 0:
-            names, parts = names + ("entropy", "sparsity"), parts + [opacity_terms(opacity)]
-        if not parts:
-            return (), None
-        return names, parts[0] if len(parts) == 1 else torch.cat(parts)
+            names, parts = names + ("entropy", "sparsity"), parts + list(opacity_terms(opacity))
+        return (names, torch.stack(parts)) if parts else ((), None)
 
     def after_step(self, step: int, generator: torch.Generator) -> None:
         if (step + 1) % self.config.grid.update_every == 0:
