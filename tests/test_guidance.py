@@ -118,6 +118,23 @@ def test_view_weights():
     torch.testing.assert_close(ramp, torch.tensor([[1.0, 0, 0, 0], [0.5, 0, 0, 0.5]]))
 
 
+@pytest.mark.parametrize("ramp", [False, True])
+def test_view_blend_lookup_equals_the_weighted_sum(ramp):
+    """The per-step blend (one grid_sample in a table of the view embeddings) is view_weights @ embeddings, for
+    any azimuth (wrapped) and elevation, the overhead threshold included; within 1e-6 of the embeddings' scale."""
+    from fastdream.guidance.prompts import blend_views, view_blend_table
+
+    g = torch.Generator().manual_seed(0)
+    views = torch.randn(4, 7, 5, generator=g)
+    azimuth = torch.cat([torch.rand(500, generator=g) * 1080 - 540, torch.tensor([0.0, 45, 90, 180, -180, -90, 360, 721])])
+    elevation = torch.cat([torch.rand(500, generator=g) * 180 - 90, torch.tensor([0.0, 60, 60.001, 75, 90, 59.999, -5, 61])])
+    expected = (view_weights(elevation, azimuth, overhead_ramp=ramp) @ views.flatten(1)).view(-1, 7, 5)
+    got = blend_views(view_blend_table(views), elevation, azimuth, overhead_ramp=ramp)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 * float(views.abs().max()))
+    if not ramp:  # above the threshold: the overhead embedding itself
+        assert torch.equal(got[-1], views[3]) and torch.equal(got[-6], views[3])
+
+
 def test_default_view_rule_is_the_papers(sd):
     """Blend front/side/back by azimuth, switch hard to overhead above 60 degrees of elevation."""
     assert GuidanceOptions().view_selection == "paper" and sd.options.view_selection == "paper"
