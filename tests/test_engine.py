@@ -203,6 +203,32 @@ def test_occupancy_grid_never_occupies_cells_no_camera_sees():
     assert float(grid.occupancy[~expected].abs().max()) == 0.0
 
 
+def test_occupancy_update_points_follow_a_loaded_box_in_few_ops():
+    """The update's jittered points (a gather of each cell's corner and one addcmul) lie in the grid's box, also
+    when a state dict with another box was loaded, and the cell centres follow it; after the warm-up an update dispatches 11 ops besides the
+    density query (the step that updates the grid dispatches the most ops of any training step)."""
+    from benchmarks.bench_overhead import OpCounter
+
+    grid = OccupancyGrid([-1, -1, -1, 1, 1, 1], resolution=8, warmup_steps=2)
+    grid.load_state_dict(OccupancyGrid([-2, 0, 0, 2, 4, 2], resolution=8).state_dict())
+    seen = []
+
+    def opacity(x):
+        seen.append(x)
+        return x[:, 0].clone()
+
+    counter = OpCounter()
+    with counter:
+        grid.update(5, opacity, generator=torch.Generator().manual_seed(0))
+    assert counter.ops - 2 == 11, counter.by_op  # the density query here: two ops (select, clone)
+    x = seen[0]
+    assert x.shape == (2 * (8**3 // 4), 3)
+    cell = torch.floor((x - torch.tensor([-2.0, 0, 0])) / torch.tensor([0.5, 0.5, 0.25])).long()
+    assert bool(((cell >= 0) & (cell < 8)).all())
+    centres = grid.cell_centres(torch.arange(8**3), jitter=False)
+    torch.testing.assert_close(centres, (grid.cells + 0.5) / 8 * torch.tensor([4.0, 4, 2]) + torch.tensor([-2.0, 0, 0]))
+
+
 def _ball_renderer(shading_radius=0.5):
     renderer = build_renderer(field_config=TINY_FIELD, render_config=RenderConfig(samples_per_ray=96),
                               background="fixed", background_color=(0.0, 0.0, 0.0), grid_resolution=16)
