@@ -17,6 +17,7 @@ Measurements (median and spread over repeats after warm-up; CUDA events on the G
                               T < 1e-4 and compaction into a buffer of the marched size
   cameras_rays                the training step's camera pass: 4 orbit cameras from their random draws
                               (orbit_cameras) and the rays and per-ray lights of their R pixels (camera_rays)
+  frequency_encode            the background's encoding of the R ray directions of `march` (4 frequencies)
 Target (issue 5): CPU native >= 5x reference on hash_fwd_bwd.
 """
 from __future__ import annotations
@@ -103,6 +104,7 @@ def run(args) -> Dict[str, Any]:
     from fastdream.ops.hash_encoding import hash_encode_reference
     from fastdream.ops.marching import march_rays_reference
     from fastdream.ops.cameras import camera_rays_reference, orbit_cameras_reference
+    from fastdream.ops.frequency_encoding import frequency_encode_reference
     from fastdream.ops.pruning import compact_visible_samples_reference
 
     status = common.available_backends(device)
@@ -111,13 +113,13 @@ def run(args) -> Dict[str, Any]:
     if "reference" in wanted:
         impls["reference"] = dict(hash=hash_encode_reference, march=march_rays_reference, composite=composite_reference,
                                   prune=compact_visible_samples_reference, orbit=orbit_cameras_reference,
-                                  rays=camera_rays_reference)
+                                  rays=camera_rays_reference, encode=frequency_encode_reference)
     if "native" in wanted:
         if status["native"] is None:
             from fastdream.ops import _native
             impls["native"] = dict(hash=_native.hash_encode, march=_native.march_rays, composite=_native.composite,
                                    prune=_native.compact_visible_samples, orbit=_native.orbit_cameras,
-                                   rays=_native.camera_rays)
+                                   rays=_native.camera_rays, encode=_native.frequency_encode)
         else:
             skip["native"] = status["native"]
     tcnn = None
@@ -229,6 +231,10 @@ def run(args) -> Dict[str, Any]:
                 t = common.time_fn(cameras_rays, **timing_kw)
             results.append(common.result_entry("cameras_rays", name, n_rays, "rays", t, work=4 * side * side,
                                                work_unit="rays"))
+            with torch.no_grad():
+                t = common.time_fn(lambda f=impl["encode"]: f(d, 4), **timing_kw)
+            results.append(common.result_entry("frequency_encode", name, n_rays, "rays", t, work=n_rays,
+                                               work_unit="rays"))
         if nerfacc is not None:
             results.extend(_nerfacc_rows(nerfacc, device, o, d, aabb, binary, mk, n_rays, timing_kw))
     for name, why in skip.items():
@@ -238,7 +244,7 @@ def run(args) -> Dict[str, Any]:
     ratios = []
     for metric, unit_sizes in (("hash_fwd", point_sizes), ("hash_fwd_bwd", point_sizes), ("march", ray_sizes),
                                ("composite_fwd", ray_sizes), ("composite_fwd_bwd", ray_sizes), ("prune", ray_sizes),
-                               ("cameras_rays", ray_sizes)):
+                               ("cameras_rays", ray_sizes), ("frequency_encode", ray_sizes)):
         common_sizes = [2 ** k for k in unit_sizes if k <= ref_max]
         if common_sizes:
             ratios.append(common.ratio(f"{metric}_native_vs_reference", results, metric, "native", "reference",

@@ -48,6 +48,7 @@ TORCH_LIBRARY(fastdream, m) {
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
     m.def("camera_rays(Tensor c2w, Tensor fx, Tensor fy, Tensor cx, Tensor cy, Tensor light_position, "
           "Tensor light_intensity, Tensor ambient, int height, int width) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+    m.def("frequency_encode(Tensor x, int n_frequencies) -> Tensor");
     m.def("rasterize_fwd(Tensor pos, Tensor tri, int height, int width) -> (Tensor, Tensor, Tensor)");
     m.def("rasterize_bwd(Tensor g_bary, Tensor g_depth, Tensor pos, Tensor tri, Tensor tri_id) -> Tensor");
     m.def("interpolate_fwd(Tensor attr, Tensor tri_id, Tensor bary, Tensor tri) -> Tensor");

@@ -262,17 +262,11 @@ class BackgroundModel(nn.Module):
         self.n_frequencies = n_frequencies
         self.register_buffer("color", torch.as_tensor(color, dtype=torch.float32).reshape(3))
         self.mlp = _mlp(3 + 6 * n_frequencies, hidden_dim, 1, 3) if kind == "mlp" else None
-        self.register_buffer("frequencies", 2.0 ** torch.arange(n_frequencies, dtype=torch.float32) * math.pi,
-                             persistent=False)
-        # cos x = sin(x + pi/2): with a phase per half, the sines and the cosines are one sin of (N, 2, 3, F) angles
-        self.register_buffer("phases", torch.tensor([0.0, math.pi / 2]).view(2, 1, 1), persistent=False)
 
     def encode(self, directions: torch.Tensor) -> torch.Tensor:
         """(N, 3) directions -> (N, 3 + 6F): the direction, then sin(2^k pi d) and cos(2^k pi d), each ordered by
-        component then frequency k."""
-        dt = directions.dtype
-        angles = torch.addcmul(self.phases.to(dt), directions.reshape(-1, 1, 3, 1), self.frequencies.to(dt))
-        return torch.cat([directions, angles.sin_().view(directions.shape[0], -1)], dim=-1)
+        component then frequency k (`ops.frequency_encode`, one pass)."""
+        return ops.frequency_encode(directions, n_frequencies=self.n_frequencies)
 
     def forward(self, directions: torch.Tensor) -> torch.Tensor:
         if self.mlp is None:

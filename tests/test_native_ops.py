@@ -787,6 +787,40 @@ def test_camera_rays_route_to_the_twin_for_gradients():
     torch.testing.assert_close(native[1], directions.detach(), atol=1e-6, rtol=0)
 
 
+# ----------------------------------------------------------------------------- frequency encoding
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dims,n_frequencies", [(3, 4), (2, 0), (1, 10)])
+def test_frequency_encode_matches_the_reference(dtype, dims, n_frequencies, device):
+    """Native against the twin: the same layout, float32 within 2e-6 (libm's sin/cos against torch's, of angles
+    up to 2^9 pi), float64 within 1e-12; empty input."""
+    from fastdream.ops.frequency_encoding import frequency_encode_reference
+
+    nat = _native_on(device)
+    x = torch.randn(300, dims, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    got = nat.frequency_encode(x.to(device), n_frequencies).cpu()
+    want = frequency_encode_reference(x, n_frequencies)
+    assert got.dtype == dtype and got.shape == want.shape == (300, dims * (1 + 2 * n_frequencies))
+    torch.testing.assert_close(got, want, atol=2e-6 if dtype == torch.float32 else 1e-12, rtol=0)
+    assert nat.frequency_encode(x[:0].to(device), n_frequencies).shape == (0, want.shape[1])
+
+
+def test_frequency_encode_routes_to_the_twin_for_gradients():
+    _native()
+    from fastdream import ops
+    from fastdream.errors import FastDreamError
+
+    x = torch.randn(20, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    with ops_use_backend("native"):
+        enc = ops.frequency_encode(x, n_frequencies=2)
+        enc.sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+        with torch.no_grad():
+            torch.testing.assert_close(ops.frequency_encode(x, n_frequencies=2), enc.detach(), atol=1e-6, rtol=0)
+        with pytest.raises(FastDreamError, match="x must be a floating"):
+            ops.frequency_encode(x.detach()[0], n_frequencies=2)
+
+
 # ----------------------------------------------------------------------------- opcheck / compile
 def _opcheck_cases():
     nat = _native()
@@ -824,6 +858,7 @@ def _opcheck_cases():
         "camera_rays": (torch.eye(4, dtype=torch.float64).repeat(2, 1, 1), *[torch.rand(2, dtype=torch.float64) + 1 for _ in range(4)],
                         torch.randn(2, 3, dtype=torch.float64), torch.rand(2, dtype=torch.float64),
                         torch.rand(2, dtype=torch.float64), 3, 5),
+        "frequency_encode": (torch.randn(7, 3, dtype=torch.float64), 3),
         "composite_bwd": (*grads, *[t.detach() if isinstance(t, torch.Tensor) else t for t in comp_in[:-1]],
                           *comp_out, 1, True),
     }
@@ -831,7 +866,7 @@ def _opcheck_cases():
 
 OPCHECK_NAMES = ["hash_encode_fwd", "hash_encode_fwd_half", "hash_encode_bwd", "hash_encode_bwd_bwd", "march_rays",
                  "compact_visible_samples", "compact_visible_samples_no_count", "occupancy_update", "render_weights_fwd", "render_weights_bwd", "composite_fwd", "composite_bwd",
-                 "orbit_cameras", "camera_rays"]
+                 "orbit_cameras", "camera_rays", "frequency_encode"]
 
 
 @pytest.mark.parametrize("name", OPCHECK_NAMES)

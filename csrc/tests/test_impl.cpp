@@ -9,6 +9,7 @@
 #include "fastdream/common.h"
 #include "kernels/cameras_impl.h"
 #include "kernels/compositing_impl.h"
+#include "kernels/frequency_encoding_impl.h"
 #include "kernels/hash_encoding_impl.h"
 #include "kernels/marching_impl.h"
 #include "kernels/pruning_impl.h"
@@ -295,6 +296,21 @@ static void test_cameras() {
     EXPECT(o[0] == 0.0 && o[1] == 0.0 && o[2] == 2.0);
 }
 
+// Frequency encoding: the layout [x, sines, cosines] (component-major) and the values at known angles.
+static void test_frequency_encoding() {
+    const double x[2] = {0.25, -0.5};
+    double out[10];
+    EXPECT(freq::encoded_width(2, 2) == 10);
+    freq::encode_point(x, 2, 2, out);
+    const double pi = 3.14159265358979323846;
+    const double want[10] = {0.25, -0.5, std::sin(pi / 4), std::sin(pi / 2), std::sin(-pi / 2), std::sin(-pi),
+                             std::cos(pi / 4), std::cos(pi / 2), std::cos(-pi / 2), std::cos(-pi)};
+    for (int k = 0; k < 10; ++k) EXPECT_NEAR(out[k], want[k], 1e-15);
+    float xf = 1.0f, outf[1];
+    freq::encode_point(&xf, 1, 0, outf);  // no frequencies: the point itself
+    EXPECT(outf[0] == 1.0f);
+}
+
 int main() {
     test_grid_index();
     test_packed_writes_and_occupancy_rule();
@@ -304,6 +320,7 @@ int main() {
     test_pruning();
     test_rasterize();
     test_cameras();
+    test_frequency_encoding();
     if (failures == 0) std::printf("all impl checks passed\n");
     return failures == 0 ? 0 : 1;
 }

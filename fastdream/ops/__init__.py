@@ -17,6 +17,7 @@ from .. import _backend
 from .._backend import backend_name, set_backend, use_backend
 from .cameras import camera_rays_reference, orbit_cameras_reference
 from .compositing import composite_reference
+from .frequency_encoding import frequency_encode_reference
 from .hash_encoding import (DEFAULT_PER_LEVEL_SCALE, HashGridLayout, check_hash_encode_inputs, default_per_level_scale,
                             hash_encode_reference, hash_grid_layout, hash_grid_n_params)
 from .marching import march_rays_fixed_reference, march_rays_reference, occupancy_update_reference, ray_aabb_intersect
@@ -30,7 +31,7 @@ __all__ = [
     "hash_encode", "hash_grid_n_params", "hash_grid_layout", "HashGridLayout", "default_per_level_scale",
     "DEFAULT_PER_LEVEL_SCALE", "render_weights", "accumulate_along_rays", "march_rays", "march_rays_fixed", "compact_visible_samples", "occupancy_update", "ray_aabb_intersect",
     "composite", "shade", "SHADING_MODES", "shading_code", "rasterize", "interpolate", "antialias", "triangle_adjacency",
-    "orbit_cameras", "camera_rays", "use_backend",
+    "orbit_cameras", "camera_rays", "frequency_encode", "use_backend",
     "set_backend", "backend_name",
 ]
 
@@ -190,6 +191,17 @@ def camera_rays(c2w: torch.Tensor, *, fx: torch.Tensor, fy: torch.Tensor, cx: to
         from . import _native
         return _native.camera_rays(*args, height, width)
     return camera_rays_reference(*args, height, width)
+
+
+def frequency_encode(x: torch.Tensor, *, n_frequencies: int) -> torch.Tensor:
+    """NeRF's frequency encoding: x (N, D) -> (N, D * (1 + 2 * n_frequencies)) = [x, sin(2^k pi x_c),
+    cos(2^k pi x_c)], the sines and the cosines each ordered by component c, then by k < n_frequencies.
+    Differentiable (through the PyTorch twin) when x requires grad. See ops.frequency_encoding."""
+    differentiable = torch.is_grad_enabled() and x.requires_grad
+    if _backend.use_native(x.device) and not differentiable and x.dtype in (torch.float32, torch.float64):
+        from . import _native
+        return _native.frequency_encode(x, n_frequencies)
+    return frequency_encode_reference(x, n_frequencies)
 
 
 def rasterize(pos: torch.Tensor, tri: torch.Tensor, *, resolution: tuple[int, int]):

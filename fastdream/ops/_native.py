@@ -13,8 +13,9 @@ Gradients:
   light_intensity or ambient require grad, composite() falls back to the reference (exact autograd).
 - rasterize: barycentrics and depth to the clip-space vertex positions; interpolate: to the attributes
   and the barycentrics; antialias: to the colours and the vertex positions (first order only).
-- march_rays / march_rays_fixed / compact_visible_samples / occupancy_update / orbit_cameras / camera_rays: no
-  gradients (ops.camera_rays runs the reference when an input requires grad).
+- march_rays / march_rays_fixed / compact_visible_samples / occupancy_update / orbit_cameras / camera_rays /
+  frequency_encode: no gradients (ops.camera_rays and ops.frequency_encode run the reference when an input
+  requires grad).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .. import _backend
 from ..errors import check
 from .cameras import check_camera_rays_inputs, check_orbit_inputs
 from .compositing import composite_reference
+from .frequency_encoding import check_frequency_encode_inputs
 from .hash_encoding import HashGridLayout
 from .marching import check_march_inputs, check_occupancy_update_inputs
 from .pruning import check_compact_inputs
@@ -126,6 +128,11 @@ def _orbit_cameras_fake(camera_u, light_u, light_noise, lows, spans, width, heig
 def _camera_rays_fake(c2w, fx, fy, cx, cy, light_position, light_intensity, ambient, height, width):
     R = c2w.shape[0] * height * width
     return (c2w.new_empty(R, 3), c2w.new_empty(R, 3), c2w.new_empty(R, 3), c2w.new_empty(R), c2w.new_empty(R))
+
+
+@torch.library.register_fake(_LIB + "frequency_encode")
+def _frequency_encode_fake(x, n_frequencies):
+    return x.new_empty(x.shape[0], x.shape[1] * (1 + 2 * n_frequencies))
 
 
 @torch.library.register_fake(_LIB + "rasterize_fwd")
@@ -388,6 +395,12 @@ def camera_rays(c2w, fx, fy, cx, cy, light_position, light_intensity, ambient, h
     """See ops.cameras.camera_rays_reference."""
     check_camera_rays_inputs(c2w, fx, fy, cx, cy, light_position, light_intensity, ambient, height, width)
     return ops.camera_rays(c2w, fx, fy, cx, cy, light_position, light_intensity, ambient, int(height), int(width))
+
+
+def frequency_encode(x: torch.Tensor, n_frequencies: int) -> torch.Tensor:
+    """See ops.frequency_encoding.frequency_encode_reference."""
+    check_frequency_encode_inputs(x, n_frequencies)
+    return ops.frequency_encode(x, int(n_frequencies))
 
 
 def _per_ray(v, n_rays: int, like: torch.Tensor) -> torch.Tensor:
