@@ -140,6 +140,30 @@ def test_background_blend_matches_autograd_and_gradcheck():
     assert torch.autograd.gradcheck(_OverLearnedBackground.apply, inputs)
 
 
+def test_background_blend_takes_few_ops():
+    """The learned background over a render, per training step: the encoding (one native pass), two linear
+    layers, sigmoid and blend forward (9 ops); the hand-written backward, 13."""
+    from benchmarks.bench_overhead import OpCounter
+    from fastdream import _backend
+    from fastdream.field import BackgroundModel
+
+    if not _backend.use_native(torch.device("cpu")):
+        pytest.skip("native frequency_encode not built")
+    bg = BackgroundModel("mlp")
+    d = torch.nn.functional.normalize(torch.randn(64, 3), dim=-1)
+    rgb, opacity = torch.rand(64, 3).requires_grad_(), torch.rand(64, 1).requires_grad_()
+    with OpCounter() as counter:
+        out = bg.over(rgb, opacity, d)
+    assert counter.ops == 9, counter.by_op
+    upstream = torch.ones_like(out)
+    with OpCounter() as counter:
+        out.backward(upstream)
+    # AccumulateGrad's own ops (a detach per new gradient; a copy of rgb's, which is the upstream tensor) aside
+    stored = {"aten::detach", "aten::new_empty_strided", "aten::copy_"}
+    assert counter.ops - sum(counter.by_op[k] for k in stored) == 13, counter.by_op
+    assert rgb.grad is not None and opacity.grad is not None and bg.mlp[0].weight.grad is not None
+
+
 def test_blob_normals_point_outwards_analytic_and_finite_difference():
     points = torch.nn.functional.normalize(torch.randn(32, 3, generator=torch.Generator().manual_seed(0)), dim=-1) * 0.4
     for mode in ("analytic", "finite_difference"):
