@@ -43,6 +43,14 @@ TORCH_LIBRARY(fastdream, m) {
           "Tensor origins, Tensor directions, Tensor light_positions, Tensor light_intensity, Tensor ambient, "
           "Tensor rgb, Tensor opacity, Tensor depth, Tensor normal, Tensor weights, int mode, bool need_normals_grad) "
           "-> (Tensor, Tensor, Tensor)");
+    m.def("ray_points(Tensor origins, Tensor directions, Tensor ray_indices, Tensor t_starts, Tensor t_ends) -> Tensor");
+    m.def("probe_points(Tensor x, Tensor unit_scale, Tensor unit_offset, float step, int k) -> Tensor");
+    m.def("field_head_fwd(Tensor raw, Tensor x, Tensor centre, int k, float step, float density_bias, "
+          "float blob_density, float blob_radius, int blob_shape, int activation, bool with_albedo) "
+          "-> (Tensor, Tensor, Tensor)");
+    m.def("field_head_bwd(Tensor? g_sigma, Tensor? g_albedo, Tensor? g_normals, Tensor raw, Tensor x, Tensor centre, "
+          "int k, float step, float density_bias, float blob_density, float blob_radius, int blob_shape, "
+          "int activation) -> Tensor");
     m.def("rasterize_fwd(Tensor pos, Tensor tri, int height, int width) -> (Tensor, Tensor, Tensor)");
     m.def("rasterize_bwd(Tensor g_bary, Tensor g_depth, Tensor pos, Tensor tri, Tensor tri_id) -> Tensor");
     m.def("interpolate_fwd(Tensor attr, Tensor tri_id, Tensor bary, Tensor tri) -> Tensor");
