@@ -111,8 +111,7 @@ def _composite_fwd_fake(t_starts, t_ends, ray_offsets, sigmas, albedo, normals, 
 
 @torch.library.register_fake(_LIB + "composite_bwd")
 def _composite_bwd_fake(g_rgb, g_opacity, g_depth, g_normal, g_weights, t_starts, t_ends, ray_offsets, sigmas, albedo,
-                        normals, origins, directions, light_positions, light_intensity, ambient, rgb, opacity, depth,
-                        normal, weights, mode, need_normals_grad):
+                        normals, origins, directions, light_positions, light_intensity, ambient, mode, need_normals_grad):
     gn = sigmas.new_empty((sigmas.shape[0], 3)) if (need_normals_grad and normals is not None) else sigmas.new_empty((0,))
     return torch.empty_like(sigmas), sigmas.new_empty((sigmas.shape[0], 3)), gn
 
@@ -243,26 +242,28 @@ torch.library.register_autograd(_LIB + "render_weights_fwd", _rw_backward, setup
 def _comp_setup(ctx, inputs, output):
     (t_starts, t_ends, ray_offsets, sigmas, albedo, normals, origins, directions, light_positions, light_intensity,
      ambient, mode) = inputs
-    rgb, opacity, depth, normal, weights = output
     ctx.has_normals = normals is not None
     ctx.mode = mode
+    ctx.n_rays = ray_offsets.shape[0] - 1
+    # inputs only: saving an output costs a detach when saved and one when unpacked; the backward kernel
+    # recomputes what it needs from the outputs (each ray's sum of weight gradients times weights)
     ctx.save_for_backward(t_starts, t_ends, ray_offsets, sigmas, albedo, normals if normals is not None else sigmas,
-                          origins, directions, light_positions, light_intensity, ambient, rgb, opacity, depth, normal,
-                          weights)
+                          origins, directions, light_positions, light_intensity, ambient)
 
 
 def _comp_backward(ctx, g_rgb, g_opacity, g_depth, g_normal, g_weights):
     (t_starts, t_ends, ray_offsets, sigmas, albedo, normals, origins, directions, light_positions, light_intensity,
-     ambient, rgb, opacity, depth, normal, weights) = ctx.saved_tensors
+     ambient) = ctx.saved_tensors
     normals = normals if ctx.has_normals else None
-    g_rgb = torch.zeros_like(rgb) if g_rgb is None else g_rgb
-    g_opacity = torch.zeros_like(opacity) if g_opacity is None else g_opacity
-    g_depth = torch.zeros_like(depth) if g_depth is None else g_depth
-    g_normal = torch.zeros_like(normal) if g_normal is None else g_normal
+    r = ctx.n_rays
+    g_rgb = sigmas.new_zeros((r, 3)) if g_rgb is None else g_rgb
+    g_opacity = sigmas.new_zeros((r, 1)) if g_opacity is None else g_opacity
+    g_depth = sigmas.new_zeros((r, 1)) if g_depth is None else g_depth
+    g_normal = sigmas.new_zeros((r, 3)) if g_normal is None else g_normal
     need_n = bool(ctx.has_normals and ctx.needs_input_grad[5])
     gs, ga, gn = ops.composite_bwd(g_rgb, g_opacity, g_depth, g_normal, g_weights, t_starts, t_ends, ray_offsets, sigmas,
-                                   albedo, normals, origins, directions, light_positions, light_intensity, ambient, rgb,
-                                   opacity, depth, normal, weights, ctx.mode, need_n)
+                                   albedo, normals, origins, directions, light_positions, light_intensity, ambient,
+                                   ctx.mode, need_n)
     return (None, None, None, gs if ctx.needs_input_grad[3] else None, ga if ctx.needs_input_grad[4] else None,
             gn if need_n else None, None, None, None, None, None, None)
 
