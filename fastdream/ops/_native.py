@@ -15,8 +15,9 @@ Gradients:
   and the barycentrics; antialias: to the colours and the vertex positions (first order only).
 - field_head: to the MLP's raw output (first order; the public op falls back to the reference when the
   points require grad, as for analytic normals).
-- march_rays / march_rays_fixed / compact_visible_samples / occupancy_update / ray_points / probe_points: no
-  gradients.
+- march_rays / march_rays_fixed / compact_visible_samples / occupancy_update / ray_points / probe_points /
+  orbit_cameras / camera_rays / frequency_encode: no gradients (ops.probe_points, ops.camera_rays and
+  ops.frequency_encode run the reference when an input requires grad).
 """
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ import torch
 
 from .. import _backend
 from ..errors import check
+from .cameras import check_camera_rays_inputs, check_orbit_inputs
 from .compositing import composite_reference
 from .field_head import ACTIVATIONS, BLOB_SHAPES, PROBES
+from .frequency_encoding import check_frequency_encode_inputs
 from .hash_encoding import HashGridLayout
 from .marching import check_march_inputs, check_occupancy_update_inputs
 from .pruning import check_compact_inputs
@@ -138,6 +141,24 @@ def _field_head_fwd_fake(raw, x, centre, k, step, density_bias, blob_density, bl
 def _field_head_bwd_fake(g_sigma, g_albedo, g_normals, raw, x, centre, k, step, density_bias, blob_density,
                          blob_radius, blob_shape, activation):
     return torch.empty_like(raw)
+
+
+@torch.library.register_fake(_LIB + "orbit_cameras")
+def _orbit_cameras_fake(camera_u, light_u, light_noise, lows, spans, width, height, light_perturb, wrap_azimuth):
+    B = camera_u.shape[1]
+    per_camera = [camera_u.new_empty(B) for _ in range(9)]
+    return (camera_u.new_empty(B, 4, 4), *per_camera[:7], camera_u.new_empty(B, 3), *per_camera[7:])
+
+
+@torch.library.register_fake(_LIB + "camera_rays")
+def _camera_rays_fake(c2w, fx, fy, cx, cy, light_position, light_intensity, ambient, height, width):
+    R = c2w.shape[0] * height * width
+    return (c2w.new_empty(R, 3), c2w.new_empty(R, 3), c2w.new_empty(R, 3), c2w.new_empty(R), c2w.new_empty(R))
+
+
+@torch.library.register_fake(_LIB + "frequency_encode")
+def _frequency_encode_fake(x, n_frequencies):
+    return x.new_empty(x.shape[0], x.shape[1] * (1 + 2 * n_frequencies))
 
 
 @torch.library.register_fake(_LIB + "rasterize_fwd")
@@ -424,6 +445,26 @@ def occupancy_update(occupancy: torch.Tensor, indices: torch.Tensor, estimates: 
     """See ops.marching.occupancy_update_reference."""
     check_occupancy_update_inputs(occupancy, indices, estimates)
     return ops.occupancy_update(occupancy, indices, estimates.to(occupancy.dtype), float(decay), float(threshold))
+
+
+def orbit_cameras(camera_u, light_u, light_noise, lows, spans, width: int, height: int, light_perturb: float,
+                  wrap_azimuth: bool):
+    """See ops.cameras.orbit_cameras_reference."""
+    check_orbit_inputs(camera_u, light_u, light_noise, lows, spans)
+    return ops.orbit_cameras(camera_u, light_u, light_noise, lows, spans, int(width), int(height), float(light_perturb),
+                             bool(wrap_azimuth))
+
+
+def camera_rays(c2w, fx, fy, cx, cy, light_position, light_intensity, ambient, height: int, width: int):
+    """See ops.cameras.camera_rays_reference."""
+    check_camera_rays_inputs(c2w, fx, fy, cx, cy, light_position, light_intensity, ambient, height, width)
+    return ops.camera_rays(c2w, fx, fy, cx, cy, light_position, light_intensity, ambient, int(height), int(width))
+
+
+def frequency_encode(x: torch.Tensor, n_frequencies: int) -> torch.Tensor:
+    """See ops.frequency_encoding.frequency_encode_reference."""
+    check_frequency_encode_inputs(x, n_frequencies)
+    return ops.frequency_encode(x, int(n_frequencies))
 
 
 def _per_ray(v, n_rays: int, like: torch.Tensor) -> torch.Tensor:
