@@ -41,8 +41,15 @@ TORCH_LIBRARY(fastdream, m) {
     m.def("composite_bwd(Tensor g_rgb, Tensor g_opacity, Tensor g_depth, Tensor g_normal, Tensor? g_weights, "
           "Tensor t_starts, Tensor t_ends, Tensor ray_offsets, Tensor sigmas, Tensor albedo, Tensor? normals, "
           "Tensor origins, Tensor directions, Tensor light_positions, Tensor light_intensity, Tensor ambient, "
-          "Tensor rgb, Tensor opacity, Tensor depth, Tensor normal, Tensor weights, int mode, bool need_normals_grad) "
+          "int mode, bool need_normals_grad) -> (Tensor, Tensor, Tensor)");
+    m.def("ray_points(Tensor origins, Tensor directions, Tensor ray_indices, Tensor t_starts, Tensor t_ends) -> Tensor");
+    m.def("probe_points(Tensor x, Tensor unit_scale, Tensor unit_offset, float step, int k) -> Tensor");
+    m.def("field_head_fwd(Tensor raw, Tensor x, Tensor centre, int k, float step, float density_bias, "
+          "float blob_density, float blob_radius, int blob_shape, int activation, bool with_albedo) "
           "-> (Tensor, Tensor, Tensor)");
+    m.def("field_head_bwd(Tensor? g_sigma, Tensor? g_albedo, Tensor? g_normals, Tensor raw, Tensor x, Tensor centre, "
+          "int k, float step, float density_bias, float blob_density, float blob_radius, int blob_shape, "
+          "int activation) -> Tensor");
     m.def("orbit_cameras(Tensor camera_u, Tensor light_u, Tensor light_noise, Tensor lows, Tensor spans, int width, "
           "int height, float light_perturb, bool wrap_azimuth) "
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 from . import ops
 from .errors import check
 from .fused_mlp import mlp_forward
+from .ops.field_head import PROBES, TruncExp, normals_from_probes, with_probes  # noqa: F401 (TruncExp: re-export)
 
 
 @dataclass
@@ -64,20 +65,6 @@ class FieldConfig:
         return ops.default_per_level_scale(self.n_levels, self.base_resolution, self.max_resolution)
 
 
-class TruncExp(torch.autograd.Function):
-    """exp whose gradient is clamped, so large pre-activations do not explode (instant-ngp's trick)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.exp(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * torch.exp(x.clamp(-15, 15))
-
-
 def _mlp(in_dim: int, hidden: int, n_hidden: int, out_dim: int, bias: bool = True) -> nn.Sequential:
     layers, dim = [], in_dim
     for _ in range(n_hidden):
@@ -97,8 +84,6 @@ class HashGridField(nn.Module):
         aabb = torch.as_tensor(aabb, dtype=torch.float32).reshape(-1)
         check(aabb.shape == (6,) and bool((aabb[3:] > aabb[:3]).all()), f"field aabb must be (xmin, ymin, zmin, xmax, ymax, zmax), got {aabb.tolist()}")
         self.register_buffer("aabb", aabb)
-        self.register_buffer("probe_directions", torch.cat([torch.zeros(1, 3), torch.eye(3), -torch.eye(3)]),
-                             persistent=False)
         self._cache_box()
         # the box is a buffer (a checkpoint may bring another): refresh the host copies after loading
         self.register_load_state_dict_post_hook(lambda module, keys: module._cache_box())
@@ -131,6 +116,12 @@ class HashGridField(nn.Module):
                 self._buffers[name] = value
             else:
                 self.register_buffer(name, value, persistent=False)
+        cfg = self.config
+        self._probe_step = cfg.normal_epsilon * self._scene_radius
+        # the output head's constants (ops.field_head), host values
+        self._head = dict(step=self._probe_step, density_bias=cfg.density_bias, blob_density=cfg.blob_density,
+                          blob_radius=cfg.blob_radius * self._scene_radius, blob_shape=cfg.blob_shape,
+                          activation=cfg.density_activation)
 
     @property
     def scene_radius(self) -> float:
@@ -148,8 +139,9 @@ class HashGridField(nn.Module):
     def mlp_parameters(self):
         return self.mlp.parameters()
 
-    def _raw(self, x: torch.Tensor, detach_grid: bool = False, fused_mlp: bool = True) -> torch.Tensor:
-        unit = torch.addcmul(self.unit_offset, x, self.unit_scale).clamp_(0.0, 1.0)
+    def _raw(self, x: torch.Tensor, k: int = 1, detach_grid: bool = False, fused_mlp: bool = True) -> torch.Tensor:
+        """The MLP's raw output (N * k, 4) at world points x (N, 3) and, with k = 7, their probes."""
+        unit = ops.probe_points(x, unit_scale=self.unit_scale, unit_offset=self.unit_offset, step=self._probe_step, k=k)
         params = self.encoding_params.detach() if detach_grid else self.encoding_params
         features = ops.hash_encode(unit, params, check_range=False, **self.encoding_kwargs)
         if self.active_levels < self.config.n_levels:  # later (finer) levels masked out: no signal, no gradient
@@ -158,26 +150,12 @@ class HashGridField(nn.Module):
         features = features.to(self.mlp[0].weight.dtype)
         return mlp_forward(self.mlp, features) if fused_mlp else self.mlp(features)
 
-    def _density_from_raw(self, x: torch.Tensor, raw_density: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        pre = raw_density
-        if cfg.density_bias != 0:
-            pre = pre + cfg.density_bias
-        if cfg.blob_density > 0:
-            radius = cfg.blob_radius * self.scene_radius
-            if cfg.blob_shape == "linear":  # blob_density * (1 - r / radius), r's gradient 0 at the centre
-                r = torch.linalg.vector_norm(x - self.box_centre, dim=-1)
-                pre = torch.add(pre, r, alpha=-cfg.blob_density / radius).add_(cfg.blob_density)
-            else:
-                r2 = ((x - self.box_centre) ** 2).sum(-1)
-                pre = pre + cfg.blob_density * torch.exp(-r2 / (2 * radius * radius))
-        if cfg.density_activation == "exp":
-            return TruncExp.apply(pre.clamp_max(15.0))
-        return F.softplus(pre)
+    def _apply_head(self, raw: torch.Tensor, x: torch.Tensor, k: int = 1, with_albedo: bool = True):
+        return ops.field_head(raw, x, centre=self.box_centre, k=k, with_albedo=with_albedo, **self._head)
 
     def density(self, x: torch.Tensor) -> torch.Tensor:
         """Volumetric density sigma >= 0 at world points x (N, 3) -> (N,)."""
-        return self._density_from_raw(x, self._raw(x)[:, 0])
+        return self._apply_head(self._raw(x), x, with_albedo=False)[0]
 
     def query(self, x: torch.Tensor, need_normals: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Density (N,), albedo (N,3) in [0,1] and, if asked, unit normals (N,3) pointing out of the surface."""
@@ -188,39 +166,21 @@ class HashGridField(nn.Module):
                 # Without a graph only d(sigma)/dx is wanted: a detached hash grid keeps the backward from
                 # computing (zeroing, scattering) a grid-sized parameter gradient autograd.grad would drop.
                 raw = self._raw(xg, detach_grid=not graph, fused_mlp=not graph)  # a graph: differentiated twice
-                sigma = self._density_from_raw(xg, raw[:, 0])
+                sigma = self._apply_head(raw, xg, with_albedo=False)[0]
                 grad = torch.autograd.grad(sigma.sum(), xg, create_graph=graph)[0]
             normals = F.normalize(-grad, dim=-1, eps=1e-12)
             if not graph:
                 sigma, raw = sigma.detach(), raw.detach()
             return sigma, torch.sigmoid(raw[:, 1:]), normals
-        if not need_normals:
-            raw = self._raw(x)
-            density, albedo_raw = raw.split([1, 3], dim=-1)
-            return self._density_from_raw(x, density.squeeze(-1)), torch.sigmoid(albedo_raw), None
-        # Finite differences: x and its six probes go through one encoding, MLP and activation (one set of
-        # ops, and one backward, instead of two).
-        points = (x[:, None, :] + self._probe_offsets(x.dtype)).reshape(-1, 3)  # (7N, 3): x, then its probes
-        raw = self._raw(points).view(-1, 7, 4)
-        density, albedo_raw = raw.split([1, 3], dim=-1)
-        sigmas = self._density_from_raw(points, density.reshape(-1)).view(-1, 7)
-        sigma, probes = sigmas.split([1, 6], dim=-1)
-        return sigma.squeeze(-1), torch.sigmoid(albedo_raw[:, 0]), self._normals_from_probes(probes)
-
-    def _probe_offsets(self, dtype: torch.dtype) -> torch.Tensor:
-        """(7, 3): zero, then the finite-difference steps +x +y +z -x -y -z."""
-        return self.probe_directions.to(dtype) * (self.config.normal_epsilon * self.scene_radius)
-
-    def _normals_from_probes(self, probes: torch.Tensor) -> torch.Tensor:
-        """Unit normals (N, 3) from the densities (N, 6) at the probes +x +y +z -x -y -z."""
-        eps = self.config.normal_epsilon * self.scene_radius
-        plus, minus = probes.view(-1, 2, 3).unbind(1)
-        # normalize(-grad) with grad = (sig+ - sig-) / (2 eps): the positive factor 1 / (2 eps) cancels
-        return F.normalize(minus - plus, dim=-1, eps=1e-12 * 2 * eps)
+        # Finite differences: x and its six probes go through one encoding, MLP and head (ops.field_head: one op
+        # forward, one backward).
+        k = PROBES if need_normals else 1
+        return self._apply_head(self._raw(x, k), x, k)
 
     def finite_difference_normals(self, x: torch.Tensor) -> torch.Tensor:
-        probes = (x[:, None, :] + self._probe_offsets(x.dtype)[1:]).reshape(-1, 3)
-        return self._normals_from_probes(self.density(probes).view(-1, 6))
+        """The normals of query(x, need_normals=True) from six separate density() calls (a plain reference)."""
+        probes = with_probes(x, self._probe_step, PROBES).view(-1, PROBES, 3)[:, 1:].reshape(-1, 3)
+        return normals_from_probes(self.density(probes).view(-1, PROBES - 1), self._probe_step)
 
 
 class _OverLearnedBackground(torch.autograd.Function):

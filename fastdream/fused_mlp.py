@@ -3,7 +3,8 @@
 The field's and the background's MLPs run every training step on a few thousand points; through autograd each
 Linear layer's backward takes about nine ATen ops (transposes, an ``addmm`` backward, the weight's transpose
 backward, the ReLU's). The hand-written backward here takes five per layer (weight gradient, bias sum, input
-gradient, ReLU mask), with the same results. The parameters stay the Sequential's (checkpoints are unchanged).
+gradient, ReLU mask), with the same results, and the forward fuses each hidden layer's bias and ReLU into its
+matrix product (with or without gradients). The parameters stay the Sequential's (checkpoints are unchanged).
 It supports first derivatives only: code that differentiates through the MLP twice (analytic normals with a
 graph) calls the Sequential itself.
 """
@@ -16,17 +17,40 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 
+def _transposed(linear: nn.Linear) -> torch.Tensor:
+    """``linear.weight.t()``, kept on the module so a step does not make it again for every query: a view, it
+    follows the weight's in-place updates (optimizer steps, load_state_dict); it is made again when the weight
+    is another tensor (``.to()``, ``.double()``, a new Parameter)."""
+    w, wt = linear.weight, linear.__dict__.get("_weight_t")
+    if wt is None or wt._base is not w or wt.data_ptr() != w.data_ptr() or wt.dtype != w.dtype or wt.device != w.device:
+        with torch.no_grad():  # no autograd history: used only inside _MLP's forward or without gradients
+            wt = w.t()
+        linear.__dict__["_weight_t"] = wt
+    return wt
+
+
+def _layers(x: torch.Tensor, weights_t, biases, inputs: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+    """The forward pass on the transposed weights; each layer's input is appended to `inputs` when given. A
+    hidden layer with a bias is one op (``_addmm_activation``: addmm and ReLU fused, as cuBLASLt's epilogue)."""
+    h, last = x, len(weights_t) - 1
+    for i, (wt, b) in enumerate(zip(weights_t, biases)):
+        if inputs is not None:
+            inputs.append(h)
+        if b is None:
+            h = torch.mm(h, wt)
+            h = h.relu_() if i < last else h
+        else:
+            h = torch._addmm_activation(b, h, wt) if i < last else torch.addmm(b, h, wt)
+    return h
+
+
 class _MLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, n_layers: int, *params: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weights_t: List[torch.Tensor], *params: Optional[torch.Tensor]) -> torch.Tensor:
+        n_layers = len(weights_t)
         weights, biases = params[:n_layers], params[n_layers:]
         inputs: List[torch.Tensor] = []
-        h = x
-        for i, (w, b) in enumerate(zip(weights, biases)):
-            inputs.append(h)
-            h = torch.addmm(b, h, w.t()) if b is not None else torch.mm(h, w.t())
-            if i < n_layers - 1:
-                h = h.relu_()
+        h = _layers(x, weights_t, biases, inputs)
         ctx.n_layers, ctx.has_bias = n_layers, [b is not None for b in biases]
         ctx.save_for_backward(*inputs, *weights)
         return h
@@ -54,6 +78,9 @@ class _MLP(torch.autograd.Function):
 def mlp_forward(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """``mlp(x)`` for a Sequential of Linear layers with a ReLU between consecutive ones, as one autograd node."""
     linears = [m for m in mlp if isinstance(m, nn.Linear)]
-    if not torch.is_grad_enabled() or len(mlp) != 2 * len(linears) - 1:
+    if len(mlp) != 2 * len(linears) - 1:
         return mlp(x)
-    return _MLP.apply(x, len(linears), *(m.weight for m in linears), *(m.bias for m in linears))
+    weights_t = [_transposed(m) for m in linears]
+    if not torch.is_grad_enabled():
+        return _layers(x, weights_t, [m.bias for m in linears])
+    return _MLP.apply(x, weights_t, *(m.weight for m in linears), *(m.bias for m in linears))

@@ -38,7 +38,9 @@ class RenderConfig:
     early_stop_eps: float = 1e-4
     alpha_threshold: float = 0.0
     chunk_rays: int = 2**13          # rays per chunk when rendering without gradients (bounds memory)
-    chunk_samples: int = 2**19       # samples per density query in the gradient-free pruning pass (bounds memory)
+    # samples per density query in the gradient-free pruning pass (bounds memory): a training step's marched
+    # samples (~1.6M at 64x64) in one query, whose transient memory stays below the step's gradient query
+    chunk_samples: int = 2**21
     # The training step renders with static shapes into fixed-capacity sample buffers, with no host sync
     # (`Renderer.fixed_capacity`); false: sample arrays sized exactly, one host sync per render.
     fixed_capacity: bool = True
@@ -100,8 +102,10 @@ class Renderer(nn.Module):
     @torch.no_grad()
     def _densities(self, origins, directions, ray_indices, t_starts, t_ends) -> torch.Tensor:
         """The pruning pass's density query, without gradients, in chunks that bound its memory."""
-        mid = origins[ray_indices] + directions[ray_indices] * ((t_starts + t_ends) * 0.5)[:, None]
-        return _joined([self.field.density(part) for part in mid.split(self.config.chunk_samples)])
+        mid = ops.ray_points(t_starts, t_ends, ray_indices=ray_indices, origins=origins, directions=directions)
+        chunk = self.config.chunk_samples
+        parts = mid.split(chunk) if mid.shape[0] > chunk else [mid]
+        return _joined([self.field.density(part) for part in parts])
 
     def _prune(self, origins, directions, ray_indices, t_starts, t_ends, n_marched, capacity: int):
         """Keep the samples still visible and not transparent (`ops.compact_visible_samples`), in `capacity`
@@ -162,7 +166,7 @@ class Renderer(nn.Module):
         if ambient is None:
             ambient = origins.new_zeros(n_rays)
         ray_indices, t_starts, t_ends = self.sample(origins, directions)
-        mid = origins[ray_indices] + directions[ray_indices] * ((t_starts + t_ends) * 0.5)[:, None]
+        mid = ops.ray_points(t_starts, t_ends, ray_indices=ray_indices, origins=origins, directions=directions)
         sigmas, albedo, normals = self.field.query(mid, need_normals=need_normals)
         rgb, opacity, depth, normal, weights = ops.composite(
             t_starts, t_ends, sigmas, albedo, normals, ray_indices=ray_indices, n_rays=n_rays, origins=origins,

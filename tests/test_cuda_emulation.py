@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "cuda_emulation"
 RASTER = ["rasterize_fwd", "rasterize_bwd", "interpolate_fwd", "interpolate_bwd", "antialias_fwd", "antialias_bwd"]
 OPS = ["hash_encode_fwd", "hash_encode_bwd", "hash_encode_bwd_bwd", "march_rays", "march_rays_fixed",
-       "compact_visible_samples", "occupancy_update",
+       "compact_visible_samples", "occupancy_update", "ray_points", "probe_points", "field_head_fwd", "field_head_bwd",
        "render_weights_fwd", "render_weights_bwd", "composite_fwd", "composite_bwd", "orbit_cameras", "camera_rays",
        "frequency_encode", *RASTER]
 CPU = torch.ops.fastdream
@@ -228,10 +228,11 @@ def _one_op_call_per_op():
             ("march_rays_fixed", (*_march_args(MARCH_CASES[0], (4, 4, 4), torch.float32), 64)),
             ("compact_visible_samples", (*_compact_args(torch.float32, n_rays=6)[:5], 6, 1e-4, 0.0, 40)),
             ("occupancy_update", (torch.zeros(8), torch.tensor([1]), torch.ones(1), 0.9, 0.5)),
+            *_field_calls(torch.float32, n=8),
             ("render_weights_fwd", (ts, te, sig, off)),
             ("render_weights_bwd", (torch.ones(n), None, None, ts, te, sig, off, rw[1], rw[2])),
             ("composite_fwd", fa),
-            ("composite_bwd", (*[torch.ones_like(t) for t in fwd[:4]], None, *fa[:-1], *fwd, 1, True)),
+            ("composite_bwd", (*[torch.ones_like(t) for t in fwd[:4]], None, *fa[:-1], 1, True)),
             *_camera_calls(torch.float32),
             ("frequency_encode", (_points(8, torch.float32), 4)),
             *_raster_calls(torch.float32)]
@@ -264,6 +265,35 @@ def test_camera_ops(EMU, dtype):
         assert len(cpu) == len(emu)
         for u, v in zip(cpu, emu):
             assert u.dtype == v.dtype == dtype and torch.equal(u, v), name
+
+
+def _field_calls(dtype, n=300, seed=0):
+    """One call of each per-point field op (ray_points, probe_points, field_head_fwd/bwd with normals and the
+    linear blob); the backward's inputs made by the CPU forward."""
+    g = torch.Generator().manual_seed(seed)
+    o, d = torch.randn(5, 3, generator=g, dtype=dtype), torch.randn(5, 3, generator=g, dtype=dtype)
+    ri = torch.sort(torch.randint(0, 5, (n,), generator=g))[0]
+    ts = torch.rand(n, generator=g, dtype=dtype)
+    te = ts + 0.1
+    x = torch.rand(n, 3, generator=g, dtype=dtype) * 2.2 - 1.1
+    half = torch.full((3,), 0.5, dtype=dtype)
+    raw = torch.randn(7 * n, 4, generator=g, dtype=dtype) * 3
+    head = (x, torch.tensor([0.1, 0.0, -0.1], dtype=dtype), 7, 0.02, -0.5, 10.0, 0.5, 1, 0)
+    fwd = CPU.field_head_fwd(raw, *head, True)
+    grads = [torch.rand(t.shape, generator=g, dtype=dtype) for t in fwd]
+    return [("ray_points", (o, d, ri, ts, te)), ("probe_points", (x, half, half, 0.02, 7)),
+            ("field_head_fwd", (raw, *head, True)), ("field_head_bwd", (*grads, raw, *head))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_field_ops(EMU, dtype):
+    """The per-point field ops (launchers/field.h through parallel_for.h's kernel, 300 points: several
+    blocks; probe_points one thread per probe) equal the CPU ops bit for bit."""
+    for name, args in _field_calls(dtype):
+        want, got = getattr(CPU, name)(*args), getattr(EMU, name)(*args)
+        want, got = (want,) if isinstance(want, torch.Tensor) else want, (got,) if isinstance(got, torch.Tensor) else got
+        for u, v in zip(want, got):
+            assert u.dtype == v.dtype and torch.equal(u, v), name
 
 
 def _compact_args(dtype, n_rays=300):
@@ -386,7 +416,7 @@ def test_composite(EMU, mode, dtype, with_gw):
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     gr = [torch.randn(t.shape, generator=g, dtype=dtype) for t in a[:4]]
     gw = torch.randn(n, generator=g, dtype=dtype) if with_gw else None
-    ba = (*gr, gw, *fa[:-1], *a, mode, True)
+    ba = (*gr, gw, *fa[:-1], mode, True)
     assert all(torch.equal(p, q) for p, q in zip(CPU.composite_bwd(*ba), EMU.composite_bwd(*ba)))
 
 

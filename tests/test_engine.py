@@ -220,12 +220,34 @@ def test_fused_mlp_matches_the_sequential_and_passes_gradcheck():
             torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
         linears = [m for m in mlp if isinstance(m, torch.nn.Linear)]
         biases = [m.bias for m in linears]
-        fn = lambda x, w0, w1, w2: _MLP.apply(x, 3, w0, w1, w2, *biases)  # noqa: E731
+        fn = lambda x, w0, w1, w2: _MLP.apply(x, [w0.t(), w1.t(), w2.t()], w0, w1, w2, *biases)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (x, *(m.weight for m in linears)))
     y = mlp_forward(mlp, x)
     (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         gx.sum().backward()
+
+
+def test_fused_mlp_follows_weight_updates_and_conversions():
+    """mlp_forward keeps each weight's transpose on the module: it must see in-place updates (an optimizer
+    step, load_state_dict) and be made again when the weights become other tensors (.double())."""
+    from fastdream.field import _mlp
+    from fastdream.fused_mlp import mlp_forward
+
+    torch.manual_seed(0)
+    mlp, x = _mlp(5, 8, 2, 3), torch.randn(7, 5)
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.5)
+    for _ in range(2):
+        out = mlp_forward(mlp, x)
+        torch.testing.assert_close(out, mlp(x), rtol=0, atol=0)
+        out.square().sum().backward()
+        opt.step()
+        with torch.no_grad():
+            torch.testing.assert_close(mlp_forward(mlp, x), mlp(x), rtol=0, atol=0)
+    mlp.load_state_dict(_mlp(5, 8, 2, 3).state_dict())
+    torch.testing.assert_close(mlp_forward(mlp, x), mlp(x), rtol=0, atol=0)
+    mlp.double()
+    torch.testing.assert_close(mlp_forward(mlp, x.double()), mlp(x.double()), rtol=0, atol=0)
 
 
 def test_analytic_normals_are_differentiable_for_training():

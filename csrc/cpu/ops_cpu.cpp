@@ -1,5 +1,5 @@
 // CPU launchers: OpenMP (through at::parallel_for) over points / levels / rays around the shared
-// per-element logic in csrc/kernels/*_impl.h; the volume-rendering, pruning and rasterization launchers
+// per-element logic in csrc/kernels/*_impl.h; the field, volume-rendering, pruning and rasterization launchers
 // are shared with CUDA (csrc/launchers/). No atomics: the hash-grid parameter gradient is
 // partitioned by level, so each thread owns a disjoint slice of the gradient buffer.
 #include <ATen/ATen.h>
@@ -12,6 +12,7 @@
 #include "fastdream/torch_glue.h"
 #include "../kernels/compositing_impl.h"
 #include "../kernels/marching_impl.h"
+#include "../launchers/field.h"             // ray_points, probe_points, field_head_fwd/bwd (shared with CUDA)
 #include "../launchers/cameras.h"           // orbit_cameras, camera_rays (shared with CUDA)
 #include "../launchers/frequency_encoding.h"  // frequency_encode (shared with CUDA)
 #include "../launchers/pruning.h"           // compact_visible_samples (shared with CUDA)
@@ -310,6 +311,10 @@ TORCH_LIBRARY_IMPL(fastdream, CPU, m) {
     m.impl("render_weights_bwd", &fastdream::render_weights_bwd);
     m.impl("composite_fwd", &fastdream::composite_fwd);
     m.impl("composite_bwd", &fastdream::composite_bwd);
+    m.impl("ray_points", &fastdream::ray_points);
+    m.impl("probe_points", &fastdream::probe_points);
+    m.impl("field_head_fwd", &fastdream::field_head_fwd);
+    m.impl("field_head_bwd", &fastdream::field_head_bwd);
     m.impl("orbit_cameras", &fastdream::orbit_cameras);
     m.impl("camera_rays", &fastdream::camera_rays);
     m.impl("frequency_encode", &fastdream::frequency_encode);

@@ -127,22 +127,41 @@ FD_HOST_DEVICE FD_INLINE void composite_forward_ray(int64_t begin, int64_t end, 
     *depth = dep;
 }
 
-// Backward (second walk along the ray, instant-ngp / nerfacc style). With g_w_i the total gradient on
-// weight i (direct + through rgb/opacity/depth/normal), dL/ds_k = g_w_k T_k e^{-s_k} - sum_{i>k} g_w_i w_i.
-// The full sum S = sum_i g_w_i w_i comes from the saved outputs (g_rgb.rgb + g_op*op + g_d*depth +
-// g_n.normal + sum_i gW_i w_i), so one forward walk gives every suffix sum as S - prefix.
+// Backward (instant-ngp / nerfacc style). With g_w_i the total gradient on weight i (direct + through
+// rgb/opacity/depth/normal), dL/ds_k = g_w_k T_k e^{-s_k} - sum_{i>k} g_w_i w_i. A first walk along the ray
+// sums S = sum_i g_w_i w_i, a second gives every suffix sum as S - prefix. Recomputing S from the inputs
+// rather than from the forward's outputs keeps the op's autograd from saving its outputs (which costs a
+// detach each way per output).
+template <typename S>
+FD_HOST_DEVICE FD_INLINE S weight_grad(int mode, const S* albedo, const S* normals, const ShadeInputs<S>& in, S t_mid,
+                                       int64_t i, const S* g_rgb, S g_op, S g_depth, const S* g_normal,
+                                       const S* g_weights) {
+    S c[3];
+    const S* n = normals ? normals + 3 * i : nullptr;
+    shade(mode, albedo + 3 * i, n, in, t_mid, c);
+    S gw = g_rgb[0] * c[0] + g_rgb[1] * c[1] + g_rgb[2] * c[2] + g_op + g_depth * t_mid;
+    if (n) gw += g_normal[0] * n[0] + g_normal[1] * n[1] + g_normal[2] * n[2];
+    if (g_weights) gw += g_weights[i];
+    return gw;
+}
+
 template <typename S>
 FD_HOST_DEVICE FD_INLINE void composite_backward_ray(int64_t begin, int64_t end, int mode, const S* t_starts,
                                                      const S* t_ends, const S* sigmas, const S* albedo,
-                                                     const S* normals, const ShadeInputs<S>& in, const S* rgb,
-                                                     S opacity, S depth, const S* normal, const S* weights,
+                                                     const S* normals, const ShadeInputs<S>& in,
                                                      const S* g_rgb, S g_op, S g_depth, const S* g_normal,
                                                      const S* g_weights, S* grad_sigmas, S* grad_albedo,
                                                      S* grad_normals) {
-    S total = g_rgb[0] * rgb[0] + g_rgb[1] * rgb[1] + g_rgb[2] * rgb[2] + g_op * opacity + g_depth * depth;
-    if (normals) total += g_normal[0] * normal[0] + g_normal[1] * normal[1] + g_normal[2] * normal[2];
-    if (g_weights) {
-        for (int64_t i = begin; i < end; ++i) total += g_weights[i] * weights[i];
+    S total = S(0);
+    {
+        S acc = S(0);
+        for (int64_t i = begin; i < end; ++i) {
+            S s = sigmas[i] * (t_ends[i] - t_starts[i]);
+            S w = fd_exp(-acc) * (S(1) - fd_exp(-s));
+            acc += s;
+            S t_mid = (t_starts[i] + t_ends[i]) * S(0.5);
+            total += weight_grad(mode, albedo, normals, in, t_mid, i, g_rgb, g_op, g_depth, g_normal, g_weights) * w;
+        }
     }
     S acc = S(0), prefix = S(0);
     for (int64_t i = begin; i < end; ++i) {

@@ -125,34 +125,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> composite_bwd(
     const c10::optional<at::Tensor>& g_weights_, const at::Tensor& t_starts, const at::Tensor& t_ends,
     const at::Tensor& ray_offsets, const at::Tensor& sigmas, const at::Tensor& albedo,
     const c10::optional<at::Tensor>& normals, const at::Tensor& origins, const at::Tensor& directions,
-    const at::Tensor& light_positions, const at::Tensor& light_intensity, const at::Tensor& ambient,
-    const at::Tensor& rgb_, const at::Tensor& op_, const at::Tensor& depth_, const at::Tensor& normal_,
-    const at::Tensor& weights_, int64_t mode, bool need_normals_grad) {
+    const at::Tensor& light_positions, const at::Tensor& light_intensity, const at::Tensor& ambient, int64_t mode,
+    bool need_normals_grad) {
     check_same_device("composite_bwd",
-                      {g_rgb_, g_op_, g_depth_, g_normal_, or_undefined(g_weights_), t_starts, t_ends, ray_offsets, sigmas, albedo, or_undefined(normals), origins, directions, light_positions, light_intensity, ambient, rgb_, op_, depth_, normal_, weights_});
+                      {g_rgb_, g_op_, g_depth_, g_normal_, or_undefined(g_weights_), t_starts, t_ends, ray_offsets, sigmas, albedo, or_undefined(normals), origins, directions, light_positions, light_intensity, ambient});
     DeviceGuard guard(sigmas.device());
     CompositeArgs a = prepare_composite(t_starts, t_ends, ray_offsets, sigmas, albedo, normals, origins, directions,
                                         light_positions, light_intensity, ambient, mode);
     const int64_t R = a.off.numel() - 1;
     const auto dt = a.sigmas.scalar_type();
-    CompositeBackwardTensors bw = prepare_composite_backward(a, g_rgb_, g_op_, g_depth_, g_normal_, rgb_, op_, depth_,
-                                                             normal_, weights_, need_normals_grad);
+    CompositeBackwardTensors bw = prepare_composite_backward(a, g_rgb_, g_op_, g_depth_, g_normal_, need_normals_grad);
     if (R == 0) return {bw.grad_sigmas, bw.grad_albedo, bw.grad_normals};
     AT_DISPATCH_FLOATING_TYPES(dt, "composite_bwd", [&] {
         using S = scalar_t;
         at::Tensor keep;
         const S* gw = opt_ptr<S>(g_weights_, keep, dt);
         const CompositePtrs<S> c = composite_ptrs<S>(a, mode);
-        const S *rgb = bw.rgb.data_ptr<S>(), *op = bw.op.data_ptr<S>(), *depth = bw.depth.data_ptr<S>();
-        const S *normal = bw.normal.data_ptr<S>(), *weights = bw.weights.data_ptr<S>();
         const S *g_rgb = bw.g_rgb.data_ptr<S>(), *g_op = bw.g_op.data_ptr<S>(), *g_depth = bw.g_depth.data_ptr<S>();
         const S* g_normal = bw.g_normal.data_ptr<S>();
         S *gs = bw.grad_sigmas.data_ptr<S>(), *ga = bw.grad_albedo.data_ptr<S>();
         S* gn = bw.want_normals ? bw.grad_normals.data_ptr<S>() : nullptr;
         parallel_for(R, kRayGrainLaunch, [=] FD_LAMBDA(int64_t r) {
             render::composite_backward_ray(c.off[r], c.off[r + 1], c.mode, c.ts, c.te, c.sig, c.albedo, c.normals,
-                                           c.shade(r), rgb + 3 * r, op[r], depth[r], normal + 3 * r, weights,
-                                           g_rgb + 3 * r, g_op[r], g_depth[r], g_normal + 3 * r, gw, gs, ga, gn);
+                                           c.shade(r), g_rgb + 3 * r, g_op[r], g_depth[r], g_normal + 3 * r, gw, gs, ga, gn);
         });
     });
     return {bw.grad_sigmas, bw.grad_albedo, bw.grad_normals};

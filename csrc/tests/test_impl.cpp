@@ -9,6 +9,7 @@
 #include "fastdream/common.h"
 #include "kernels/cameras_impl.h"
 #include "kernels/compositing_impl.h"
+#include "kernels/field_impl.h"
 #include "kernels/frequency_encoding_impl.h"
 #include "kernels/hash_encoding_impl.h"
 #include "kernels/marching_impl.h"
@@ -204,6 +205,53 @@ static void test_pruning() {
     EXPECT(out_r[0] == -1 && out_r[1] == 2 && out_s[1] == 2.0 && out_e[1] == 3.0 && write.slot == 3);
 }
 
+static void test_field() {
+    // sample midpoint: origin + direction * (t0 + t1) / 2 on the sample's ray
+    double o[6] = {0, 0, 0, 1, 2, 3}, d[6] = {1, 0, 0, 0, 0, 2}, t0[1] = {1.0}, t1[1] = {2.0}, p[3];
+    const int64_t ray[1] = {1};
+    field::ray_point<double>(0, o, d, ray, t0, t1, p);
+    EXPECT(p[0] == 1.0 && p[1] == 2.0 && p[2] == 6.0);
+    // probes: the point, then +x +y +z -x -y -z; unit coordinates clamped to [0, 1]
+    double x[3] = {0.5, -1.0, 0.0}, scale[3] = {0.5, 0.5, 0.5}, offset[3] = {0.5, 0.5, 0.5}, unit[21];
+    for (int k = 0; k < 7; ++k) field::probe_unit_point<double>(0, k, 7, x, scale, offset, 0.25, unit);
+    EXPECT(unit[0] == 0.75 && unit[1] == 0.0 && unit[2] == 0.5);   // the point (y clamped at 0)
+    EXPECT(unit[3] == 0.875 && unit[4] == 0.0 && unit[5] == 0.5);  // +x
+    EXPECT(unit[7] == 0.125 && unit[10] == 0.0 && unit[11] == 0.625);  // +y back inside the box, +z
+    EXPECT(unit[12] == 0.625 && unit[20] == 0.375);                 // -x, -z
+    // head: linear blob 10 * (1 - r / 0.5) at the centre 0, truncated exp
+    const double centre[3] = {0, 0, 0};
+    field::HeadParams<double> h{centre, 0.1, 0.0, 10.0, -20.0, 0.5, 2e-13, field::kLinearBlob, field::kTruncExp, 1};
+    double raw[4] = {-9.0, 0.0, 100.0, -100.0}, at[3] = {0.25, 0.0, 0.0}, sigma[1], albedo[3], g_raw[4];
+    field::head_forward<double>(h, 0, raw, at, sigma, albedo, nullptr);  // pre = -9 + 10 * (1 - 0.5) = -4
+    EXPECT_NEAR(sigma[0], std::exp(-4.0), 1e-15);
+    EXPECT(albedo[0] == 0.5 && albedo[1] == 1.0 && albedo[2] < 1e-40);
+    const double g_one[1] = {1.0}, g_alb[3] = {1.0, 1.0, 1.0};
+    field::head_backward<double>(h, 0, g_one, g_alb, nullptr, raw, at, g_raw);
+    EXPECT_NEAR(g_raw[0], std::exp(-4.0), 1e-15);
+    EXPECT(g_raw[1] == 0.25 && g_raw[2] == 0.0);
+    raw[0] = 20.0;  // pre = 25: exp clamped at 15, no gradient
+    field::head_forward<double>(h, 0, raw, at, sigma, albedo, nullptr);
+    field::head_backward<double>(h, 0, g_one, nullptr, nullptr, raw, at, g_raw);
+    EXPECT_NEAR(sigma[0], std::exp(15.0), 1e-6);
+    EXPECT(g_raw[0] == 0.0 && g_raw[1] == 0.0);
+    raw[0] = -30.0;  // pre = -25: the gradient is clamped at exp(-15), not exp(-25)
+    field::head_backward<double>(h, 0, g_one, nullptr, nullptr, raw, at, g_raw);
+    EXPECT_NEAR(g_raw[0], std::exp(-15.0), 1e-20);
+    // normals from probes: no blob, softplus; densities rise along +x only -> normal (-1, 0, 0)
+    field::HeadParams<double> n{centre, 0.1, 0.0, 0.0, 0.0, 1.0, 2e-13, field::kNoBlob, field::kSoftplus, 7};
+    double raw7[28] = {0}, sig7[1], nrm[3];
+    raw7[4 * 1] = 1.0;   // +x probe
+    raw7[4 * 4] = -1.0;  // -x probe
+    field::head_forward<double>(n, 0, raw7, at, sig7, nullptr, nrm);
+    EXPECT_NEAR(sig7[0], std::log(2.0), 1e-15);
+    EXPECT(nrm[0] == -1.0 && nrm[1] == 0.0 && nrm[2] == 0.0);
+    // a gradient along the normal itself has no effect on a unit vector
+    const double g_n[3] = {1.0, 0.0, 0.0};
+    double g7[28];
+    field::head_backward<double>(n, 0, nullptr, nullptr, g_n, raw7, at, g7);
+    for (int j = 0; j < 28; ++j) EXPECT_NEAR(g7[j], 0.0, 1e-15);
+}
+
 static void test_rasterize() {
     // a triangle with w = 1, 2, 1: perspective-correct barycentrics are not the screen-space ones
     const double p0[4] = {-1, -1, 0.5, 1}, p1[4] = {2, -2, 0, 2}, p2[4] = {-1, 1, 0.5, 1};
@@ -318,6 +366,7 @@ int main() {
     test_marching();
     test_compositing();
     test_pruning();
+    test_field();
     test_rasterize();
     test_cameras();
     test_frequency_encoding();

@@ -15,8 +15,11 @@ import torch
 
 from .. import _backend
 from .._backend import backend_name, set_backend, use_backend
+from ..errors import check
 from .cameras import camera_rays_reference, orbit_cameras_reference
 from .compositing import composite_reference
+from .field_head import (ACTIVATIONS, BLOB_SHAPES, check_probe_count, field_head_reference,
+                         probe_points_reference, ray_points_reference)
 from .frequency_encoding import frequency_encode_reference
 from .hash_encoding import (DEFAULT_PER_LEVEL_SCALE, HashGridLayout, check_hash_encode_inputs, default_per_level_scale,
                             hash_encode_reference, hash_grid_layout, hash_grid_n_params)
@@ -30,6 +33,7 @@ from .volume_rendering import render_weights_reference
 __all__ = [
     "hash_encode", "hash_grid_n_params", "hash_grid_layout", "HashGridLayout", "default_per_level_scale",
     "DEFAULT_PER_LEVEL_SCALE", "render_weights", "accumulate_along_rays", "march_rays", "march_rays_fixed", "compact_visible_samples", "occupancy_update", "ray_aabb_intersect",
+    "ray_points", "probe_points", "field_head",
     "composite", "shade", "SHADING_MODES", "shading_code", "rasterize", "interpolate", "antialias", "triangle_adjacency",
     "orbit_cameras", "camera_rays", "frequency_encode", "use_backend",
     "set_backend", "backend_name",
@@ -137,6 +141,55 @@ def occupancy_update(occupancy: torch.Tensor, *, indices: torch.Tensor, estimate
             from . import _native
             return _native.occupancy_update(occupancy, indices, estimates, decay, threshold)
         return occupancy_update_reference(occupancy, indices, estimates, decay, threshold)
+
+
+def ray_points(t_starts: torch.Tensor, t_ends: torch.Tensor, *, ray_indices: torch.Tensor, origins: torch.Tensor,
+               directions: torch.Tensor) -> torch.Tensor:
+    """Midpoints (N, 3) of packed samples (t_starts, t_ends, ray_indices (N,)) on the rays (origins,
+    directions (R, 3)): origin + direction * (t_start + t_end) / 2. No gradients (the samples' positions are
+    not trained)."""
+    with torch.no_grad():
+        if _backend.use_native(t_starts.device):
+            from . import _native
+            return _native.ray_points(t_starts, t_ends, ray_indices, origins, directions)
+        return ray_points_reference(t_starts, t_ends, ray_indices, origins, directions)
+
+
+def probe_points(x: torch.Tensor, *, unit_scale: torch.Tensor, unit_offset: torch.Tensor, step: float = 0.0,
+                 k: int = 1) -> torch.Tensor:
+    """The hash-grid input (N * k, 3) of world points x (N, 3): clamp(p * unit_scale + unit_offset, 0, 1) (3,)
+    each, for p = each point (k = 1) or each point followed by its six probes, the point moved by `step` along
+    +x +y +z -x -y -z (k = 7). Differentiable w.r.t. x (then through PyTorch: analytic normals)."""
+    check_probe_count(k)
+    if _backend.use_native(x.device) and not (x.requires_grad and torch.is_grad_enabled()):
+        from . import _native
+        return _native.probe_points(x, unit_scale, unit_offset, step, k)
+    return probe_points_reference(x, unit_scale, unit_offset, step, k)
+
+
+def field_head(raw: torch.Tensor, x: torch.Tensor, *, centre: torch.Tensor, k: int = 1, step: float = 0.0,
+               density_bias: float = 0.0, blob_density: float = 0.0, blob_radius: float = 1.0,
+               blob_shape: str = "linear", activation: str = "exp", with_albedo: bool = True):
+    """The field's output head on the MLP's raw output raw (N * k, 4) (density, albedo) at x (N, 3) and, with
+    k = 7, its probes (probe_points' rows). Returns (sigma (N,), albedo (N, 3) or None, normals (N, 3) or None):
+    sigma = activation(raw density + density_bias + blob), the blob around centre (3,) of blob_density at the
+    centre, "linear" (blob_density * (1 - r / blob_radius)) or "gaussian" (blob_density * exp(-r^2 / (2
+    blob_radius^2))), none when blob_density <= 0; activation "exp" (exp(min(pre, 15)), gradient
+    exp(clamp(pre, -15, 15)), none at or above 15) or "softplus"; albedo = sigmoid(raw albedo) of the point
+    (with_albedo); with k = 7 the unit normals normalize(sigma(-probes) - sigma(+probes)) (eps 2e-12 step).
+    Differentiable w.r.t. raw, and w.r.t. x through the PyTorch twin (used when x requires grad)."""
+    check_probe_count(k)
+    check(blob_shape in BLOB_SHAPES and activation in ACTIVATIONS,
+          f"field_head: blob_shape must be one of {BLOB_SHAPES} and activation one of {ACTIVATIONS}, got "
+          f"{blob_shape!r} and {activation!r}")
+    check(raw.dim() == 2 and raw.shape[1] == 4 and x.dim() == 2 and x.shape[1] == 3 and raw.shape[0] == k * x.shape[0],
+          f"field_head: raw must be (N * k, 4) for x (N, 3), got {tuple(raw.shape)}, {tuple(x.shape)} and k = {k}")
+    args = dict(k=k, step=step, density_bias=density_bias, blob_density=blob_density, blob_radius=blob_radius,
+                blob_shape=blob_shape, activation=activation, with_albedo=with_albedo)
+    if _backend.use_native(raw.device) and not (x.requires_grad and torch.is_grad_enabled()):
+        from . import _native
+        return _native.field_head(raw, x, centre, **args)
+    return field_head_reference(raw, x, centre, **args)
 
 
 def composite(t_starts: torch.Tensor, t_ends: torch.Tensor, sigmas: torch.Tensor, albedo: torch.Tensor,

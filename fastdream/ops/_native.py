@@ -13,9 +13,11 @@ Gradients:
   light_intensity or ambient require grad, composite() falls back to the reference (exact autograd).
 - rasterize: barycentrics and depth to the clip-space vertex positions; interpolate: to the attributes
   and the barycentrics; antialias: to the colours and the vertex positions (first order only).
-- march_rays / march_rays_fixed / compact_visible_samples / occupancy_update / orbit_cameras / camera_rays /
-  frequency_encode: no gradients (ops.camera_rays and ops.frequency_encode run the reference when an input
-  requires grad).
+- field_head: to the MLP's raw output (first order; the public op falls back to the reference when the
+  points require grad, as for analytic normals).
+- march_rays / march_rays_fixed / compact_visible_samples / occupancy_update / ray_points / probe_points /
+  orbit_cameras / camera_rays / frequency_encode: no gradients (ops.probe_points, ops.camera_rays and
+  ops.frequency_encode run the reference when an input requires grad).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from .. import _backend
 from ..errors import check
 from .cameras import check_camera_rays_inputs, check_orbit_inputs
 from .compositing import composite_reference
+from .field_head import ACTIVATIONS, BLOB_SHAPES, PROBES
 from .frequency_encoding import check_frequency_encode_inputs
 from .hash_encoding import HashGridLayout
 from .marching import check_march_inputs, check_occupancy_update_inputs
@@ -111,10 +114,33 @@ def _composite_fwd_fake(t_starts, t_ends, ray_offsets, sigmas, albedo, normals, 
 
 @torch.library.register_fake(_LIB + "composite_bwd")
 def _composite_bwd_fake(g_rgb, g_opacity, g_depth, g_normal, g_weights, t_starts, t_ends, ray_offsets, sigmas, albedo,
-                        normals, origins, directions, light_positions, light_intensity, ambient, rgb, opacity, depth,
-                        normal, weights, mode, need_normals_grad):
+                        normals, origins, directions, light_positions, light_intensity, ambient, mode, need_normals_grad):
     gn = sigmas.new_empty((sigmas.shape[0], 3)) if (need_normals_grad and normals is not None) else sigmas.new_empty((0,))
     return torch.empty_like(sigmas), sigmas.new_empty((sigmas.shape[0], 3)), gn
+
+
+@torch.library.register_fake(_LIB + "ray_points")
+def _ray_points_fake(origins, directions, ray_indices, t_starts, t_ends):
+    return origins.new_empty((t_starts.shape[0], 3))
+
+
+@torch.library.register_fake(_LIB + "probe_points")
+def _probe_points_fake(x, unit_scale, unit_offset, step, k):
+    return x.new_empty((x.shape[0] * k, 3))
+
+
+@torch.library.register_fake(_LIB + "field_head_fwd")
+def _field_head_fwd_fake(raw, x, centre, k, step, density_bias, blob_density, blob_radius, blob_shape, activation,
+                         with_albedo):
+    n = x.shape[0]
+    return (x.new_empty((n,)), x.new_empty((n, 3) if with_albedo else (0,)),
+            x.new_empty((n, 3) if k == PROBES else (0,)))
+
+
+@torch.library.register_fake(_LIB + "field_head_bwd")
+def _field_head_bwd_fake(g_sigma, g_albedo, g_normals, raw, x, centre, k, step, density_bias, blob_density,
+                         blob_radius, blob_shape, activation):
+    return torch.empty_like(raw)
 
 
 @torch.library.register_fake(_LIB + "orbit_cameras")
@@ -237,31 +263,49 @@ torch.library.register_autograd(_LIB + "render_weights_fwd", _rw_backward, setup
 def _comp_setup(ctx, inputs, output):
     (t_starts, t_ends, ray_offsets, sigmas, albedo, normals, origins, directions, light_positions, light_intensity,
      ambient, mode) = inputs
-    rgb, opacity, depth, normal, weights = output
     ctx.has_normals = normals is not None
     ctx.mode = mode
+    ctx.n_rays = ray_offsets.shape[0] - 1
+    # inputs only: saving an output costs a detach when saved and one when unpacked; the backward kernel
+    # recomputes what it needs from the outputs (each ray's sum of weight gradients times weights)
     ctx.save_for_backward(t_starts, t_ends, ray_offsets, sigmas, albedo, normals if normals is not None else sigmas,
-                          origins, directions, light_positions, light_intensity, ambient, rgb, opacity, depth, normal,
-                          weights)
+                          origins, directions, light_positions, light_intensity, ambient)
 
 
 def _comp_backward(ctx, g_rgb, g_opacity, g_depth, g_normal, g_weights):
     (t_starts, t_ends, ray_offsets, sigmas, albedo, normals, origins, directions, light_positions, light_intensity,
-     ambient, rgb, opacity, depth, normal, weights) = ctx.saved_tensors
+     ambient) = ctx.saved_tensors
     normals = normals if ctx.has_normals else None
-    g_rgb = torch.zeros_like(rgb) if g_rgb is None else g_rgb
-    g_opacity = torch.zeros_like(opacity) if g_opacity is None else g_opacity
-    g_depth = torch.zeros_like(depth) if g_depth is None else g_depth
-    g_normal = torch.zeros_like(normal) if g_normal is None else g_normal
+    r = ctx.n_rays
+    g_rgb = sigmas.new_zeros((r, 3)) if g_rgb is None else g_rgb
+    g_opacity = sigmas.new_zeros((r, 1)) if g_opacity is None else g_opacity
+    g_depth = sigmas.new_zeros((r, 1)) if g_depth is None else g_depth
+    g_normal = sigmas.new_zeros((r, 3)) if g_normal is None else g_normal
     need_n = bool(ctx.has_normals and ctx.needs_input_grad[5])
     gs, ga, gn = ops.composite_bwd(g_rgb, g_opacity, g_depth, g_normal, g_weights, t_starts, t_ends, ray_offsets, sigmas,
-                                   albedo, normals, origins, directions, light_positions, light_intensity, ambient, rgb,
-                                   opacity, depth, normal, weights, ctx.mode, need_n)
+                                   albedo, normals, origins, directions, light_positions, light_intensity, ambient,
+                                   ctx.mode, need_n)
     return (None, None, None, gs if ctx.needs_input_grad[3] else None, ga if ctx.needs_input_grad[4] else None,
             gn if need_n else None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd(_LIB + "composite_fwd", _comp_backward, setup_context=_comp_setup)
+
+
+def _head_setup(ctx, inputs, output):
+    raw, x, centre, *scalars = inputs
+    ctx.save_for_backward(raw, x, centre)  # inputs only: saving outputs would cost a detach each way
+    ctx.scalars = scalars[:-1]  # k ... activation (with_albedo is not the backward's business)
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None instead of a zeros op
+
+
+def _head_backward(ctx, g_sigma, g_albedo, g_normals):
+    raw, x, centre = ctx.saved_tensors
+    g_raw = ops.field_head_bwd(g_sigma, g_albedo, g_normals, raw, x, centre, *ctx.scalars)
+    return (g_raw if ctx.needs_input_grad[0] else None, *([None] * 10))
+
+
+torch.library.register_autograd(_LIB + "field_head_fwd", _head_backward, setup_context=_head_setup)
 
 
 def _raster_setup(ctx, inputs, output):
@@ -328,6 +372,26 @@ def hash_encode(x: torch.Tensor, params: torch.Tensor, layout: HashGridLayout) -
         pc = params if params.dtype in (torch.float32, torch.float16) else params.to(torch.float32)
     out = ops.hash_encode_fwd(xc, pc, *layout_args(layout))
     return out.to(params.dtype if params.dtype != torch.float16 else torch.float32)
+
+
+def ray_points(t_starts, t_ends, ray_indices, origins, directions):
+    dt = _compute_dtype(origins)
+    return ops.ray_points(origins.to(dt), directions.to(dt), ray_indices, t_starts.to(dt), t_ends.to(dt))
+
+
+def probe_points(x, unit_scale, unit_offset, step: float, k: int):
+    dt = _compute_dtype(x)
+    return ops.probe_points(x.to(dt), unit_scale.to(dt), unit_offset.to(dt), float(step), int(k))
+
+
+def field_head(raw, x, centre, k: int, step: float, density_bias: float, blob_density: float, blob_radius: float,
+               blob_shape: str, activation: str, with_albedo: bool):
+    """See ops.field_head.field_head_reference; differentiable w.r.t. raw (first order)."""
+    dt = torch.float64 if torch.float64 in (raw.dtype, x.dtype) else torch.float32
+    sigma, albedo, normals = ops.field_head_fwd(
+        raw.to(dt), x.to(dt), centre.to(dt), int(k), float(step), float(density_bias), float(blob_density),
+        float(blob_radius), BLOB_SHAPES.index(blob_shape) + 1, ACTIVATIONS.index(activation), bool(with_albedo))
+    return sigma, (albedo if with_albedo else None), (normals if k == PROBES else None)
 
 
 def ray_offsets(ray_indices: torch.Tensor, n_rays: int) -> torch.Tensor:

@@ -149,20 +149,18 @@ inline CompositeArgs prepare_composite(const at::Tensor& t_starts, const at::Ten
 // The composite backward's inputs (incoming gradients, saved forward outputs) in the samples' dtype and
 // contiguous, and its outputs allocated: shared by the CPU and CUDA launchers.
 struct CompositeBackwardTensors {
-    at::Tensor g_rgb, g_op, g_depth, g_normal, rgb, op, depth, normal, weights;
+    at::Tensor g_rgb, g_op, g_depth, g_normal;
     at::Tensor grad_sigmas, grad_albedo, grad_normals;
     bool want_normals = false;
 };
 
 inline CompositeBackwardTensors prepare_composite_backward(
     const CompositeArgs& a, const at::Tensor& g_rgb, const at::Tensor& g_op, const at::Tensor& g_depth,
-    const at::Tensor& g_normal, const at::Tensor& rgb, const at::Tensor& op, const at::Tensor& depth,
-    const at::Tensor& normal, const at::Tensor& weights, bool need_normals_grad) {
+    const at::Tensor& g_normal, bool need_normals_grad) {
     const auto dt = a.sigmas.scalar_type();
     auto as_dt = [dt](const at::Tensor& t) { return t.to(dt).contiguous(); };
     CompositeBackwardTensors b;
     b.g_rgb = as_dt(g_rgb), b.g_op = as_dt(g_op), b.g_depth = as_dt(g_depth), b.g_normal = as_dt(g_normal);
-    b.rgb = as_dt(rgb), b.op = as_dt(op), b.depth = as_dt(depth), b.normal = as_dt(normal), b.weights = as_dt(weights);
     b.grad_sigmas = at::empty_like(a.sigmas);
     b.grad_albedo = at::empty_like(a.albedo);
     b.want_normals = need_normals_grad && a.normals.defined();
