@@ -15,6 +15,9 @@ Measurements (median and spread over repeats after warm-up; CUDA events on the G
   prune                       the pruning pass (compact_visible_samples) on the samples of `march` with
                               densities up to 200 (most rays end inside the shell): early ray termination at
                               T < 1e-4 and compaction into a buffer of the marched size
+  cameras_rays                the training step's camera pass: 4 orbit cameras from their random draws
+                              (orbit_cameras) and the rays and per-ray lights of their R pixels (camera_rays)
+  frequency_encode            the background's encoding of the R ray directions of `march` (4 frequencies)
 Target (issue 5): CPU native >= 5x reference on hash_fwd_bwd.
 """
 from __future__ import annotations
@@ -69,6 +72,15 @@ def _scene(device, n_rays, seed=0):
     return eye.to(device), directions.to(device), aabb.to(device), binary.to(device)
 
 
+def _camera_draws(device, n_cameras=4):
+    """orbit_cameras' inputs as sample_cameras draws them (default ranges, 64 px focal range)."""
+    g = torch.Generator().manual_seed(2)
+    camera_u, light_noise, light_u = (torch.rand(4, n_cameras, generator=g), torch.randn(n_cameras, 3, generator=g),
+                                      torch.rand(3, n_cameras, generator=g))
+    lo_hi = torch.tensor([(-10.0, 90.0), (0.0, 360.0), (1.0, 1.5), (45.0, 86.0), (0.8, 1.5), (0.7, 1.0), (0.1, 0.4)])
+    return [t.to(device) for t in (camera_u, light_u, light_noise, lo_hi[:, :1], lo_hi[:, 1:] - lo_hi[:, :1])]
+
+
 def _march_kwargs():
     return dict(near=0.0, far=1e10, step_size=2 * math.sqrt(3) / 1024, cone_angle=0.0, max_step_size=1e10)
 
@@ -91,6 +103,8 @@ def run(args) -> Dict[str, Any]:
     from fastdream.ops.compositing import composite_reference
     from fastdream.ops.hash_encoding import hash_encode_reference
     from fastdream.ops.marching import march_rays_reference
+    from fastdream.ops.cameras import camera_rays_reference, orbit_cameras_reference
+    from fastdream.ops.frequency_encoding import frequency_encode_reference
     from fastdream.ops.pruning import compact_visible_samples_reference
 
     status = common.available_backends(device)
@@ -98,12 +112,14 @@ def run(args) -> Dict[str, Any]:
     impls: Dict[str, Dict[str, Any]] = {}
     if "reference" in wanted:
         impls["reference"] = dict(hash=hash_encode_reference, march=march_rays_reference, composite=composite_reference,
-                                  prune=compact_visible_samples_reference)
+                                  prune=compact_visible_samples_reference, orbit=orbit_cameras_reference,
+                                  rays=camera_rays_reference, encode=frequency_encode_reference)
     if "native" in wanted:
         if status["native"] is None:
             from fastdream.ops import _native
             impls["native"] = dict(hash=_native.hash_encode, march=_native.march_rays, composite=_native.composite,
-                                   prune=_native.compact_visible_samples)
+                                   prune=_native.compact_visible_samples, orbit=_native.orbit_cameras,
+                                   rays=_native.camera_rays, encode=_native.frequency_encode)
         else:
             skip["native"] = status["native"]
     tcnn = None
@@ -205,6 +221,20 @@ def run(args) -> Dict[str, Any]:
             t = common.time_fn(prune, **timing_kw)
             results.append(common.result_entry("prune", name, n_rays, "rays", t, work=n_samples, work_unit="samples",
                                                samples=n_samples, kept=int(prune()[3])))
+            side = 2 ** ((k - 2) // 2)  # 4 cameras of side x side pixels: 2^k rays for even k
+            draws = _camera_draws(device)
+
+            def cameras_rays(orbit=impl["orbit"], rays=impl["rays"], side=side):
+                c2w, fx, fy, cx, cy, _, _, _, light, intensity, ambient = orbit(*draws, side, side, 1.0, False)
+                return rays(c2w, fx, fy, cx, cy, light, intensity, ambient, side, side)
+            with torch.no_grad():
+                t = common.time_fn(cameras_rays, **timing_kw)
+            results.append(common.result_entry("cameras_rays", name, n_rays, "rays", t, work=4 * side * side,
+                                               work_unit="rays"))
+            with torch.no_grad():
+                t = common.time_fn(lambda f=impl["encode"]: f(d, 4), **timing_kw)
+            results.append(common.result_entry("frequency_encode", name, n_rays, "rays", t, work=n_rays,
+                                               work_unit="rays"))
         if nerfacc is not None:
             results.extend(_nerfacc_rows(nerfacc, device, o, d, aabb, binary, mk, n_rays, timing_kw))
     for name, why in skip.items():
@@ -213,7 +243,8 @@ def run(args) -> Dict[str, Any]:
     # ---------------------------------------------------------------- ratios / targets
     ratios = []
     for metric, unit_sizes in (("hash_fwd", point_sizes), ("hash_fwd_bwd", point_sizes), ("march", ray_sizes),
-                               ("composite_fwd", ray_sizes), ("composite_fwd_bwd", ray_sizes), ("prune", ray_sizes)):
+                               ("composite_fwd", ray_sizes), ("composite_fwd_bwd", ray_sizes), ("prune", ray_sizes),
+                               ("cameras_rays", ray_sizes), ("frequency_encode", ray_sizes)):
         common_sizes = [2 ** k for k in unit_sizes if k <= ref_max]
         if common_sizes:
             ratios.append(common.ratio(f"{metric}_native_vs_reference", results, metric, "native", "reference",

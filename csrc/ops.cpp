@@ -43,6 +43,12 @@ TORCH_LIBRARY(fastdream, m) {
           "Tensor origins, Tensor directions, Tensor light_positions, Tensor light_intensity, Tensor ambient, "
           "Tensor rgb, Tensor opacity, Tensor depth, Tensor normal, Tensor weights, int mode, bool need_normals_grad) "
           "-> (Tensor, Tensor, Tensor)");
+    m.def("orbit_cameras(Tensor camera_u, Tensor light_u, Tensor light_noise, Tensor lows, Tensor spans, int width, "
+          "int height, float light_perturb, bool wrap_azimuth) "
+          "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+    m.def("camera_rays(Tensor c2w, Tensor fx, Tensor fy, Tensor cx, Tensor cy, Tensor light_position, "
+          "Tensor light_intensity, Tensor ambient, int height, int width) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+    m.def("frequency_encode(Tensor x, int n_frequencies) -> Tensor");
     m.def("rasterize_fwd(Tensor pos, Tensor tri, int height, int width) -> (Tensor, Tensor, Tensor)");
     m.def("rasterize_bwd(Tensor g_bary, Tensor g_depth, Tensor pos, Tensor tri, Tensor tri_id) -> Tensor");
     m.def("interpolate_fwd(Tensor attr, Tensor tri_id, Tensor bary, Tensor tri) -> Tensor");

@@ -14,7 +14,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import ops
 from .errors import check
+from .ops.cameras import orbit_c2w  # noqa: F401  (public here: turntables, demos, tests)
 
 
 @dataclass
@@ -113,24 +115,6 @@ def spherical_position(elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor, d
     return torch.stack([torch.cos(e) * torch.sin(a), torch.sin(e), torch.cos(e) * torch.cos(a)], dim=-1) * distance[..., None]
 
 
-def orbit_c2w(elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
-    """Cameras on a sphere looking at the origin. The image x-axis is the horizontal tangent of the orbit,
-    so the frame stays well defined straight overhead (where a look-at with a fixed up vector degenerates).
-
-    With e, a the elevation and azimuth the columns are right = (cos a, 0, -sin a), up = (-sin e sin a, cos e,
-    -sin e cos a), back = (cos e sin a, sin e, cos e cos a) (the unit vector toward the camera) and the position
-    distance * back; the 16 entries are stacked at once (this runs every training step: few ops)."""
-    angles = torch.deg2rad(torch.stack([elevation_deg, azimuth_deg], dim=-1))
-    (sin_e, sin_a), (cos_e, cos_a) = angles.sin().unbind(-1), angles.cos().unbind(-1)
-    zero, one, minus_sin_e = torch.zeros_like(sin_e), torch.ones_like(sin_e), -sin_e
-    back_x, back_z = cos_e * sin_a, cos_e * cos_a
-    c2w = torch.stack([cos_a, minus_sin_e * sin_a, back_x, back_x * distance,
-                       zero, cos_e, sin_e, sin_e * distance,
-                       -sin_a, minus_sin_e * cos_a, back_z, back_z * distance,
-                       zero, zero, zero, one], dim=-1)
-    return c2w.view(c2w.shape[:-1] + (4, 4))
-
-
 def look_at(position: torch.Tensor, target: torch.Tensor, up=(0.0, 1.0, 0.0)) -> torch.Tensor:
     """(B,3) positions looking at (B,3) targets -> (B,4,4) OpenGL camera-to-world; ``up`` is (3,) or (B,3)."""
     forward = torch.nn.functional.normalize(target - position, dim=-1)
@@ -160,9 +144,10 @@ def sample_cameras(batch_size: int, width: int, height: int, scene_radius: float
     """DreamFusion's random training cameras and point lights; ``progress`` (in [0, 1]) sets the view range
     when it widens over training (``CameraSamplerConfig.progressive_until``).
 
-    This runs every training step, so it is kept to a few ops: the seven uniform parameters are scaled to their
-    ranges in one affine op. They are drawn as (4, B) and (3, B) blocks around the Gaussian draws, the order in
-    which they were once drawn one parameter at a time, so that a seed gives the cameras it always gave."""
+    This runs every training step, so it is kept to a few ops: the draws, then one `ops.orbit_cameras` pass
+    that scales the seven uniform parameters to their ranges and builds the poses and lights. They are drawn
+    as (4, B) and (3, B) blocks around the Gaussian draws, the order in which they were once drawn one
+    parameter at a time, so that a seed gives the cameras it always gave."""
     cfg = config or CameraSamplerConfig()
     check(batch_size >= 1 and width >= 1 and height >= 1, "sample_cameras: batch size and image size must be positive")
     gen_device = generator.device if generator is not None else torch.device("cpu")
@@ -176,26 +161,17 @@ def sample_cameras(batch_size: int, width: int, height: int, scene_radius: float
     camera_u = torch.rand(4, batch_size, **draw)
     pose_noise = [torch.randn(batch_size, 3, **draw) for _ in range(3)] if jittered else None
     light_noise = torch.randn(batch_size, 3, **draw)
-    u = torch.cat([camera_u, torch.rand(3, batch_size, **draw)])
+    light_u = torch.rand(3, batch_size, **draw)
     lows, spans = _uniform_ranges(ranges, gen_device)
-    elevation, azimuth, distance, focal, light_distance, intensity, ambient = torch.addcmul(lows, u, spans).unbind(0)
-    if ranges[1][0] < 0.0 or ranges[1][1] > 360.0:
-        azimuth = azimuth % 360.0
-    c2w = orbit_c2w(elevation, azimuth, distance)
-    direction = c2w[:, :3, 2]  # unit vector toward the camera
-    if jittered:
+    c2w, *fields = ops.orbit_cameras(camera_u, light_u, light_noise, lows=lows, spans=spans, width=width, height=height,
+                                     light_perturb=cfg.light_position_perturb,
+                                     wrap_azimuth=ranges[1][0] < 0.0 or ranges[1][1] > 360.0)
+    if jittered:  # the light stays where the unjittered camera put it
         c2w = _jittered(c2w, cfg, scene_radius, pose_noise)
-    if cfg.light_position_perturb != 1.0:
-        light_noise = light_noise * cfg.light_position_perturb
-    light_position = torch.nn.functional.normalize(direction + light_noise, dim=-1) * light_distance[:, None]
-    diffuse_share = 1.0 - ambient
-    if ranges[6][1] > 1.0:  # ambient above 1 leaves no diffuse light (never negative)
-        diffuse_share = diffuse_share.clamp_min(0.0)
-    cams = CameraBatch(
-        c2w=c2w, fx=focal, fy=focal.clone(), cx=torch.full_like(focal, width / 2), cy=torch.full_like(focal, height / 2),
-        width=width, height=height, elevation_deg=elevation, azimuth_deg=azimuth, distance=distance,
-        light_position=light_position, light_intensity=intensity * diffuse_share, ambient=ambient,
-    )
+    fx, fy, cx, cy, elevation, azimuth, distance, light_position, light_intensity, ambient = fields
+    cams = CameraBatch(c2w=c2w, fx=fx, fy=fy, cx=cx, cy=cy, width=width, height=height, elevation_deg=elevation,
+                       azimuth_deg=azimuth, distance=distance, light_position=light_position,
+                       light_intensity=light_intensity, ambient=ambient)
     return cams.to(device)
 
 
@@ -226,29 +202,22 @@ def orbit_cameras(n_views: int, width: int, height: int, elevation_deg: float = 
     return cams.to(device)
 
 
-@functools.lru_cache(maxsize=32)
-def _pixel_centres(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(H*W, 2) pixel centres (x + 0.5, y + 0.5), row-major; cached: every render of a size shares them."""
-    j, i = torch.meshgrid(torch.arange(height, device=device, dtype=dtype), torch.arange(width, device=device, dtype=dtype),
-                          indexing="ij")
-    return torch.stack([i, j], dim=-1).reshape(-1, 2) + 0.5
+def pixel_rays(cameras: CameraBatch) -> Tuple[torch.Tensor, ...]:
+    """One ray per pixel, flat (R = B*H*W, row-major per camera): origins, unit directions, light positions
+    (R, 3) and light intensity, ambient (R,) of the pixel's camera, in one `ops.camera_rays` pass."""
+    return ops.camera_rays(cameras.c2w, fx=cameras.fx, fy=cameras.fy, cx=cameras.cx, cy=cameras.cy,
+                           light_position=cameras.light_position, light_intensity=cameras.light_intensity,
+                           ambient=cameras.ambient, height=cameras.height, width=cameras.width)
 
 
 def generate_rays(cameras: CameraBatch) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pinhole rays through pixel centres -> origins, unit directions, each (B, H, W, 3).
 
-    Camera-space direction (u, -v, -1) (OpenGL: -z forward, +y up) with u = (x - cx) / fx, v = (y - cy) / fy;
-    rotated by the camera's c2w as right * u + up * (-v) - back in one batched multiply-add."""
-    B, H, W = len(cameras), cameras.height, cameras.width
-    c2w = cameras.c2w
-    centres = _pixel_centres(H, W, c2w.device, c2w.dtype)
-    principal = torch.stack([cameras.cx, cameras.cy], dim=-1)[:, None, :]        # (B, 1, 2)
-    scale = torch.stack([cameras.fx, -cameras.fy], dim=-1)[:, None, :]           # (B, 1, 2)
-    uv = (centres - principal) / scale                                            # (B, H*W, 2): (u, -v)
-    dirs = torch.baddbmm(-c2w[:, None, :3, 2], uv, c2w[:, :3, :2].transpose(1, 2))  # (B, H*W, 3)
-    dirs = torch.nn.functional.normalize(dirs, dim=-1).reshape(B, H, W, 3)
-    origins = c2w[:, None, None, :3, 3].expand_as(dirs)
-    return origins, dirs
+    Camera-space direction (u, -v, -1) (OpenGL: -z forward, +y up) with u = (x - cx) / fx, v = (y - cy) / fy
+    at the pixel centre (x, y), rotated by the camera's c2w and normalised."""
+    origins, directions = pixel_rays(cameras)[:2]
+    shape = (len(cameras), cameras.height, cameras.width, 3)
+    return origins.view(shape), directions.view(shape)
 
 
 def cameras_from_poses(c2w: torch.Tensor, fx, fy, cx, cy, width: int, height: int) -> CameraBatch:

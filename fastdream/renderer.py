@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .cameras import CameraBatch, generate_rays
+from .cameras import CameraBatch, pixel_rays
 from .errors import check
 from .field import BackgroundModel, HashGridField
 from .occupancy import OccupancyGrid
@@ -170,8 +170,10 @@ class Renderer(nn.Module):
             t_starts, t_ends, sigmas, albedo, normals, ray_indices=ray_indices, n_rays=n_rays, origins=origins,
             directions=directions, light_positions=light_positions, light_intensity=light_intensity, ambient=ambient,
             mode=shading)
-        bg = self.background(directions) if background is None else torch.as_tensor(background, dtype=rgb.dtype, device=rgb.device).expand(n_rays, 3)
-        rgb = rgb + (1.0 - opacity) * bg
+        if background is None:
+            rgb = self.background.over(rgb, opacity, directions)
+        else:
+            rgb = rgb + (1.0 - opacity) * torch.as_tensor(background, dtype=rgb.dtype, device=rgb.device).expand(n_rays, 3)
         return RayOutput(rgb=rgb, opacity=opacity, depth=depth, normal=normal, weights=weights,
                          ray_indices=ray_indices, sample_normals=normals, directions=directions, t_starts=t_starts,
                          t_ends=t_ends)
@@ -185,22 +187,17 @@ class Renderer(nn.Module):
         gen_device = generator.device if generator is not None else cameras.device
         colours = torch.rand(B, 3, generator=generator, device=gen_device).to(cameras.device)
         use = (torch.rand(B, generator=generator, device=gen_device) < probability).to(cameras.device)
-        _, directions = generate_rays(cameras)
-        model = self.background(directions.reshape(-1, 3)).reshape(B, n, 3)
+        directions = pixel_rays(cameras)[1]
+        model = self.background(directions).reshape(B, n, 3)
         return torch.where(use[:, None, None], colours[:, None, :].expand(B, n, 3), model).reshape(-1, 3)
 
     def render(self, cameras: CameraBatch, shading: str = "albedo", need_normals: bool = False,
                background: Optional[torch.Tensor] = None) -> RenderOutput:
         """Render whole images. With gradients enabled all rays go in one batch (training); without,
         in chunks of config.chunk_rays (previews, export, evaluation)."""
-        origins, directions = generate_rays(cameras)
         B, H, W = len(cameras), cameras.height, cameras.width
-        per_ray = lambda v: v[:, None].expand(B, H * W).reshape(-1)  # noqa: E731
-        args = dict(
-            origins=origins.reshape(-1, 3), directions=directions.reshape(-1, 3),
-            light_positions=cameras.light_position[:, None, :].expand(B, H * W, 3).reshape(-1, 3),
-            light_intensity=per_ray(cameras.light_intensity), ambient=per_ray(cameras.ambient),
-        )
+        # one pass: every pixel's ray and its camera's light, flat (B*H*W, ...)
+        args = dict(zip(("origins", "directions", "light_positions", "light_intensity", "ambient"), pixel_rays(cameras)))
         def kept_samples(out):
             return self._n_kept if self._fixed_capacity else out.weights.shape[0]
 

@@ -31,7 +31,8 @@ BUILD = ROOT / "build" / "cuda_emulation"
 RASTER = ["rasterize_fwd", "rasterize_bwd", "interpolate_fwd", "interpolate_bwd", "antialias_fwd", "antialias_bwd"]
 OPS = ["hash_encode_fwd", "hash_encode_bwd", "hash_encode_bwd_bwd", "march_rays", "march_rays_fixed",
        "compact_visible_samples", "occupancy_update",
-       "render_weights_fwd", "render_weights_bwd", "composite_fwd", "composite_bwd", *RASTER]
+       "render_weights_fwd", "render_weights_bwd", "composite_fwd", "composite_bwd", "orbit_cameras", "camera_rays",
+       "frequency_encode", *RASTER]
 CPU = torch.ops.fastdream
 
 
@@ -231,7 +232,38 @@ def _one_op_call_per_op():
             ("render_weights_bwd", (torch.ones(n), None, None, ts, te, sig, off, rw[1], rw[2])),
             ("composite_fwd", fa),
             ("composite_bwd", (*[torch.ones_like(t) for t in fwd[:4]], None, *fa[:-1], *fwd, 1, True)),
+            *_camera_calls(torch.float32),
+            ("frequency_encode", (_points(8, torch.float32), 4)),
             *_raster_calls(torch.float32)]
+
+
+def _camera_calls(dtype, n_cameras=3, height=5, width=7):
+    """One call of each camera op: orbit cameras from test_native_ops' draws, then their rays."""
+    from test_native_ops import _camera_draws
+
+    orbit = ("orbit_cameras", (*_camera_draws(n_cameras, dtype), width, height, 0.5, True))
+    c2w, fx, fy, cx, cy, _, _, _, light, intensity, ambient = CPU.orbit_cameras(*orbit[1])
+    return [orbit, ("camera_rays", (c2w, fx, fy, cx, cy, light, intensity, ambient, height, width))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_frequency_encode(EMU, dtype):
+    """One thread per point, 300 points (three blocks): bit-equal to the CPU op."""
+    x = _points(300, dtype) * 4 - 2
+    for n_frequencies in (0, 4):
+        cpu, emu = CPU.frequency_encode(x, n_frequencies), EMU.frequency_encode(x, n_frequencies)
+        assert cpu.dtype == emu.dtype == dtype and torch.equal(cpu, emu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_camera_ops(EMU, dtype):
+    """orbit_cameras (one thread per camera, 300 cameras: three blocks) and camera_rays (one per pixel) equal
+    the CPU ops bit for bit."""
+    for name, args in _camera_calls(dtype, n_cameras=300, height=3, width=4):
+        cpu, emu = getattr(CPU, name)(*args), getattr(EMU, name)(*args)
+        assert len(cpu) == len(emu)
+        for u, v in zip(cpu, emu):
+            assert u.dtype == v.dtype == dtype and torch.equal(u, v), name
 
 
 def _compact_args(dtype, n_rays=300):
@@ -302,6 +334,8 @@ def test_every_tensor_argument_must_be_on_the_ops_device(EMU):
     cpu_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
     for name, args in _one_op_call_per_op():
         getattr(EMU, name)(*args)  # the unchanged call runs
+        if sum(isinstance(a, torch.Tensor) for a in args) < 2:
+            continue  # one tensor argument: nothing to disagree with
         for i, a in enumerate(args):
             if not isinstance(a, torch.Tensor):
                 continue

@@ -56,6 +56,114 @@ def test_rays_through_centre_pixel_hit_target():
     assert bool((dirs[:, 0, 16, 1] > centre[:, 1]).all())
 
 
+def test_sampled_cameras_keep_their_random_stream():
+    """A seed gives the cameras it always gave: the draws in sample_cameras' documented order (uniform (4, B),
+    light noise (B, 3), uniform (3, B)) through the pre-native formulas (scaled draws, orbit c2w, normalised
+    light, diffuse share), within 2e-6 (sin/cos rounding)."""
+    B, H = 64, 32
+    cams = sample_cameras(B, 48, H, scene_radius=1.5, generator=torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(11)
+    camera_u, light_noise, light_u = torch.rand(4, B, generator=g), torch.randn(B, 3, generator=g), torch.rand(3, B, generator=g)
+    cfg = CameraSamplerConfig()
+    scale = lambda u, lo_hi, s=1.0: lo_hi[0] * s + u * (lo_hi[1] - lo_hi[0]) * s  # noqa: E731
+    elevation, azimuth = scale(camera_u[0], cfg.elevation_range), scale(camera_u[1], cfg.azimuth_range)
+    distance, focal = scale(camera_u[2], cfg.distance_range, 1.5), scale(camera_u[3], cfg.focal_range, H)
+    light_distance = scale(light_u[0], cfg.light_distance_range, 1.5)
+    intensity, ambient = scale(light_u[1], cfg.light_intensity_range), scale(light_u[2], cfg.ambient_range)
+    c2w = orbit_c2w(elevation, azimuth, distance)
+    light = torch.nn.functional.normalize(c2w[:, :3, 2] + light_noise, dim=-1) * light_distance[:, None]
+    close = lambda a, b: torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)  # noqa: E731
+    for got, want in ((cams.elevation_deg, elevation), (cams.azimuth_deg, azimuth), (cams.distance, distance),
+                      (cams.fx, focal), (cams.fy, focal), (cams.c2w, c2w), (cams.light_position, light),
+                      (cams.light_intensity, intensity * (1 - ambient)), (cams.ambient, ambient)):
+        close(got, want)
+    assert torch.equal(cams.cx, torch.full((B,), 24.0)) and torch.equal(cams.cy, torch.full((B,), 16.0))
+
+
+def test_camera_rays_take_few_ops():
+    """The training step's cameras: three draws and one native pass; its rays and per-ray lights: one pass."""
+    from benchmarks.bench_overhead import OpCounter
+    from fastdream import _backend
+    from fastdream.cameras import pixel_rays
+
+    if not _backend.use_native(torch.device("cpu")):
+        pytest.skip("native camera ops not built")
+    generator = torch.Generator().manual_seed(0)
+    sample_cameras(2, 8, 8, generator=generator)  # ranges cached, as from the second step on
+    with OpCounter() as counter:
+        cams = sample_cameras(2, 8, 8, generator=generator)
+    assert counter.ops == 4, counter.by_op
+    with OpCounter() as counter:
+        pixel_rays(cams)
+    assert counter.ops == 1, counter.by_op
+
+
+def test_background_encoding_is_the_direction_with_its_sines_and_cosines():
+    """The background's encoding: [d, sin(2^k pi d), cos(2^k pi d)] (each ordered by component then k), within
+    1e-6 in float32 (sin/cos rounding) of the formula, 1e-12 in float64."""
+    from fastdream.field import BackgroundModel
+
+    bg = BackgroundModel("mlp", n_frequencies=4)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
+        d = torch.nn.functional.normalize(torch.randn(500, 3, generator=torch.Generator().manual_seed(0), dtype=dtype), dim=-1)
+        angles = d[..., None] * (2.0 ** torch.arange(4, dtype=dtype) * math.pi)
+        want = torch.cat([d, torch.sin(angles).flatten(1), torch.cos(angles).flatten(1)], dim=-1)
+        got = bg.encode(d)
+        assert got.dtype == dtype and got.shape == (500, 27)
+        torch.testing.assert_close(got, want, atol=tol, rtol=0)
+
+
+def test_background_blend_matches_autograd_and_gradcheck():
+    """BackgroundModel.over (one autograd node with a hand-written backward) against rgb + (1 - opacity) *
+    background through autograd: forward and every gradient within 1e-6 in float32; gradcheck in float64."""
+    from fastdream.field import BackgroundModel, _OverLearnedBackground
+
+    torch.manual_seed(0)
+    bg = BackgroundModel("mlp", hidden_dim=16)
+    g = torch.Generator().manual_seed(1)
+    d = torch.nn.functional.normalize(torch.randn(64, 3, generator=g), dim=-1)
+    rgb, opacity = torch.rand(64, 3, generator=g).requires_grad_(), torch.rand(64, 1, generator=g).requires_grad_()
+    upstream = torch.randn(64, 3, generator=g)
+    params = [rgb, opacity, *bg.parameters()]
+    fused = bg.over(rgb, opacity, d)
+    want = rgb + (1 - opacity) * torch.sigmoid(bg.mlp(bg.encode(d)))
+    torch.testing.assert_close(fused, want, atol=1e-6, rtol=0)
+    for a, b in zip(torch.autograd.grad(fused, params, upstream), torch.autograd.grad(want, params, upstream)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(bg.over(rgb, opacity, d), want, atol=1e-6, rtol=0)
+    bg64 = bg.double()
+    enc = bg64.encode(d[:8].double())
+    inputs = (rgb[:8].detach().double().requires_grad_(), opacity[:8].detach().double().requires_grad_(), enc,
+              *(p.detach().clone().requires_grad_() for p in (bg64.mlp[0].weight, bg64.mlp[0].bias,
+                                                                bg64.mlp[2].weight, bg64.mlp[2].bias)))
+    assert torch.autograd.gradcheck(_OverLearnedBackground.apply, inputs)
+
+
+def test_background_blend_takes_few_ops():
+    """The learned background over a render, per training step: the encoding (one native pass), two linear
+    layers, sigmoid and blend forward (9 ops); the hand-written backward, 13."""
+    from benchmarks.bench_overhead import OpCounter
+    from fastdream import _backend
+    from fastdream.field import BackgroundModel
+
+    if not _backend.use_native(torch.device("cpu")):
+        pytest.skip("native frequency_encode not built")
+    bg = BackgroundModel("mlp")
+    d = torch.nn.functional.normalize(torch.randn(64, 3), dim=-1)
+    rgb, opacity = torch.rand(64, 3).requires_grad_(), torch.rand(64, 1).requires_grad_()
+    with OpCounter() as counter:
+        out = bg.over(rgb, opacity, d)
+    assert counter.ops == 9, counter.by_op
+    upstream = torch.ones_like(out)
+    with OpCounter() as counter:
+        out.backward(upstream)
+    # AccumulateGrad's own ops (a detach per new gradient; a copy of rgb's, which is the upstream tensor) aside
+    stored = {"aten::detach", "aten::new_empty_strided", "aten::copy_"}
+    assert counter.ops - sum(counter.by_op[k] for k in stored) == 13, counter.by_op
+    assert rgb.grad is not None and opacity.grad is not None and bg.mlp[0].weight.grad is not None
+
+
 def test_blob_normals_point_outwards_analytic_and_finite_difference():
     points = torch.nn.functional.normalize(torch.randn(32, 3, generator=torch.Generator().manual_seed(0)), dim=-1) * 0.4
     for mode in ("analytic", "finite_difference"):

@@ -690,6 +690,137 @@ def test_composite_empty_and_fallback():
     assert lights.grad is not None and lights.grad.abs().sum() > 0
 
 
+# ----------------------------------------------------------------------------- cameras
+def _camera_draws(B, dtype=torch.float32, seed=0):
+    """orbit_cameras' inputs as sample_cameras draws them, with ranges that cross 0 and 360 degrees."""
+    g = torch.Generator().manual_seed(seed)
+    camera_u, light_noise, light_u = torch.rand(4, B, generator=g), torch.randn(B, 3, generator=g), torch.rand(3, B, generator=g)
+    camera_u[:, 0], camera_u[:, 1] = 0.0, 1.0 - 2.0 ** -24  # the ends of [0, 1): overhead and below the horizon
+    lo_hi = torch.tensor([(-10.0, 90.0), (-180.0, 540.0), (1.0, 1.5), (45.0, 86.0), (0.8, 1.5), (0.7, 1.0), (0.1, 1.2)])
+    lows, spans = lo_hi[:, :1], lo_hi[:, 1:] - lo_hi[:, :1]
+    return [t.to(dtype) for t in (camera_u, light_u, light_noise, lows, spans)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("wrap,perturb", [(False, 1.0), (True, 0.5)])
+def test_orbit_cameras_match_the_reference(dtype, wrap, perturb, device):
+    """Native orbit cameras (affine scaling, c2w, light, diffuse share, azimuth wrap) against the twin:
+    within 2e-6 in float32 (sin/cos of libm against torch's vectorised ones, a few ulps of values up to 8), 1e-12 in float64."""
+    from fastdream.ops.cameras import orbit_cameras_reference
+
+    nat = _native_on(device)
+    args = _camera_draws(257, dtype)
+    got = nat.orbit_cameras(*[t.to(device) for t in args], 64, 48, perturb, wrap)
+    want = orbit_cameras_reference(*args, 64, 48, perturb, wrap)
+    tol = 2e-6 if dtype == torch.float32 else 1e-12
+    assert len(got) == len(want) == 11
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == dtype and g.shape == w.shape, i
+        # the wrapped azimuth may land on either side of 360 = 0
+        close = (g.cpu() - w).abs() <= tol * max(1.0, w.abs().max().item())
+        if i == 6 and wrap:
+            close |= ((g.cpu() - w).abs() - 360.0).abs() <= tol * 360
+        assert close.all(), (i, (g.cpu() - w).abs().max())
+    azimuth = got[6].cpu()
+    assert not wrap or ((azimuth >= 0) & (azimuth < 360)).all()
+    assert (got[9] >= 0).all() and torch.equal(got[1], got[2])  # ambient above 1 leaves no diffuse light; fx = fy
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_camera_rays_match_the_reference(dtype, device):
+    """Native pinhole rays (and the per-ray copies of the lights) against the twin for orbit cameras and
+    arbitrary poses with off-centre principal points, a non-square image: float32 within 1e-6, float64 1e-14."""
+    from fastdream.ops.cameras import camera_rays_reference, orbit_c2w
+
+    nat = _native_on(device)
+    g = torch.Generator().manual_seed(3)
+    B, H, W = 5, 7, 9
+    c2w = orbit_c2w(torch.tensor([0.0, 90.0, -10.0, 45.0, 30.0]), torch.tensor([0.0, 10.0, 200.0, 359.0, 90.0]),
+                    torch.tensor([1.0, 2.0, 1.5, 3.0, 1.2]))
+    c2w[4, :3, :3] = torch.linalg.qr(torch.randn(3, 3, generator=g))[0]  # any rotation
+    per_cam = [torch.rand(B, generator=g) * 10 + 5, torch.rand(B, generator=g) * 10 + 5, torch.rand(B, generator=g) * W,
+               torch.rand(B, generator=g) * H, torch.randn(B, 3, generator=g), torch.rand(B, generator=g),
+               torch.rand(B, generator=g)]
+    args = [t.to(dtype) for t in (c2w, *per_cam)]
+    got = nat.camera_rays(*[t.to(device) for t in args], H, W)
+    want = camera_rays_reference(*args, H, W)
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == dtype and a.shape == b.shape and a.shape[0] == B * H * W, i
+        torch.testing.assert_close(a.cpu(), b, atol=tol, rtol=0)
+    assert nat.camera_rays(args[0][:0], *[t[:0] for t in args[1:]], H, W)[0].shape == (0, 3)
+
+
+def test_camera_ops_reject_bad_input():
+    from fastdream.errors import FastDreamError
+
+    nat = _native()
+    camera_u, light_u, light_noise, lows, spans = _camera_draws(4)
+    with pytest.raises(FastDreamError, match="light_u must be"):
+        nat.orbit_cameras(camera_u, light_u[:, :3], light_noise, lows, spans, 8, 8, 1.0, False)
+    with pytest.raises(FastDreamError, match="lows and spans need 7 values"):
+        nat.orbit_cameras(camera_u, light_u, light_noise, lows[:6], spans, 8, 8, 1.0, False)
+    c2w, v = torch.eye(4).expand(2, 4, 4), torch.ones(2)
+    with pytest.raises(FastDreamError, match="fx needs one value per camera"):
+        nat.camera_rays(c2w, torch.ones(3), v, v, v, torch.ones(2, 3), v, v, 4, 4)
+    with pytest.raises(FastDreamError, match="c2w must be a"):
+        nat.camera_rays(c2w[:, :3], v, v, v, v, torch.ones(2, 3), v, v, 4, 4)
+
+
+def test_camera_rays_route_to_the_twin_for_gradients():
+    """ops.camera_rays is native without gradients and the differentiable twin when the pose requires grad."""
+    _native()
+    from fastdream import ops
+    from fastdream.ops.cameras import orbit_c2w
+
+    c2w = orbit_c2w(torch.tensor([20.0]), torch.tensor([30.0]), torch.tensor([2.0])).requires_grad_()
+    v, kw = torch.ones(1), dict(fx=torch.full((1,), 4.0), fy=torch.full((1,), 4.0), cx=torch.full((1,), 2.0),
+                                cy=torch.full((1,), 2.0), light_position=torch.ones(1, 3), height=4, width=4)
+    with ops_use_backend("native"):
+        origins, directions, *_ = ops.camera_rays(c2w, light_intensity=v, ambient=v, **kw)
+        (directions.sum() + origins.sum()).backward()
+        assert c2w.grad is not None and c2w.grad.abs().sum() > 0
+        with torch.no_grad():
+            native = ops.camera_rays(c2w, light_intensity=v, ambient=v, **kw)
+    torch.testing.assert_close(native[1], directions.detach(), atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- frequency encoding
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dims,n_frequencies", [(3, 4), (2, 0), (1, 10)])
+def test_frequency_encode_matches_the_reference(dtype, dims, n_frequencies, device):
+    """Native against the twin: the same layout, float32 within 2e-6 (libm's sin/cos against torch's, of angles
+    up to 2^9 pi), float64 within 1e-12; empty input."""
+    from fastdream.ops.frequency_encoding import frequency_encode_reference
+
+    nat = _native_on(device)
+    x = torch.randn(300, dims, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    got = nat.frequency_encode(x.to(device), n_frequencies).cpu()
+    want = frequency_encode_reference(x, n_frequencies)
+    assert got.dtype == dtype and got.shape == want.shape == (300, dims * (1 + 2 * n_frequencies))
+    torch.testing.assert_close(got, want, atol=2e-6 if dtype == torch.float32 else 1e-12, rtol=0)
+    assert nat.frequency_encode(x[:0].to(device), n_frequencies).shape == (0, want.shape[1])
+
+
+def test_frequency_encode_routes_to_the_twin_for_gradients():
+    _native()
+    from fastdream import ops
+    from fastdream.errors import FastDreamError
+
+    x = torch.randn(20, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    with ops_use_backend("native"):
+        enc = ops.frequency_encode(x, n_frequencies=2)
+        enc.sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+        with torch.no_grad():
+            torch.testing.assert_close(ops.frequency_encode(x, n_frequencies=2), enc.detach(), atol=1e-6, rtol=0)
+        with pytest.raises(FastDreamError, match="x must be a floating"):
+            ops.frequency_encode(x.detach()[0], n_frequencies=2)
+
+
 # ----------------------------------------------------------------------------- opcheck / compile
 def _opcheck_cases():
     nat = _native()
@@ -723,13 +854,19 @@ def _opcheck_cases():
         "render_weights_bwd": (torch.randn_like(rw[0]), None, torch.randn_like(rw[0]), sc["t_starts"].detach(),
                                sc["t_ends"].detach(), sc["sigmas"].detach(), off, rw[1], rw[2]),
         "composite_fwd": [t.detach().requires_grad_() if i in (3, 4, 5) else t for i, t in enumerate(comp_in)],
+        "orbit_cameras": (*_camera_draws(6, torch.float64), 8, 6, 0.5, True),
+        "camera_rays": (torch.eye(4, dtype=torch.float64).repeat(2, 1, 1), *[torch.rand(2, dtype=torch.float64) + 1 for _ in range(4)],
+                        torch.randn(2, 3, dtype=torch.float64), torch.rand(2, dtype=torch.float64),
+                        torch.rand(2, dtype=torch.float64), 3, 5),
+        "frequency_encode": (torch.randn(7, 3, dtype=torch.float64), 3),
         "composite_bwd": (*grads, *[t.detach() if isinstance(t, torch.Tensor) else t for t in comp_in[:-1]],
                           *comp_out, 1, True),
     }
 
 
 OPCHECK_NAMES = ["hash_encode_fwd", "hash_encode_fwd_half", "hash_encode_bwd", "hash_encode_bwd_bwd", "march_rays",
-                 "compact_visible_samples", "compact_visible_samples_no_count", "occupancy_update", "render_weights_fwd", "render_weights_bwd", "composite_fwd", "composite_bwd"]
+                 "compact_visible_samples", "compact_visible_samples_no_count", "occupancy_update", "render_weights_fwd", "render_weights_bwd", "composite_fwd", "composite_bwd",
+                 "orbit_cameras", "camera_rays", "frequency_encode"]
 
 
 @pytest.mark.parametrize("name", OPCHECK_NAMES)

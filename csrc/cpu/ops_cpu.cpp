@@ -12,6 +12,8 @@
 #include "fastdream/torch_glue.h"
 #include "../kernels/compositing_impl.h"
 #include "../kernels/marching_impl.h"
+#include "../launchers/cameras.h"           // orbit_cameras, camera_rays (shared with CUDA)
+#include "../launchers/frequency_encoding.h"  // frequency_encode (shared with CUDA)
 #include "../launchers/pruning.h"           // compact_visible_samples (shared with CUDA)
 #include "../launchers/rasterize.h"         // rasterize, interpolate, antialias (shared with CUDA)
 #include "../launchers/volume_rendering.h"  // render_weights_fwd/bwd, composite_fwd/bwd (shared with CUDA)
@@ -308,6 +310,9 @@ TORCH_LIBRARY_IMPL(fastdream, CPU, m) {
     m.impl("render_weights_bwd", &fastdream::render_weights_bwd);
     m.impl("composite_fwd", &fastdream::composite_fwd);
     m.impl("composite_bwd", &fastdream::composite_bwd);
+    m.impl("orbit_cameras", &fastdream::orbit_cameras);
+    m.impl("camera_rays", &fastdream::camera_rays);
+    m.impl("frequency_encode", &fastdream::frequency_encode);
     m.impl("rasterize_fwd", &fastdream::rasterize_fwd);
     m.impl("rasterize_bwd", &fastdream::rasterize_bwd);
     m.impl("interpolate_fwd", &fastdream::interpolate_fwd);

@@ -7,7 +7,9 @@
 #include <vector>
 
 #include "fastdream/common.h"
+#include "kernels/cameras_impl.h"
 #include "kernels/compositing_impl.h"
+#include "kernels/frequency_encoding_impl.h"
 #include "kernels/hash_encoding_impl.h"
 #include "kernels/marching_impl.h"
 #include "kernels/pruning_impl.h"
@@ -261,6 +263,54 @@ static void test_packed_writes_and_occupancy_rule() {
     EXPECT(!march::estimate_raises_cell(nan, 0.5f));
 }
 
+// Orbit cameras: the frame at the front and straight overhead, the azimuth wrap, the light and the diffuse
+// share; pinhole rays: the centre pixel looks at the origin, a corner pixel's direction in closed form.
+static void test_cameras() {
+    double m[16];
+    cam::orbit_c2w(0.0, 0.0, 2.0, m);  // front: at +z, right = +x, up = +y
+    const double front[16] = {1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 2, 0, 0, 0, 1};
+    for (int k = 0; k < 16; ++k) EXPECT_NEAR(m[k], front[k], 1e-15);
+    cam::orbit_c2w(90.0, 90.0, 1.5, m);  // overhead at azimuth 90: right = -z, up = -x, back = +y
+    const double overhead[12] = {0, -1, 0, 0, 0, 0, 1, 1.5, -1, 0, 0, 0};
+    for (int k = 0; k < 12; ++k) EXPECT_NEAR(m[k], overhead[k], 1e-15);
+    EXPECT(cam::wrap_degrees(-30.0f) == 330.0f && cam::wrap_degrees(400.0f) == 40.0f && cam::wrap_degrees(360.0) == 0.0);
+    EXPECT(cam::uniform_in(0.5f, -10.0f, 100.0f) == 40.0f);
+    cam::orbit_c2w(0.0, 0.0, 2.0, m);
+    double light[3];
+    const double noise[3] = {1.0, 0.0, -1.0};
+    cam::orbit_light(m, noise, 1.0, 3.0, light);  // (0, 0, 1) + (1, 0, -1) = +x, at distance 3
+    EXPECT_NEAR(light[0], 3.0, 1e-15);
+    EXPECT_NEAR(light[1], 0.0, 1e-15);
+    EXPECT_NEAR(light[2], 0.0, 1e-15);
+    EXPECT(cam::diffuse_intensity(0.8f, 0.25f) == 0.6f && cam::diffuse_intensity(0.8f, 1.5f) == 0.0f);
+    double o[3], d[3];
+    cam::pixel_ray(m, 10.0, 10.0, 2.5, 2.5, 2, 2, o, d);  // the pixel whose centre is the principal point
+    EXPECT_NEAR(d[0], 0.0, 1e-15);
+    EXPECT_NEAR(d[1], 0.0, 1e-15);
+    EXPECT_NEAR(d[2], -1.0, 1e-15);
+    cam::pixel_ray(m, 10.0, 10.0, 2.0, 2.0, 2, 2, o, d);  // half a pixel right and down: (0.05, -0.05, -1) / |.|
+    const double n = std::sqrt(1.005);
+    EXPECT_NEAR(d[0], 0.05 / n, 1e-15);
+    EXPECT_NEAR(d[1], -0.05 / n, 1e-15);
+    EXPECT_NEAR(d[2], -1.0 / n, 1e-15);
+    EXPECT(o[0] == 0.0 && o[1] == 0.0 && o[2] == 2.0);
+}
+
+// Frequency encoding: the layout [x, sines, cosines] (component-major) and the values at known angles.
+static void test_frequency_encoding() {
+    const double x[2] = {0.25, -0.5};
+    double out[10];
+    EXPECT(freq::encoded_width(2, 2) == 10);
+    freq::encode_point(x, 2, 2, out);
+    const double pi = 3.14159265358979323846;
+    const double want[10] = {0.25, -0.5, std::sin(pi / 4), std::sin(pi / 2), std::sin(-pi / 2), std::sin(-pi),
+                             std::cos(pi / 4), std::cos(pi / 2), std::cos(-pi / 2), std::cos(-pi)};
+    for (int k = 0; k < 10; ++k) EXPECT_NEAR(out[k], want[k], 1e-15);
+    float xf = 1.0f, outf[1];
+    freq::encode_point(&xf, 1, 0, outf);  // no frequencies: the point itself
+    EXPECT(outf[0] == 1.0f);
+}
+
 int main() {
     test_grid_index();
     test_packed_writes_and_occupancy_rule();
@@ -269,6 +319,8 @@ int main() {
     test_compositing();
     test_pruning();
     test_rasterize();
+    test_cameras();
+    test_frequency_encoding();
     if (failures == 0) std::printf("all impl checks passed\n");
     return failures == 0 ? 0 : 1;
 }

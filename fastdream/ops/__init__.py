@@ -15,7 +15,9 @@ import torch
 
 from .. import _backend
 from .._backend import backend_name, set_backend, use_backend
+from .cameras import camera_rays_reference, orbit_cameras_reference
 from .compositing import composite_reference
+from .frequency_encoding import frequency_encode_reference
 from .hash_encoding import (DEFAULT_PER_LEVEL_SCALE, HashGridLayout, check_hash_encode_inputs, default_per_level_scale,
                             hash_encode_reference, hash_grid_layout, hash_grid_n_params)
 from .marching import march_rays_fixed_reference, march_rays_reference, occupancy_update_reference, ray_aabb_intersect
@@ -29,7 +31,7 @@ __all__ = [
     "hash_encode", "hash_grid_n_params", "hash_grid_layout", "HashGridLayout", "default_per_level_scale",
     "DEFAULT_PER_LEVEL_SCALE", "render_weights", "accumulate_along_rays", "march_rays", "march_rays_fixed", "compact_visible_samples", "occupancy_update", "ray_aabb_intersect",
     "composite", "shade", "SHADING_MODES", "shading_code", "rasterize", "interpolate", "antialias", "triangle_adjacency",
-    "use_backend",
+    "orbit_cameras", "camera_rays", "frequency_encode", "use_backend",
     "set_backend", "backend_name",
 ]
 
@@ -153,6 +155,53 @@ def composite(t_starts: torch.Tensor, t_ends: torch.Tensor, sigmas: torch.Tensor
                                  light_positions, light_intensity, ambient, mode)
     return composite_reference(t_starts, t_ends, ray_indices, n_rays, sigmas, albedo, normals, origins, directions,
                                light_positions, light_intensity, ambient, mode)
+
+
+def orbit_cameras(camera_u: torch.Tensor, light_u: torch.Tensor, light_noise: torch.Tensor, *, lows: torch.Tensor,
+                  spans: torch.Tensor, width: int, height: int, light_perturb: float = 1.0, wrap_azimuth: bool = False):
+    """DreamFusion's random orbit cameras and point lights from their draws, one pass per camera.
+
+    camera_u (4, B) uniform draws of elevation, azimuth, distance, focal; light_u (3, B) of light distance,
+    intensity, ambient; each scaled to low + u * span by lows and spans (7 values, in that order);
+    light_noise (B, 3) standard-normal jitter of the light direction, times light_perturb. wrap_azimuth: take
+    the azimuth % 360. Returns the tensors of a CameraBatch (c2w (B, 4, 4), fx, fy, cx, cy, elevation,
+    azimuth, distance (B,), light_position (B, 3), light_intensity (the diffuse share intensity *
+    max(1 - ambient, 0)), ambient (B,)). No gradients. See ops.cameras.orbit_cameras_reference."""
+    with torch.no_grad():
+        if _backend.use_native(camera_u.device):
+            from . import _native
+            return _native.orbit_cameras(camera_u, light_u, light_noise, lows, spans, width, height, light_perturb,
+                                         wrap_azimuth)
+        return orbit_cameras_reference(camera_u, light_u, light_noise, lows, spans, width, height, light_perturb,
+                                       wrap_azimuth)
+
+
+def camera_rays(c2w: torch.Tensor, *, fx: torch.Tensor, fy: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor,
+                light_position: torch.Tensor, light_intensity: torch.Tensor, ambient: torch.Tensor, height: int,
+                width: int):
+    """Pinhole rays through the pixel centres of B cameras, with each pixel's copy of its camera's light.
+
+    c2w (B, 4, 4) OpenGL camera-to-world; fx, fy, cx, cy (B,) intrinsics in pixels; light_position (B, 3),
+    light_intensity, ambient (B,). Returns, for R = B * height * width pixels (row-major per camera): origins,
+    unit directions, light_positions (R, 3), light_intensity, ambient (R,), in c2w's dtype. Differentiable
+    (through the PyTorch twin) when an input requires grad. See ops.cameras.camera_rays_reference."""
+    args = (c2w, fx, fy, cx, cy, light_position, light_intensity, ambient)
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in args)
+    if _backend.use_native(c2w.device) and not differentiable and c2w.dtype in (torch.float32, torch.float64):
+        from . import _native
+        return _native.camera_rays(*args, height, width)
+    return camera_rays_reference(*args, height, width)
+
+
+def frequency_encode(x: torch.Tensor, *, n_frequencies: int) -> torch.Tensor:
+    """NeRF's frequency encoding: x (N, D) -> (N, D * (1 + 2 * n_frequencies)) = [x, sin(2^k pi x_c),
+    cos(2^k pi x_c)], the sines and the cosines each ordered by component c, then by k < n_frequencies.
+    Differentiable (through the PyTorch twin) when x requires grad. See ops.frequency_encoding."""
+    differentiable = torch.is_grad_enabled() and x.requires_grad
+    if _backend.use_native(x.device) and not differentiable and x.dtype in (torch.float32, torch.float64):
+        from . import _native
+        return _native.frequency_encode(x, n_frequencies)
+    return frequency_encode_reference(x, n_frequencies)
 
 
 def rasterize(pos: torch.Tensor, tri: torch.Tensor, *, resolution: tuple[int, int]):

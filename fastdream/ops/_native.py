@@ -13,7 +13,9 @@ Gradients:
   light_intensity or ambient require grad, composite() falls back to the reference (exact autograd).
 - rasterize: barycentrics and depth to the clip-space vertex positions; interpolate: to the attributes
   and the barycentrics; antialias: to the colours and the vertex positions (first order only).
-- march_rays / march_rays_fixed / compact_visible_samples / occupancy_update: no gradients.
+- march_rays / march_rays_fixed / compact_visible_samples / occupancy_update / orbit_cameras / camera_rays /
+  frequency_encode: no gradients (ops.camera_rays and ops.frequency_encode run the reference when an input
+  requires grad).
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ import torch
 
 from .. import _backend
 from ..errors import check
+from .cameras import check_camera_rays_inputs, check_orbit_inputs
 from .compositing import composite_reference
+from .frequency_encoding import check_frequency_encode_inputs
 from .hash_encoding import HashGridLayout
 from .marching import check_march_inputs, check_occupancy_update_inputs
 from .pruning import check_compact_inputs
@@ -111,6 +115,24 @@ def _composite_bwd_fake(g_rgb, g_opacity, g_depth, g_normal, g_weights, t_starts
                         normal, weights, mode, need_normals_grad):
     gn = sigmas.new_empty((sigmas.shape[0], 3)) if (need_normals_grad and normals is not None) else sigmas.new_empty((0,))
     return torch.empty_like(sigmas), sigmas.new_empty((sigmas.shape[0], 3)), gn
+
+
+@torch.library.register_fake(_LIB + "orbit_cameras")
+def _orbit_cameras_fake(camera_u, light_u, light_noise, lows, spans, width, height, light_perturb, wrap_azimuth):
+    B = camera_u.shape[1]
+    per_camera = [camera_u.new_empty(B) for _ in range(9)]
+    return (camera_u.new_empty(B, 4, 4), *per_camera[:7], camera_u.new_empty(B, 3), *per_camera[7:])
+
+
+@torch.library.register_fake(_LIB + "camera_rays")
+def _camera_rays_fake(c2w, fx, fy, cx, cy, light_position, light_intensity, ambient, height, width):
+    R = c2w.shape[0] * height * width
+    return (c2w.new_empty(R, 3), c2w.new_empty(R, 3), c2w.new_empty(R, 3), c2w.new_empty(R), c2w.new_empty(R))
+
+
+@torch.library.register_fake(_LIB + "frequency_encode")
+def _frequency_encode_fake(x, n_frequencies):
+    return x.new_empty(x.shape[0], x.shape[1] * (1 + 2 * n_frequencies))
 
 
 @torch.library.register_fake(_LIB + "rasterize_fwd")
@@ -359,6 +381,26 @@ def occupancy_update(occupancy: torch.Tensor, indices: torch.Tensor, estimates: 
     """See ops.marching.occupancy_update_reference."""
     check_occupancy_update_inputs(occupancy, indices, estimates)
     return ops.occupancy_update(occupancy, indices, estimates.to(occupancy.dtype), float(decay), float(threshold))
+
+
+def orbit_cameras(camera_u, light_u, light_noise, lows, spans, width: int, height: int, light_perturb: float,
+                  wrap_azimuth: bool):
+    """See ops.cameras.orbit_cameras_reference."""
+    check_orbit_inputs(camera_u, light_u, light_noise, lows, spans)
+    return ops.orbit_cameras(camera_u, light_u, light_noise, lows, spans, int(width), int(height), float(light_perturb),
+                             bool(wrap_azimuth))
+
+
+def camera_rays(c2w, fx, fy, cx, cy, light_position, light_intensity, ambient, height: int, width: int):
+    """See ops.cameras.camera_rays_reference."""
+    check_camera_rays_inputs(c2w, fx, fy, cx, cy, light_position, light_intensity, ambient, height, width)
+    return ops.camera_rays(c2w, fx, fy, cx, cy, light_position, light_intensity, ambient, int(height), int(width))
+
+
+def frequency_encode(x: torch.Tensor, n_frequencies: int) -> torch.Tensor:
+    """See ops.frequency_encoding.frequency_encode_reference."""
+    check_frequency_encode_inputs(x, n_frequencies)
+    return ops.frequency_encode(x, int(n_frequencies))
 
 
 def _per_ray(v, n_rays: int, like: torch.Tensor) -> torch.Tensor:
