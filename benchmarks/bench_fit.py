@@ -99,6 +99,7 @@ def run(args) -> Dict:
         work_unit="steps", dataset=str(data_dir), n_train=metrics["n_train"], n_test=metrics["n_test"],
         resolution=metrics["resolution"], seconds_per_step=s_per_step, train_seconds=metrics["train_seconds"],
         eval_seconds=metrics["eval_seconds"], wall_seconds=wall, psnr_test=metrics["psnr"],
+        psnr_test_per_view=metrics["psnr_per_view"],
         psnr_train_last=metrics["final_train_psnr"], mean_rays_per_step=metrics["mean_rays_per_step"],
         mean_samples_per_step=metrics["mean_samples_per_step"],
         occupied_after_warmup=after_warmup[0] if after_warmup else None, occupied_final=metrics["occupied_fraction"],
@@ -114,7 +115,9 @@ def run(args) -> Dict:
                   "log2_hashmap_size": field_config.log2_hashmap_size, "max_resolution": field_config.max_resolution,
                   "grid_resolution": config.grid_resolution, "grid_update_every": config.grid_update_every,
                   "grid_warmup_steps": config.grid_warmup_steps, "grid_ema_decay": config.grid_ema_decay,
-                  "samples_per_ray": render_config.samples_per_ray, "max_images": args.max_images}
+                  "samples_per_ray": render_config.samples_per_ray, "near": render_config.near,
+                  "random_background": config.random_background, "distortion_weight": config.distortion_weight,
+                  "max_images": args.max_images}
     return common.make_result("fit", args, config_out, [result], targets=targets, started=started)
 
 

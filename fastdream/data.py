@@ -59,6 +59,7 @@ class PosedImages:
     paths: List[Path]         # the image files, in frame order
     source: Path              # the transforms file they came from
     centre_aabb: Optional[torch.Tensor] = None  # (6,) the object's region inside an aabb_scale box; None: all of aabb
+    alphas: Optional[torch.Tensor] = None       # (N, H, W) the images' alpha in [0, 1]; None: all opaque
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -76,7 +77,7 @@ class PosedImages:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         return PosedImages(self.images[idx], self.c2w[idx], self.fx[idx], self.fy[idx], self.cx[idx], self.cy[idx],
                            self.width, self.height, self.aabb, [self.paths[i] for i in idx.tolist()], self.source,
-                           self.centre_aabb)
+                           self.centre_aabb, None if self.alphas is None else self.alphas[idx])
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
@@ -121,7 +122,7 @@ def _resolve_image(base: Path, file_path, index: int, source: Path) -> Path:
 
 
 def _read_image(path: Path, background: torch.Tensor) -> torch.Tensor:
-    """(H, W, 3) float32 in [0, 1], alpha composited over background."""
+    """(H, W, 4) float32 in [0, 1]: the colour composited over background, then the alpha (1 without one)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -148,7 +149,9 @@ def _read_image(path: Path, background: torch.Tensor) -> torch.Tensor:
     if t.shape[-1] == 4:
         alpha = t[..., 3:4].clamp(0.0, 1.0)
         t = t[..., :3] * alpha + background * (1.0 - alpha)
-    return t.clamp(0.0, 1.0)
+    else:
+        alpha = torch.ones_like(t[..., :1])
+    return torch.cat([t.clamp(0.0, 1.0), alpha], dim=-1)
 
 
 def _frame_matrix(frame: Dict[str, Any], index: int, source: Path) -> torch.Tensor:
@@ -282,19 +285,21 @@ def load_transforms(path, resolution: Optional[int] = None, background=(1.0, 1.0
                     "images are used as if taken by a pinhole camera (after the k1, k2, k3, p1, p2 correction), so "
                     "fine detail near the image borders will not line up.", source)
     w, h = size
-    stack = torch.stack(images)
+    stack = torch.stack(images)  # colour and alpha go through the undistortion and the downscaling together
     fx, fy, cx, cy = (torch.tensor(v, dtype=torch.float32) for v in zip(*intr))
     if resolution is not None and resolution != w:
         if resolution < 1 or resolution > w:
             raise FastDreamError(f"--resolution {resolution} is not possible for {source}: its images are {w} px wide "
                                  "and can only be downscaled (give a width between 1 and the image width).")
         new_w, new_h = int(resolution), max(1, int(round(h * resolution / w)))
-        stack = F.interpolate(stack.permute(0, 3, 1, 2), size=(new_h, new_w), mode="area").permute(0, 2, 3, 1).clamp(0.0, 1.0).contiguous()
+        stack = F.interpolate(stack.permute(0, 3, 1, 2), size=(new_h, new_w), mode="area").permute(0, 2, 3, 1).clamp(0.0, 1.0)
         sx, sy = new_w / w, new_h / h
         fx, fy, cx, cy = fx * sx, fy * sy, cx * sx, cy * sy
         w, h = new_w, new_h
-    return PosedImages(images=stack, c2w=torch.stack(mats), fx=fx, fy=fy, cx=cx, cy=cy, width=w, height=h,
-                       aabb=scene_aabb(meta, source), paths=paths, source=source, centre_aabb=centre_aabb(meta))
+    alphas = stack[..., 3].contiguous()
+    return PosedImages(images=stack[..., :3].contiguous(), c2w=torch.stack(mats), fx=fx, fy=fy, cx=cx, cy=cy,
+                       width=w, height=h, aabb=scene_aabb(meta, source), paths=paths, source=source,
+                       centre_aabb=centre_aabb(meta), alphas=None if bool((alphas == 1.0).all()) else alphas)
 
 
 def load_dataset(data_dir, resolution: Optional[int] = None, background=(1.0, 1.0, 1.0)) -> Tuple[PosedImages, PosedImages]:

@@ -23,6 +23,7 @@ from .errors import FastDreamError
 from .export import psnr_from_mse
 from .field import FieldConfig
 from .output_folder import check_output_folder, clear_outputs, is_nonempty, refuse_overlap
+from .regularizers import distortion_loss
 from .renderer import RenderConfig, Renderer, build_renderer
 from .runtime import resolve_device
 
@@ -54,6 +55,11 @@ class FitConfig:
     grid_warmup_steps: int = 256
     grid_ema_decay: float = 0.95
     background: tuple = (1.0, 1.0, 1.0)
+    # instant-ngp's random_bg_color: each training ray is composited over its own random colour (the target
+    # too, through the image's alpha), so the field cannot explain a pixel by letting the background through.
+    random_background: bool = False
+    # Weight of mip-NeRF 360's distortion loss (fastdream.regularizers.distortion_loss), 0: off.
+    distortion_weight: float = 0.0
     seed: int = 0
     max_test_views: Optional[int] = None
 
@@ -169,6 +175,7 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
 
     n_images, H, W = len(train), train.height, train.width
     pixels = train.images.reshape(-1, 3)
+    alphas = None if train.alphas is None else train.alphas.reshape(-1)
     train_dev = PosedImages(**{**train.__dict__, **{k: getattr(train, k).to(device) for k in ("c2w", "fx", "fy", "cx", "cy")}})
     start = time.perf_counter()
     bar = tqdm(range(1, config.steps + 1), desc="fit", unit="step", disable=not progress, dynamic_ncols=True, mininterval=0.5)
@@ -183,9 +190,18 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
         py = (rem // W).float() + torch.rand(flat.shape, generator=generator)  # jitter inside the pixel
         px = (rem % W).float() + torch.rand(flat.shape, generator=generator)
         target = pixels[flat].to(device)
+        ray_background = background
+        if config.random_background:
+            ray_background = torch.rand(n_rays, 3, generator=generator).to(device)
+            if alphas is not None:  # the images were composited over config.background when they loaded
+                target = target + (1.0 - alphas[flat].to(device))[:, None] * (ray_background - background)
         origins, dirs = pixel_rays(train_dev, image_idx.to(device), px.to(device), py.to(device))
-        out = renderer.render_rays(origins, dirs, shading="albedo", background=background)
-        loss = torch.nn.functional.mse_loss(out.rgb, target)
+        out = renderer.render_rays(origins, dirs, shading="albedo", background=ray_background)
+        mse = torch.nn.functional.mse_loss(out.rgb, target)
+        loss = mse
+        if config.distortion_weight > 0:
+            loss = loss + config.distortion_weight * distortion_loss(out.weights, out.t_starts, out.t_ends,
+                                                                     out.ray_indices, n_rays)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -194,11 +210,11 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
         if config.samples_per_step is not None:
             n_rays = rays_for_budget(config.samples_per_step, out.weights.shape[0], n_rays, config.rays_per_step)
         if step % 10 == 0 or step == config.steps:
-            loss_value = float(loss.detach())
+            loss_value = float(mse.detach())
             psnr_value = psnr_from_mse(loss_value)
             bar.set_postfix(loss=f"{loss_value:.4f}", psnr=f"{psnr_value:.2f}", occ=f"{renderer.grid.occupied_fraction():.2f}", refresh=False)
         if on_step is not None:
-            on_step(step, renderer, float(loss.detach()))
+            on_step(step, renderer, float(mse.detach()))
     bar.close()
     train_seconds = time.perf_counter() - start
 

@@ -57,6 +57,8 @@ class RayOutput:
     ray_indices: torch.Tensor
     sample_normals: Optional[torch.Tensor]
     directions: torch.Tensor  # (R,3)
+    t_starts: Optional[torch.Tensor] = None  # (N,) each sample's interval along its ray (distortion loss)
+    t_ends: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -177,7 +179,8 @@ class Renderer(nn.Module):
         else:
             rgb = rgb + (1.0 - opacity) * torch.as_tensor(background, dtype=rgb.dtype, device=rgb.device).expand(n_rays, 3)
         return RayOutput(rgb=rgb, opacity=opacity, depth=depth, normal=normal, weights=weights,
-                         ray_indices=ray_indices, sample_normals=normals, directions=directions)
+                         ray_indices=ray_indices, sample_normals=normals, directions=directions, t_starts=t_starts,
+                         t_ends=t_ends)
 
     def random_solid_background(self, cameras: CameraBatch, probability: float,
                                 generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -95,10 +95,22 @@ def test_rgba_compositing_over_background(tmp_path, nerf_dataset):
     assert torch.allclose(mixed, torch.tensor([[1.0, 1 - a, 1 - a], [1 - a, 1 - a, 1.0]]), atol=1e-6)
 
 
+def test_alpha_is_kept_to_recomposite_over_another_background(nerf_dataset):
+    """PosedImages.alphas lets the fit put a composited image over another background (random backgrounds):
+    image_white + (1 - alpha) (black - white) is the image composited over black; downscaling averages it."""
+    folder = nerf_dataset(n_frames=2, width=8, height=6, rgba=True)
+    white, black = load_transforms(folder / "transforms.json"), load_transforms(folder / "transforms.json", background=(0.0, 0.0, 0.0))
+    assert white.alphas.shape == (2, 6, 8) and bool(((white.alphas > 0) & (white.alphas < 1)).any())
+    assert torch.allclose(white.images - (1.0 - white.alphas)[..., None], black.images, atol=1e-6)
+    half = load_transforms(folder / "transforms.json", resolution=4)
+    assert torch.allclose(half.alphas, torch.nn.functional.avg_pool2d(white.alphas, 2), atol=1e-6)
+    assert torch.equal(white.subset([1]).alphas, white.alphas[1:])
+
+
 def test_rgb_images_load_without_alpha(nerf_dataset):
     folder = nerf_dataset(n_frames=2, rgba=False)
     data = load_transforms(folder / "transforms.json")
-    assert data.images.shape == (2, 6, 8, 3)
+    assert data.images.shape == (2, 6, 8, 3) and data.alphas is None  # opaque: no alpha kept
 
 
 def test_downscale(nerf_dataset):
