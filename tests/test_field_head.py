@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dispatched import DispatchedOps
 from fastdream import _backend, ops
 from fastdream.field import FieldConfig, HashGridField
 from fastdream.ops.field_head import field_head_reference, probe_points_reference, ray_points_reference
@@ -161,28 +162,17 @@ def test_field_query_dispatches_few_ops():
     """The op budget of the training step's field query (issue: ATen ops per step): with the native ops, the
     query with finite-difference normals is six ops (probe points, encoding, three MLP layers, head) and its
     backward through the head one op, where the PyTorch head alone takes about 25 forward and 35 backward."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     _native()
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func._schema.name)
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
     field = HashGridField(config=FieldConfig(**TINY))
     x = torch.rand(32, 3) - 0.5
     with ops.use_backend("native"):
         field.query(x, need_normals=True)  # the MLP's weight transposes are made once, outside the count
-        with Count() as forward:
+        with DispatchedOps() as forward:
             sigma, albedo, normals = field.query(x, need_normals=True)
         loss = sigma.sum() + albedo.sum() + normals.sum()
-        with Count() as backward:
+        with DispatchedOps() as backward:
             loss.backward()
     assert forward.names == ["fastdream::probe_points", "fastdream::hash_encode_fwd", "aten::_addmm_activation",
                              "aten::_addmm_activation", "aten::addmm", "fastdream::field_head_fwd"], forward.names

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dispatched import DispatchedOps
 from fastdream import _backend
 from fastdream.ops import hash_grid_layout
 from fastdream.ops import use_backend as ops_use_backend
@@ -693,22 +694,11 @@ def test_composite_empty_and_fallback():
 def test_composite_autograd_saves_only_inputs():
     """The backward kernel recomputes each ray's sum from the inputs, so composite's autograd saves no output:
     forward and backward dispatch no detach (a saved output costs one when saved and one when unpacked)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     nat = _native()
-
-    class Names(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func._schema.name)
-            return func(*args, **(kwargs or {}))
 
     sc = _scene(6, 3, torch.float32)
     s, a, n = (sc[k].clone().requires_grad_() for k in ("sigmas", "albedo", "normals"))
-    with Names() as seen:
+    with DispatchedOps() as seen:
         out = nat.composite(sc["t_starts"], sc["t_ends"], sc["ray_indices"], 6, s, a, n, sc["origins"],
                             sc["directions"], sc["light_positions"], sc["light_intensity"], sc["ambient"], "lambertian")
         grads = [torch.ones_like(o) for o in out]

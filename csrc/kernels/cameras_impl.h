@@ -9,13 +9,6 @@
 namespace fastdream {
 namespace cam {
 
-FD_HOST_DEVICE FD_INLINE float fd_sin(float v) { return sinf(v); }
-FD_HOST_DEVICE FD_INLINE double fd_sin(double v) { return sin(v); }
-FD_HOST_DEVICE FD_INLINE float fd_cos(float v) { return cosf(v); }
-FD_HOST_DEVICE FD_INLINE double fd_cos(double v) { return cos(v); }
-FD_HOST_DEVICE FD_INLINE float fd_fmod(float a, float b) { return fmodf(a, b); }
-FD_HOST_DEVICE FD_INLINE double fd_fmod(double a, double b) { return fmod(a, b); }
-
 // low + u * span: a uniform draw u in [0, 1) scaled to its range (torch.addcmul's two roundings).
 template <typename S>
 FD_HOST_DEVICE FD_INLINE S uniform_in(S u, S low, S span) {

@@ -103,5 +103,11 @@ FD_HOST_DEVICE FD_INLINE float fd_abs(float v) { return fabsf(v); }
 FD_HOST_DEVICE FD_INLINE double fd_abs(double v) { return fabs(v); }
 FD_HOST_DEVICE FD_INLINE float fd_copysign(float a, float b) { return copysignf(a, b); }
 FD_HOST_DEVICE FD_INLINE double fd_copysign(double a, double b) { return copysign(a, b); }
+FD_HOST_DEVICE FD_INLINE float fd_sin(float v) { return sinf(v); }
+FD_HOST_DEVICE FD_INLINE double fd_sin(double v) { return sin(v); }
+FD_HOST_DEVICE FD_INLINE float fd_cos(float v) { return cosf(v); }
+FD_HOST_DEVICE FD_INLINE double fd_cos(double v) { return cos(v); }
+FD_HOST_DEVICE FD_INLINE float fd_fmod(float a, float b) { return fmodf(a, b); }
+FD_HOST_DEVICE FD_INLINE double fd_fmod(double a, double b) { return fmod(a, b); }
 
 }  // namespace fastdream
