@@ -18,7 +18,7 @@ Measurements (median and spread over repeats after warm-up; CUDA events on the G
   cameras_rays                the training step's camera pass: 4 orbit cameras from their random draws
                               (orbit_cameras) and the rays and per-ray lights of their R pixels (camera_rays)
   frequency_encode            the background's encoding of the R ray directions of `march` (4 frequencies)
-Target (issue 5): CPU native >= 5x reference on hash_fwd_bwd.
+Target: CPU native >= 5x reference on hash_fwd_bwd.
 """
 from __future__ import annotations
 

@@ -159,7 +159,7 @@ def test_field_query_and_density_match_the_twins(normals):
 
 
 def test_field_query_dispatches_few_ops():
-    """The op budget of the training step's field query (issue: ATen ops per step): with the native ops, the
+    """The op budget of the training step's field query (ATen ops per step, bench_overhead): with the native ops, the
     query with finite-difference normals is six ops (probe points, encoding, three MLP layers, head) and its
     backward through the head one op, where the PyTorch head alone takes about 25 forward and 35 backward."""
     _native()
