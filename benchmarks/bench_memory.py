@@ -49,12 +49,15 @@ def run(args) -> Dict:
                     t0 = time.perf_counter()
                     info = trainer.train_step(step)
                     seconds = time.perf_counter() - t0
+                # samples per ray is a device metric of the step (read here, after the measured step)
+                per_ray = float(info["metrics"]["samples_per_ray"])
+                n_rays = trainer.config.batch_size * trainer.config.width * trainer.config.height
                 rows.append({"step": step, "peak_mb": mem.peak_mb, "delta_mb": mem.delta_mb, "seconds": round(seconds, 3),
-                             "samples_per_ray": info.get("samples_per_ray"), "n_samples": info.get("n_samples"),
+                             "samples_per_ray": round(per_ray, 3), "n_samples": round(per_ray * n_rays),
                              "shading": info.get("shading"),
                              "occupied": round(trainer.renderer.grid.occupied_fraction(), 4)})
                 print(f"  {kind} step {step}: +{mem.delta_mb:.0f} MB (peak {mem.peak_mb:.0f} MB), "
-                      f"{info.get('n_samples')} samples, {seconds:.2f} s", flush=True)
+                      f"{rows[-1]['n_samples']} samples, {seconds:.2f} s", flush=True)
             worst = max(rows, key=lambda r: r["delta_mb"] or 0.0)
             results.append(common.result_entry(
                 "step_peak_memory", f"native/{kind}", n, "steps", common.summarize([1e3 * r["seconds"] for r in rows]),
