@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .errors import check
-from .fused_mlp import mlp_forward
+from .fused_mlp import backward_layers, forward_layers, linear_layers, mlp_forward, transposed_weight
 from .ops.field_head import PROBES, TruncExp, normals_from_probes, with_probes  # noqa: F401 (TruncExp: re-export)
 
 
@@ -184,31 +184,34 @@ class HashGridField(nn.Module):
 
 
 class _OverLearnedBackground(torch.autograd.Function):
-    """rgb + (1 - opacity) * sigmoid(MLP(encoding)) for the background's one-hidden-layer MLP, as one autograd
-    node: it runs every training step on every ray, and through autograd the MLP, the sigmoid and the blend
-    take about twice the ATen ops of this hand-written backward (same formulas)."""
+    """rgb + (1 - opacity) * sigmoid(MLP(encoding)) as one autograd node: it runs every training step on every
+    ray. The MLP's passes are fused_mlp's (`forward_layers`, `backward_layers`); this node adds the sigmoid and the
+    blend, so autograd keeps no graph of its own for them."""
 
     @staticmethod
-    def forward(ctx, rgb, opacity, encoding, w1, b1, w2, b2):
-        hidden = torch.addmm(b1, encoding, w1.t()).relu_()
-        colour = torch.addmm(b2, hidden, w2.t()).sigmoid_()
+    def forward(ctx, rgb, opacity, encoding, weights_t, *params):
+        n = len(weights_t)
+        weights, biases = params[:n], params[n:]
+        inputs = []
+        colour = forward_layers(encoding, weights_t, biases, inputs).sigmoid_()
         clear = 1.0 - opacity
-        ctx.save_for_backward(encoding, hidden, colour, clear, w2)
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.save_for_backward(colour, clear, *inputs, *weights)
         return torch.addcmul(rgb, clear, colour)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        encoding, hidden, colour, clear, w2 = ctx.saved_tensors
+        colour, clear, *saved = ctx.saved_tensors
+        n = len(saved) // 2
         need = ctx.needs_input_grad
         grad_opacity = torch.mul(grad, colour).sum(-1, keepdim=True).neg_() if need[1] else None
-        grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
-        if any(need[3:]):
+        grad_encoding, grad_w, grad_b = None, [None] * n, [None] * n
+        if need[2] or any(need[4:]):
             grad_logit = torch.ops.aten.sigmoid_backward(grad * clear, colour)
-            grad_w2, grad_b2 = grad_logit.t().mm(hidden), grad_logit.sum(0)
-            grad_hidden = torch.ops.aten.threshold_backward(grad_logit.mm(w2), hidden, 0)
-            grad_w1, grad_b1 = grad_hidden.t().mm(encoding), grad_hidden.sum(0)
-        return grad if need[0] else None, grad_opacity, None, grad_w1, grad_b1, grad_w2, grad_b2
+            grad_encoding, grad_w, grad_b = backward_layers(grad_logit, saved[:n], saved[n:], ctx.has_bias, need[2],
+                                                            need[4:])
+        return grad if need[0] else None, grad_opacity, grad_encoding, None, *grad_w, *grad_b
 
 
 class BackgroundModel(nn.Module):
@@ -238,6 +241,6 @@ class BackgroundModel(nn.Module):
         rgb + (1 - opacity) * background."""
         if self.mlp is None or not torch.is_grad_enabled():
             return torch.addcmul(rgb, 1.0 - opacity, self(directions))
-        first, second = self.mlp[0], self.mlp[2]
-        return _OverLearnedBackground.apply(rgb, opacity, self.encode(directions), first.weight, first.bias,
-                                            second.weight, second.bias)
+        linears = linear_layers(self.mlp)
+        return _OverLearnedBackground.apply(rgb, opacity, self.encode(directions), [transposed_weight(m) for m in linears],
+                                            *(m.weight for m in linears), *(m.bias for m in linears))

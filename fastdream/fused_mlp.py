@@ -17,7 +17,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 
-def _transposed(linear: nn.Linear) -> torch.Tensor:
+def transposed_weight(linear: nn.Linear) -> torch.Tensor:
     """``linear.weight.t()``, kept on the module so a step does not make it again for every query: a view, it
     follows the weight's in-place updates (optimizer steps, load_state_dict); it is made again when the weight
     is another tensor (``.to()``, ``.double()``, a new Parameter)."""
@@ -29,7 +29,7 @@ def _transposed(linear: nn.Linear) -> torch.Tensor:
     return wt
 
 
-def _layers(x: torch.Tensor, weights_t, biases, inputs: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+def forward_layers(x: torch.Tensor, weights_t, biases, inputs: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
     """The forward pass on the transposed weights; each layer's input is appended to `inputs` when given. A
     hidden layer with a bias is one op (``_addmm_activation``: addmm and ReLU fused, as cuBLASLt's epilogue)."""
     h, last = x, len(weights_t) - 1
@@ -50,7 +50,7 @@ class _MLP(torch.autograd.Function):
         n_layers = len(weights_t)
         weights, biases = params[:n_layers], params[n_layers:]
         inputs: List[torch.Tensor] = []
-        h = _layers(x, weights_t, biases, inputs)
+        h = forward_layers(x, weights_t, biases, inputs)
         ctx.n_layers, ctx.has_bias = n_layers, [b is not None for b in biases]
         ctx.save_for_backward(*inputs, *weights)
         return h
@@ -59,28 +59,43 @@ class _MLP(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         n = ctx.n_layers
-        inputs, weights = ctx.saved_tensors[:n], ctx.saved_tensors[n:]
-        grad_w: List[Optional[torch.Tensor]] = [None] * n
-        grad_b: List[Optional[torch.Tensor]] = [None] * n
-        grad_x = None
-        for i in reversed(range(n)):
-            if ctx.needs_input_grad[2 + i]:
-                grad_w[i] = grad.t().mm(inputs[i])
-            if ctx.has_bias[i] and ctx.needs_input_grad[2 + n + i]:
-                grad_b[i] = grad.sum(0)
-            if i > 0:  # through layer i and the ReLU before it (its output is layer i's input)
-                grad = torch.ops.aten.threshold_backward(grad.mm(weights[i]), inputs[i], 0)
-            elif ctx.needs_input_grad[0]:
-                grad_x = grad.mm(weights[0])
+        grad_x, grad_w, grad_b = backward_layers(grad, ctx.saved_tensors[:n], ctx.saved_tensors[n:], ctx.has_bias,
+                                                 ctx.needs_input_grad[0], ctx.needs_input_grad[2:])
         return (grad_x, None, *grad_w, *grad_b)
+
+
+def backward_layers(grad: torch.Tensor, inputs, weights, has_bias, need_x: bool, need_params):
+    """The backward of `forward_layers` from the gradient of its output: (grad_x, [grad_w], [grad_b]). `inputs` are the
+    layers' inputs as `forward_layers` appended them; need_params flags the weights, then the biases."""
+    n = len(weights)
+    grad_w: List[Optional[torch.Tensor]] = [None] * n
+    grad_b: List[Optional[torch.Tensor]] = [None] * n
+    grad_x = None
+    for i in reversed(range(n)):
+        if need_params[i]:
+            grad_w[i] = grad.t().mm(inputs[i])
+        if has_bias[i] and need_params[n + i]:
+            grad_b[i] = grad.sum(0)
+        if i > 0:  # through layer i and the ReLU before it (its output is layer i's input)
+            grad = torch.ops.aten.threshold_backward(grad.mm(weights[i]), inputs[i], 0)
+        elif need_x:
+            grad_x = grad.mm(weights[0])
+    return grad_x, grad_w, grad_b
+
+
+def linear_layers(mlp: nn.Sequential) -> Optional[List[nn.Linear]]:
+    """The Linear layers of a Sequential of Linear layers with a ReLU between consecutive ones; None for any
+    other Sequential."""
+    linears = [m for m in mlp if isinstance(m, nn.Linear)]
+    return linears if len(mlp) == 2 * len(linears) - 1 else None
 
 
 def mlp_forward(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """``mlp(x)`` for a Sequential of Linear layers with a ReLU between consecutive ones, as one autograd node."""
-    linears = [m for m in mlp if isinstance(m, nn.Linear)]
-    if len(mlp) != 2 * len(linears) - 1:
+    linears = linear_layers(mlp)
+    if linears is None:
         return mlp(x)
-    weights_t = [_transposed(m) for m in linears]
+    weights_t = [transposed_weight(m) for m in linears]
     if not torch.is_grad_enabled():
-        return _layers(x, weights_t, [m.bias for m in linears])
+        return forward_layers(x, weights_t, [m.bias for m in linears])
     return _MLP.apply(x, weights_t, *(m.weight for m in linears), *(m.bias for m in linears))
