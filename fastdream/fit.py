@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -60,6 +60,9 @@ class FitConfig:
     random_background: bool = False
     # Weight of mip-NeRF 360's distortion loss (fastdream.regularizers.distortion_loss), 0: off.
     distortion_weight: float = 0.0
+    # > 0: near-camera gradient scaling ("Floaters No More"; RenderConfig.near_gradient_distance) at this
+    # fraction of the training cameras' mean distance to the scene's centre; 0: off.
+    near_gradient_fraction: float = 0.0
     seed: int = 0
     max_test_views: Optional[int] = None
 
@@ -94,7 +97,11 @@ def default_configs(steps: Optional[int] = None):
     # finest step (1/1024 of the central cube's diagonal) rather than the render step (1/512 of the box's
     # diagonal, 8x longer on an aabb_scale-4 box, which lowered the density a cell needs to stay occupied 8x).
     # A sample budget rather than a ray count (instant-ngp's target batch): 48k samples is ~0.06 s per step here.
-    fit = FitConfig(steps=steps or 2000, grid_update_ramp=True, grid_reference_steps=1024, samples_per_step=49152)
+    # Near-camera gradient scaling ("Floaters No More") at 0.4 of the cameras' distance: without it the fox's
+    # held-out PSNR after 3,000 steps is 15-18 dB depending on the seed, with haze in front of the cameras; with
+    # it 23.6 dB over seeds 0-2 (0.2 to 1.0 of the distance: 21.7-23.7 dB).
+    fit = FitConfig(steps=steps or 2000, grid_update_ramp=True, grid_reference_steps=1024, samples_per_step=49152,
+                    near_gradient_fraction=0.4)
     return field, render, fit
 
 
@@ -104,6 +111,16 @@ def grid_update_due(step: int, config: FitConfig) -> bool:
     if config.grid_update_ramp:
         every = min(max(step // config.grid_update_every, 1), config.grid_update_every)
     return step == 1 or step % every == 0
+
+
+def near_gradient_distance(data: PosedImages, config: FitConfig) -> float:
+    """RenderConfig.near_gradient_distance for a fit: config.near_gradient_fraction of the mean distance from
+    the training cameras to the centre of the scene's central box (0 when off)."""
+    if config.near_gradient_fraction <= 0:
+        return 0.0
+    box = data.aabb if data.centre_aabb is None else data.centre_aabb
+    centre = (box[:3] + box[3:]) * 0.5
+    return float(torch.linalg.vector_norm(data.c2w[:, :3, 3] - centre, dim=-1).mean()) * config.near_gradient_fraction
 
 
 def grid_opacity_step(data: PosedImages, render_step: float, config: FitConfig) -> float:
@@ -157,6 +174,8 @@ def fit(train: PosedImages, test: PosedImages, out_dir: Path, field_config: Fiel
     generator = torch.Generator().manual_seed(config.seed)
     device = torch.device(device)
     background = torch.tensor(config.background, dtype=torch.float32, device=device)
+    if config.near_gradient_fraction > 0:
+        render_config = replace(render_config, near_gradient_distance=near_gradient_distance(train, config))
     renderer = build_renderer(train.aabb.tolist(), field_config, render_config, background="fixed",
                               background_color=config.background, grid_resolution=config.grid_resolution,
                               grid_kwargs={"warmup_steps": config.grid_warmup_steps, "ema_decay": config.grid_ema_decay,

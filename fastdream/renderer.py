@@ -26,6 +26,7 @@ from .cameras import CameraBatch, pixel_rays
 from .errors import check
 from .field import BackgroundModel, HashGridField
 from .occupancy import OccupancyGrid
+from .regularizers import scale_gradients_near_camera
 from .sample_buffer import SampleBuffer
 
 
@@ -44,6 +45,10 @@ class RenderConfig:
     # The training step renders with static shapes into fixed-capacity sample buffers, with no host sync
     # (`Renderer.fixed_capacity`); false: sample arrays sized exactly, one host sync per render.
     fixed_capacity: bool = True
+    # > 0: while training, the gradient of a sample at distance t from its ray's origin is scaled by
+    # min(1, (t / near_gradient_distance)^2) (regularizers.scale_gradients_near_camera: against haze in front
+    # of the cameras of real captures); 0: off.
+    near_gradient_distance: float = 0.0
 
 
 @dataclass
@@ -170,6 +175,9 @@ class Renderer(nn.Module):
         ray_indices, t_starts, t_ends = self.sample(origins, directions)
         mid = ops.ray_points(t_starts, t_ends, ray_indices=ray_indices, origins=origins, directions=directions)
         sigmas, albedo, normals = self.field.query(mid, need_normals=need_normals)
+        if self.config.near_gradient_distance > 0 and torch.is_grad_enabled():
+            sigmas, albedo, normals = scale_gradients_near_camera(t_starts, t_ends, self.config.near_gradient_distance,
+                                                                  sigmas, albedo, normals)
         rgb, opacity, depth, normal, weights = ops.composite(
             t_starts, t_ends, sigmas, albedo, normals, ray_indices=ray_indices, n_rays=n_rays, origins=origins,
             directions=directions, light_positions=light_positions, light_intensity=light_intensity, ambient=ambient,

@@ -415,3 +415,30 @@ def test_render_with_gradients_reaches_field_and_background():
     (out.rgb.mean() + out.opacity.mean()).backward()
     assert renderer.field.encoding_params.grad.abs().sum() > 0
     assert all(p.grad is not None for p in renderer.background.parameters())
+
+
+def test_near_camera_gradient_scaling_in_the_render():
+    """RenderConfig.near_gradient_distance: the render is unchanged, and the field's gradient is each sample's
+    scaled by min(1, (t / d)^2): with d beyond every sample it is the unscaled one's t^2 / d^2 share, so doubling
+    d quarters it exactly; with d short of every sample it is the unscaled gradient."""
+    torch.manual_seed(0)
+    renderer = build_renderer(field_config=TINY_FIELD, render_config=RenderConfig(samples_per_ray=64), grid_resolution=16)
+    cams = sample_cameras(1, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def run(distance):
+        renderer.config.near_gradient_distance = distance
+        renderer.zero_grad(set_to_none=True)
+        out = renderer.render(cams, shading="lambertian", need_normals=True)
+        (out.rgb.mean() + out.opacity.mean()).backward()
+        assert float(out.rays.t_ends.max()) < 10.0
+        return out.rgb.detach(), renderer.field.encoding_params.grad.clone(), renderer.field.mlp[0].weight.grad.clone()
+
+    rgb_off, *grads_off = run(0.0)
+    rgb_near, *grads_near = run(1e-6)
+    rgb_far, *grads_far = run(10.0)
+    _, *grads_farther = run(20.0)
+    assert torch.equal(rgb_off, rgb_near) and torch.equal(rgb_off, rgb_far)
+    for off, near, far, farther in zip(grads_off, grads_near, grads_far, grads_farther):
+        torch.testing.assert_close(near, off, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(farther * 4.0, far, rtol=1e-4, atol=1e-9)
+        assert float(far.abs().sum()) < 0.2 * float(off.abs().sum())  # t < 4 < d: at most (4/10)^2 of it

@@ -302,3 +302,27 @@ def test_random_background_learns_transparency_from_alpha(small_demo, tmp_path):
     alpha = test.alphas[0]
     clear, solid = float(opacity[alpha < 0.01].mean()), float(opacity[alpha > 0.99].mean())
     assert clear < 0.15 and solid > 0.6, (clear, solid)  # 0.04 and 0.83 measured
+
+
+def test_near_camera_gradient_scaling_is_sized_by_the_cameras(small_demo, tmp_path):
+    """FitConfig.near_gradient_fraction: the render's near_gradient_distance is that fraction of the training
+    cameras' mean distance to the scene's centre, recorded in the checkpoint; 0 leaves the scaling off."""
+    train, test = small_demo
+    field, render, config = fit_module.demo_configs(steps=2)
+    assert fit_module.near_gradient_distance(train, config) == 0.0  # off unless asked for
+    config.near_gradient_fraction = 0.5
+    box = train.aabb if train.centre_aabb is None else train.centre_aabb
+    mean_distance = np.mean([np.linalg.norm(c2w[:3, 3].numpy() - (box[:3] + box[3:]).numpy() / 2) for c2w in train.c2w])
+    distance = fit_module.near_gradient_distance(train, config)
+    assert distance == pytest.approx(0.5 * mean_distance, rel=1e-5) and distance > 0
+    seen = []
+    metrics = fit_module.fit(train, test, tmp_path / "out", field, render, config, progress=False,
+                             on_step=lambda step, renderer, loss: seen.append(renderer.config.near_gradient_distance))
+    assert seen == [pytest.approx(distance)] * 2 and render.near_gradient_distance == 0.0  # the caller's config untouched
+    state = load_checkpoint(tmp_path / "out" / metrics["checkpoint"], kind="fit")
+    assert state["render_config"]["near_gradient_distance"] == pytest.approx(distance)
+
+
+def test_default_fit_scales_gradients_near_the_cameras():
+    field, render, config = fit_module.default_configs()
+    assert config.near_gradient_fraction > 0 and render.near_gradient_distance == 0.0  # sized per capture by fit()

@@ -1,10 +1,11 @@
 """The NeRF regularisers: the autograd Functions against the same losses written as autograd expressions, their
-hand-written backward against finite differences (float64), and the distortion loss against its pairwise definition."""
+hand-written backward against finite differences (float64), the distortion loss against its pairwise definition, and
+the near-camera gradient scaling against its formula."""
 import pytest
 import torch
 
 from fastdream.regularizers import (OpacityTerms, OrientationLoss, distortion_loss, opacity_entropy, opacity_sparsity,
-                                    opacity_terms, orientation_loss)
+                                    opacity_terms, orientation_loss, scale_gradients_near_camera)
 
 
 def _rays(dtype=torch.float32, n_rays=6, n_samples=40, seed=0):
@@ -118,3 +119,20 @@ def test_distortion_loss_prefers_one_surface_to_haze():
     surface = torch.zeros(40)
     surface[20] = 1.0
     assert distortion_loss(surface, t_starts, t_ends, rays, 1) * 10 < distortion_loss(haze, t_starts, t_ends, rays, 1)
+
+
+def test_near_camera_gradient_scaling_scales_each_sample_by_its_distance():
+    """Forward unchanged; each sample's gradient (per-sample (N,) and (N, C) outputs alike) times
+    min(1, (t_mid / d)^2); an absent output passes through as None."""
+    g = torch.Generator().manual_seed(0)
+    t_starts = torch.rand(50, generator=g) * 4.0
+    t_ends = t_starts + 0.05
+    sigmas, albedo = torch.rand(50, generator=g).requires_grad_(), torch.rand(50, 3, generator=g).requires_grad_()
+    out_sigmas, out_albedo, none = scale_gradients_near_camera(t_starts, t_ends, 2.0, sigmas, albedo, None)
+    assert none is None and torch.equal(out_sigmas, sigmas) and torch.equal(out_albedo, albedo)
+    up_s, up_a = torch.randn(50, generator=g), torch.randn(50, 3, generator=g)
+    grad_s, grad_a = torch.autograd.grad((out_sigmas * up_s).sum() + (out_albedo * up_a).sum(), (sigmas, albedo))
+    scale = (((t_starts + t_ends) / 2) / 2.0).square().clamp(max=1.0)
+    assert (scale < 1).any() and (scale == 1).any()  # both sides of the clamp are exercised
+    torch.testing.assert_close(grad_s, up_s * scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_a, up_a * scale[:, None], rtol=1e-6, atol=0)
