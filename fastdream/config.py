@@ -321,7 +321,7 @@ NUMERIC_RANGES: Dict[str, str] = {
     "field.progressive_start_levels": "[0, inf)", "field.progressive_every": "[0, 1]",
     "render.samples_per_ray": "[1, inf)", "render.cone_angle": "[0, inf)", "render.near": "[0, inf)",
     "render.far": "(0, inf)", "render.early_stop_eps": "[0, 1)", "render.alpha_threshold": "[0, 1)",
-    "render.chunk_rays": "[1, inf)", "render.chunk_samples": "[1, inf)",
+    "render.chunk_rays": "[1, inf)", "render.chunk_samples": "[1, inf)", "render.near_gradient_distance": "[0, inf)",
     "camera.elevation_range": "[-90, 90]", "camera.azimuth_range": "(-inf, inf)", "camera.distance_range": "(0, inf)",
     "camera.focal_range": "(0, inf)", "camera.light_distance_range": "(0, inf)",
     "camera.light_position_perturb": "[0, inf)", "camera.light_intensity_range": "[0, inf)",
