@@ -1,6 +1,6 @@
 """Fitting a real capture: occupancy over time, seconds per step and held-out PSNR of `fastdream fit`.
 
-    python -m benchmarks.bench_fit [DATA_DIR] [--steps N] [--resolution W] [--rays R] [--json OUT]
+    python -m benchmarks.bench_fit [DATA_DIR] [--steps N] [--resolution W] [--rays R] [--seed S] [--json OUT]
 
 DATA_DIR defaults to instant-ngp's fox (``data/nerf/fox`` of NVlabs/instant-ngp: COLMAP poses,
 ``aabb_scale`` 4), looked for in $FASTDREAM_FOX or /work/data/nerf/fox; when it is absent the benchmark
@@ -38,6 +38,7 @@ def build_parser():
     p.add_argument("--rays", type=int, default=None, help="rays per step (default: fit's)")
     p.add_argument("--max-images", type=int, default=None, help="use only the first N frames (quick experiments)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="the fit's seed (rays drawn, initialisation; default 0)")
     return p
 
 
@@ -55,7 +56,7 @@ def run(args) -> Dict:
     started = time.perf_counter()
     import torch
     from fastdream.data import load_dataset
-    from fastdream.fit import default_configs, fit, grid_update_due
+    from fastdream.fit import default_configs, fit, grid_update_due, near_gradient_distance
 
     data_dir = Path(args.data or os.environ.get(DEFAULT_DATA[0]) or DEFAULT_DATA[1])
     if not (data_dir / "transforms.json").is_file():
@@ -75,6 +76,7 @@ def run(args) -> Dict:
     field_config, render_config, config = default_configs(steps)
     if args.rays:
         config.rays_per_step = args.rays
+    config.seed = args.seed
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         train, test = load_dataset(_existing_frames(data_dir, Path(tmp), args.max_images), resolution=args.resolution)
@@ -91,6 +93,7 @@ def run(args) -> Dict:
         metrics = fit(train, test, Path(tmp) / "out", field_config, render_config, config, device=device,
                       progress=not args.quick, on_step=on_step)
         visible = trace[0]["visible"] if trace else None
+        gradient_distance = near_gradient_distance(train, config)
     after_warmup = [r["occupied"] for r in trace if r["step"] >= config.grid_warmup_steps]
     s_per_step = metrics["train_seconds"] / steps
     wall = metrics["train_seconds"] + metrics["eval_seconds"]
@@ -117,7 +120,8 @@ def run(args) -> Dict:
                   "grid_warmup_steps": config.grid_warmup_steps, "grid_ema_decay": config.grid_ema_decay,
                   "samples_per_ray": render_config.samples_per_ray, "near": render_config.near,
                   "random_background": config.random_background, "distortion_weight": config.distortion_weight,
-                  "max_images": args.max_images}
+                  "near_gradient_fraction": config.near_gradient_fraction, "near_gradient_distance": gradient_distance,
+                  "seed": config.seed, "max_images": args.max_images}
     return common.make_result("fit", args, config_out, [result], targets=targets, started=started)
 
 

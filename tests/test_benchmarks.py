@@ -179,8 +179,8 @@ def test_train_step_host_syncs_counted_and_bounded(tmp_path):
                                                             "aten::nonzero", "Tensor.tolist"}
 
 
-# The target for the default config's step (bench_overhead's): ops dispatched outside the UNet/VAE. The step dispatches 183
-# (201 on a grid-update step) at any render size: the sample count does not change the op sequence.
+# The target for the default config's step (bench_overhead's): ops dispatched outside the UNet/VAE. The step dispatches 180
+# (198 on a grid-update step) at any render size: the sample count does not change the op sequence.
 ENGINE_OPS_BOUND = 250
 
 
