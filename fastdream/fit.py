@@ -324,13 +324,15 @@ def _parse_background(text: str):
 def fit_folder(out, data=None, demo: bool = False, force: bool = False, steps: Optional[int] = None,
                resolution: Optional[int] = None, rays: Optional[int] = None, background: str = "white", seed: int = 0,
                device: Optional[str] = None, max_test_views: Optional[int] = None, threads: Optional[int] = None,
-               progress: bool = True) -> Dict[str, object]:
+               near_gradient: Optional[float] = None, progress: bool = True) -> Dict[str, object]:
     """`fastdream fit` as a function: fit DATA (a dataset folder) or the demo scene, writing the checkpoint,
     metrics.json and held-out views to `out`; returns the metrics."""
     for flag, value in (("--steps", steps), ("--rays", rays), ("--resolution", resolution),
                         ("--max-test-views", max_test_views), ("--threads", threads)):
         if value is not None and value < 1:
             raise FastDreamError(f"{flag} must be at least 1, got {value}.")
+    if near_gradient is not None and not near_gradient >= 0:
+        raise FastDreamError(f"--near-gradient must be a fraction >= 0 (0: off), got {near_gradient}.")
     if demo and data is not None:
         raise FastDreamError("Give either a DATA_DIR or --demo, not both.")
     if not demo and data is None:
@@ -363,6 +365,8 @@ def fit_folder(out, data=None, demo: bool = False, force: bool = False, steps: O
     config.background, config.seed, config.max_test_views = background, seed, max_test_views
     if rays is not None:
         config.rays_per_step = rays
+    if near_gradient is not None:
+        config.near_gradient_fraction = near_gradient
     log.info("fastdream fit: %d training and %d held-out views at %dx%d, %d steps, %s backend on %s",
              len(train), len(test), train.width, train.height, config.steps, _backend.backend_name(device), device)
     metrics = fit(train, test, out, field_config, render_config, config, device=device, progress=progress)

@@ -10,6 +10,7 @@ from fastdream.cli import build_parser, main
     (["export", "d", "--threshold", "nan"], "--threshold", "a finite number"),
     (["export", "d", "--mesh-resolution", "4"], "--mesh-resolution", "an integer >= 8"),
     (["fit", "--demo", "--rays", "0"], "--rays", "an integer >= 1"),
+    (["fit", "--demo", "--near-gradient", "-0.5"], "--near-gradient", "a finite number >= 0"),
     (["eval", "r", "--prompts", "p.txt", "--fov", "inf"], "--fov", "a finite number > 0 and < 180"),
     (["eval", "r", "--prompts", "p.txt", "--elevation", "100"], "--elevation", "a finite number >= -90 and <= 90"),
     (["batch", "p.txt", "--out", "o", "--cpus-per-task", "-1"], "--cpus-per-task", "a finite number > 0"),

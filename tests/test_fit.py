@@ -67,6 +67,24 @@ def test_resolution_flag_downscales(nerf_dataset, tmp_path, monkeypatch):
     assert json.loads((out / "metrics.json").read_text())["resolution"] == [4, 3]
 
 
+def test_near_gradient_flag_sets_the_scaling_distance(nerf_dataset, tmp_path, monkeypatch):
+    """`--near-gradient F` reaches the fit: the checkpoint's render config holds F times the cameras' mean
+    distance to the scene's centre; `--near-gradient 0` turns the scaling off."""
+    from fastdream.data import load_dataset
+
+    data = nerf_dataset(n_frames=3, width=8, height=6)
+    monkeypatch.setattr(fit_module, "default_configs", fit_module.demo_configs)
+    train, _ = load_dataset(data)
+    for fraction in (0.25, 0.0):
+        out = tmp_path / f"run{fraction}"
+        assert main(["fit", str(data), "--out", str(out), "--steps", "1", "--rays", "32", "--near-gradient", str(fraction),
+                     "--no-progress"]) == 0
+        state = load_checkpoint(out / json.loads((out / "metrics.json").read_text())["checkpoint"], kind="fit")
+        wanted = fit_module.near_gradient_distance(train, fit_module.FitConfig(near_gradient_fraction=fraction))
+        assert state["render_config"]["near_gradient_distance"] == pytest.approx(wanted)
+        assert (wanted > 0) == (fraction > 0)
+
+
 def test_force_never_deletes_the_dataset_or_other_files(nerf_dataset, tmp_path, capsys, monkeypatch):
     """`fit --force` with --out = the dataset, a folder holding it, or the current folder: no user file is lost."""
     data = nerf_dataset(tmp_path / "work" / "data", n_frames=3, width=6, height=4)

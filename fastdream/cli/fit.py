@@ -5,7 +5,7 @@ import argparse
 import logging
 
 from ..fit import DEMO_PSNR_TARGET, fit_folder
-from .options import integer
+from .options import integer, number
 
 log = logging.getLogger("fastdream")
 
@@ -14,7 +14,7 @@ def run_fit(args) -> int:
     metrics = fit_folder(args.out, data=args.data, demo=args.demo, force=args.force, steps=args.steps,
                          resolution=args.resolution, rays=args.rays, background=args.background, seed=args.seed,
                          device=args.device, max_test_views=args.max_test_views, threads=args.threads,
-                         progress=not args.no_progress)
+                         near_gradient=args.near_gradient, progress=not args.no_progress)
     log.info("fastdream fit: held-out PSNR %.2f dB after %d steps in %.1f s; wrote %s/%s and %s/metrics.json",
              metrics["psnr"], metrics["steps"], metrics["seconds"], metrics["out"], metrics["checkpoint"], metrics["out"])
     if args.demo and metrics["psnr"] < DEMO_PSNR_TARGET:
@@ -40,6 +40,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--rays", type=integer(1), help="random rays per step (default: 4096, demo: 2048)")
     parser.add_argument("--background", default="white", help="colour RGBA images are composited over: white, black or r,g,b")
     parser.add_argument("--seed", type=integer(0), default=0)
+    parser.add_argument("--near-gradient", type=number(0.0), metavar="FRACTION",
+                        help="scale each sample's gradient by min(1, (t/d)^2), t its distance from the camera and d this "
+                             "fraction of the cameras' mean distance to the scene, against haze in front of the cameras "
+                             "(\"Floaters No More\"; default: 0.4 for DATA_DIR, off for --demo; 0: off)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--max-test-views", type=integer(1), help="evaluate on at most this many held-out views")
     parser.add_argument("--threads", type=integer(1), help="CPU threads for torch (default: torch's choice)")
