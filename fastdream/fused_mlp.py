@@ -6,7 +6,8 @@ backward, the ReLU's). The hand-written backward here takes five per layer (weig
 gradient, ReLU mask), with the same results, and the forward fuses each hidden layer's bias and ReLU into its
 matrix product (with or without gradients). The parameters stay the Sequential's (checkpoints are unchanged).
 It supports first derivatives only: code that differentiates through the MLP twice (analytic normals with a
-graph) calls the Sequential itself.
+graph) calls the Sequential itself. `forward_layers` and `backward_layers` are the two passes on their own, for
+nodes that add work around an MLP (the background's sigmoid and blend, `field._OverLearnedBackground`).
 """
 from __future__ import annotations
 
