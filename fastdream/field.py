@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .errors import check
-from .fused_mlp import backward_layers, forward_layers, linear_layers, mlp_forward, transposed_weight
+from .fused_mlp import backward_layers, forward_layers, layer_tensors, mlp_forward
 from .ops.field_head import PROBES, TruncExp, normals_from_probes, with_probes  # noqa: F401 (TruncExp: re-export)
 
 
@@ -241,6 +241,5 @@ class BackgroundModel(nn.Module):
         rgb + (1 - opacity) * background."""
         if self.mlp is None or not torch.is_grad_enabled():
             return torch.addcmul(rgb, 1.0 - opacity, self(directions))
-        linears = linear_layers(self.mlp)
-        return _OverLearnedBackground.apply(rgb, opacity, self.encode(directions), [transposed_weight(m) for m in linears],
-                                            *(m.weight for m in linears), *(m.bias for m in linears))
+        weights_t, weights, biases = layer_tensors(self.mlp)
+        return _OverLearnedBackground.apply(rgb, opacity, self.encode(directions), weights_t, *weights, *biases)

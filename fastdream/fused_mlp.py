@@ -24,7 +24,7 @@ def transposed_weight(linear: nn.Linear) -> torch.Tensor:
     is another tensor (``.to()``, ``.double()``, a new Parameter)."""
     w, wt = linear.weight, linear.__dict__.get("_weight_t")
     if wt is None or wt._base is not w or wt.data_ptr() != w.data_ptr() or wt.dtype != w.dtype or wt.device != w.device:
-        with torch.no_grad():  # no autograd history: used only inside _MLP's forward or without gradients
+        with torch.no_grad():  # no autograd history: used only inside the fused nodes' forward or without gradients
             wt = w.t()
         linear.__dict__["_weight_t"] = wt
     return wt
@@ -84,19 +84,22 @@ def backward_layers(grad: torch.Tensor, inputs, weights, has_bias, need_x: bool,
     return grad_x, grad_w, grad_b
 
 
-def linear_layers(mlp: nn.Sequential) -> Optional[List[nn.Linear]]:
-    """The Linear layers of a Sequential of Linear layers with a ReLU between consecutive ones; None for any
-    other Sequential."""
+def layer_tensors(mlp: nn.Sequential):
+    """(weights_t, weights, biases) of a Sequential of Linear layers with a ReLU between consecutive ones, the
+    arguments of `forward_layers` and of the nodes built on it (weights_t cached, `transposed_weight`); None
+    for any other Sequential."""
     linears = [m for m in mlp if isinstance(m, nn.Linear)]
-    return linears if len(mlp) == 2 * len(linears) - 1 else None
+    if len(mlp) != 2 * len(linears) - 1:
+        return None
+    return [transposed_weight(m) for m in linears], [m.weight for m in linears], [m.bias for m in linears]
 
 
 def mlp_forward(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """``mlp(x)`` for a Sequential of Linear layers with a ReLU between consecutive ones, as one autograd node."""
-    linears = linear_layers(mlp)
-    if linears is None:
+    layers = layer_tensors(mlp)
+    if layers is None:
         return mlp(x)
-    weights_t = [transposed_weight(m) for m in linears]
+    weights_t, weights, biases = layers
     if not torch.is_grad_enabled():
-        return forward_layers(x, weights_t, [m.bias for m in linears])
-    return _MLP.apply(x, weights_t, *(m.weight for m in linears), *(m.bias for m in linears))
+        return forward_layers(x, weights_t, biases)
+    return _MLP.apply(x, weights_t, *weights, *biases)
