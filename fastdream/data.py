@@ -65,6 +65,11 @@ class PosedImages:
         return self.images.shape[0]
 
     @property
+    def central_box(self) -> torch.Tensor:
+        """(6,) the object's region: centre_aabb, or the whole aabb when the capture gives none."""
+        return self.aabb if self.centre_aabb is None else self.centre_aabb
+
+    @property
     def intrinsics(self) -> torch.Tensor:
         """(N, 4): fx, fy, cx, cy per image."""
         return torch.stack([self.fx, self.fy, self.cx, self.cy], dim=-1)

@@ -118,7 +118,7 @@ def near_gradient_distance(data: PosedImages, config: FitConfig) -> float:
     the training cameras to the centre of the scene's central box (0 when off)."""
     if config.near_gradient_fraction <= 0:
         return 0.0
-    box = data.aabb if data.centre_aabb is None else data.centre_aabb
+    box = data.central_box
     centre = (box[:3] + box[3:]) * 0.5
     return float(torch.linalg.vector_norm(data.c2w[:, :3, 3] - centre, dim=-1).mean()) * config.near_gradient_fraction
 
@@ -127,8 +127,8 @@ def grid_opacity_step(data: PosedImages, render_step: float, config: FitConfig) 
     """The step the occupancy grid multiplies densities by (see FitConfig.grid_reference_steps)."""
     if config.grid_reference_steps is None:
         return render_step
-    centre = data.aabb if data.centre_aabb is None else data.centre_aabb
-    return float(torch.linalg.vector_norm(centre[3:] - centre[:3])) / config.grid_reference_steps
+    box = data.central_box
+    return float(torch.linalg.vector_norm(box[3:] - box[:3])) / config.grid_reference_steps
 
 
 def rays_for_budget(budget: int, samples: int, rays: int, max_rays: int, granularity: int = 64) -> int:
